@@ -1,0 +1,227 @@
+"""The one model that describes a run.
+
+The CLI flags, a recipe YAML file and the Prefect flow's parameters are three views of
+`RunConfig`; the resolved config is written into the output's `compression.json`. Models are
+frozen, reject unknown keys, and carry a version so old outputs stay readable.
+
+Recipe YAML (``--recipe``)::
+
+    version: 1
+    quantization:              # rules, first match wins
+      - targets: ["re:.*mlp.*"]
+        bits: 4
+        strategy: group        # tensor | channel | group
+        group_size: 64
+        symmetric: true
+      - targets: ["Linear"]    # "Linear": the 2-D weights of linear layers (the default)
+        bits: 8
+        strategy: channel
+    ignore: ["lm_head", "re:.*layers\\.0\\..*"]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from compressor import defaults
+from compressor.errors import ConfigError
+from compressor.math.quant import QuantArgs
+
+__all__ = [
+    "PRESETS",
+    "LINEAR",
+    "QuantRule",
+    "Recipe",
+    "RunConfig",
+    "build_config",
+    "load_recipe",
+]
+
+LINEAR = "Linear"
+"""Target meaning "the 2-D weights of linear layers" (embeddings and lm_head excluded)."""
+
+Preset = Literal["w8a16", "w4a16", "w4a16-asym", "minmax", "recipe"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class QuantRule(_Frozen):
+    """How to quantize the tensors that match `targets` (and no `ignore` pattern)."""
+
+    targets: list[str] = Field(
+        default_factory=lambda: [LINEAR],
+        description='Module or tensor names, "re:<regex>" patterns, or "Linear" for all linear layers.',
+    )
+    method: Literal["int", "minmax"] = Field(
+        "int",
+        description='"int": compressed-tensors integer codes; "minmax": the float-offset formula '
+        "round((x-min)/(max-min)·(2^b-1)) in this tool's own layout.",
+    )
+    bits: int = Field(4, ge=2, le=8, description="Bits per weight, 2 to 8.")
+    symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric.")
+    strategy: Literal["tensor", "channel", "group"] = Field(
+        "group", description="One scale per tensor, per output channel, or per group of inputs."
+    )
+    group_size: int = Field(128, ge=1, description="Inputs per group (strategy group only).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantRule:
+        if self.method == "minmax" and self.symmetric:
+            raise ValueError(
+                "method minmax is asymmetric by definition: set symmetric: false "
+                "(or use method: int for a symmetric scheme)"
+            )
+        if not self.targets:
+            raise ValueError('targets is empty: list names, "re:" patterns or "Linear"')
+        return self
+
+    def args(self, group_size: int | None = None) -> QuantArgs:
+        return QuantArgs(
+            bits=self.bits,
+            method=self.method,
+            symmetric=self.symmetric,
+            strategy=self.strategy,
+            group_size=group_size or self.group_size,
+        )
+
+    def describe(self) -> str:
+        return self.args().describe()
+
+
+class Recipe(_Frozen):
+    """The quantization part of a run, as written in a recipe file."""
+
+    version: Literal[1] = 1
+    quantization: list[QuantRule] = Field(default_factory=lambda: [QuantRule()])
+    ignore: list[str] = Field(
+        default_factory=list, description="Names or re: patterns never compressed."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_rule(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("quantization"), dict):
+            data = {**data, "quantization": [data["quantization"]]}
+        return data
+
+
+PRESETS: dict[str, Recipe] = {
+    "w8a16": Recipe(quantization=[QuantRule(bits=8, symmetric=True, strategy="channel")]),
+    "w4a16": Recipe(quantization=[QuantRule(bits=4, symmetric=True, strategy="group")]),
+    "w4a16-asym": Recipe(quantization=[QuantRule(bits=4, symmetric=False, strategy="group")]),
+    "minmax": Recipe(
+        quantization=[QuantRule(method="minmax", bits=4, symmetric=False, strategy="group")]
+    ),
+}
+
+
+class RunConfig(_Frozen):
+    """Everything that decides a run's output, plus where and how it runs."""
+
+    version: Literal[1] = 1
+    source: str = Field(description="Input checkpoint directory or .safetensors file.")
+    destination: str = Field(description="Output directory (must not exist unless overwrite).")
+    preset: Preset = Field("w4a16", description="Named scheme; 'recipe' when a recipe file is used.")
+    recipe: Recipe = Field(default_factory=lambda: PRESETS["w4a16"])
+    strict_groups: bool = Field(
+        False,
+        description="Refuse tensors whose input size the group size does not divide, instead of "
+        "falling back to the largest dividing group size or per-channel.",
+    )
+    chunk_mb: int = Field(defaults.CHUNK_MB, ge=1, description="Target input MB per chunk.")
+    max_shard_mb: int = Field(defaults.MAX_SHARD_MB, ge=1, description="Output shard size in MB.")
+    workers: int | None = Field(
+        None, ge=0, description="Local Dask worker processes (None: one per core; 0: serial)."
+    )
+    scheduler: str | None = Field(
+        None, description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786."
+    )
+    staging_dir: str | None = Field(
+        None, description="Where Zarr staging lives (default: beside the destination)."
+    )
+    overwrite: bool = Field(False, description="Replace an existing destination.")
+    keep_staging: bool = Field(False, description="Keep the staging store after success.")
+
+    def output_affecting(self) -> dict[str, Any]:
+        """The fields that change the output bytes (hashed into the staging key)."""
+        return self.model_dump(include={"version", "recipe", "strict_groups", "chunk_mb"})
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe YAML file; errors name the file and the offending key."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe: {e.strerror}", path=str(path)) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe is not valid YAML: {e}", path=str(path)) from e
+    if not isinstance(data, dict):
+        raise ConfigError(
+            "recipe must be a YAML mapping with a 'quantization' key",
+            path=str(path),
+            hint="see the recipe format in README.md",
+        )
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(
+            "invalid recipe:\n" + _validation_summary(e),
+            path=str(path),
+            hint="see the recipe format in README.md",
+        ) from e
+
+
+def build_config(
+    source: str,
+    destination: str,
+    *,
+    preset: str = "w4a16",
+    recipe_path: str | Path | None = None,
+    bits: int | None = None,
+    strategy: str | None = None,
+    group_size: int | None = None,
+    **run_options: Any,
+) -> RunConfig:
+    """Resolve CLI-style options into a `RunConfig`: preset or recipe, then overrides."""
+    if recipe_path is not None:
+        recipe = load_recipe(recipe_path)
+        preset = "recipe"
+    elif preset in PRESETS:
+        recipe = PRESETS[preset]
+    else:
+        raise ConfigError(
+            f"unknown preset {preset!r}",
+            hint=f"use one of {', '.join(PRESETS)} or --recipe FILE",
+        )
+    overrides = {
+        k: v
+        for k, v in {"bits": bits, "strategy": strategy, "group_size": group_size}.items()
+        if v is not None
+    }
+    try:
+        if overrides:
+            rules = [QuantRule.model_validate({**r.model_dump(), **overrides}) for r in recipe.quantization]
+            recipe = recipe.model_copy(update={"quantization": rules})
+        return RunConfig(
+            source=str(source),
+            destination=str(destination),
+            preset=preset,  # type: ignore[arg-type]
+            recipe=recipe,
+            **run_options,
+        )
+    except ValidationError as e:
+        raise ConfigError("invalid options:\n" + _validation_summary(e)) from e
+
+
+def _validation_summary(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  - {where}: {item['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""A Hugging Face checkpoint on disk: which shards, which tensors where, which other files.
+
+Reading a checkpoint touches only headers (a few KB per shard); every inconsistency is reported
+before any heavy work, naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.errors import InputError
+from compressor.formats.safetensors_io import SafetensorsHeader, TensorInfo, read_header
+
+__all__ = ["INDEX_NAME", "Checkpoint", "open_checkpoint"]
+
+INDEX_NAME = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files of the input never copied to the output: weights are rewritten, the index regenerated.
+_NOT_COPIED_SUFFIXES = (".safetensors", *_PICKLE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Headers of every shard of a checkpoint and the files to carry along.
+
+    `tensors` maps each tensor name to (shard path, TensorInfo); names are unique across shards.
+    `extra_files` are the non-weight files (config, tokenizer, generation config) relative to
+    `root`, copied to the output as they are.
+    """
+
+    root: Path
+    shards: tuple[SafetensorsHeader, ...]
+    tensors: dict[str, tuple[str, TensorInfo]]
+    extra_files: tuple[str, ...]
+    config: dict | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for _, info in self.tensors.values())
+
+    def fingerprint(self) -> str:
+        """Identity of the input: shard names, sizes, modification times and header digests.
+
+        Cheap (no data read) and changes whenever a shard is rewritten, which is what resume needs
+        to notice an input that changed between a crash and a rerun.
+        """
+        h = hashlib.sha256()
+        for shard in self.shards:
+            stat = os.stat(shard.path)
+            h.update(Path(shard.path).name.encode())
+            h.update(f":{stat.st_size}:{stat.st_mtime_ns}:".encode())
+            for name, info in shard.tensors.items():
+                h.update(f"{name}|{info.dtype}|{info.shape}|{info.start}|{info.end};".encode())
+        return h.hexdigest()[:16]
+
+
+def open_checkpoint(source: str | Path) -> Checkpoint:
+    """Read and cross-check a checkpoint directory (or a single .safetensors file)."""
+    path = Path(source)
+    if not path.exists():
+        raise InputError("does not exist", path=str(path), hint="check the input path")
+    if path.is_file():
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise _pickle_refusal(path)
+        if path.suffix != ".safetensors":
+            raise InputError(
+                "not a .safetensors file", path=str(path), hint="pass a checkpoint directory"
+            )
+        header = read_header(path)
+        return _assemble(path.parent, [header], extra=(), config=None)
+
+    index_path = path / INDEX_NAME
+    shard_paths: list[Path]
+    weight_map: dict[str, str] | None = None
+    if index_path.exists():
+        weight_map = _read_index(index_path)
+        files = sorted(set(weight_map.values()))
+        shard_paths = []
+        for file_name in files:
+            shard = (path / file_name).resolve()
+            if not shard.is_relative_to(path.resolve()) or Path(file_name).is_absolute():
+                raise InputError(
+                    f"the index names {file_name!r}, which lies outside the checkpoint",
+                    path=str(index_path),
+                    hint="index file names must be relative paths inside the checkpoint directory",
+                )
+            if not shard.is_file():
+                raise InputError(
+                    f"the index names shard {file_name!r}, which is missing",
+                    path=str(index_path),
+                    hint="copy the missing shard or fix the index",
+                )
+            shard_paths.append(path / file_name)
+    else:
+        shard_paths = sorted(path.glob("*.safetensors"))
+    if not shard_paths:
+        pickles = [p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if pickles:
+            raise _pickle_refusal(pickles[0])
+        raise InputError(
+            "no .safetensors weights found (empty checkpoint)",
+            path=str(path),
+            hint="point at a Hugging Face checkpoint directory with *.safetensors files",
+        )
+    headers = [read_header(p) for p in shard_paths]
+    if weight_map is not None:
+        _check_index(index_path, weight_map, headers)
+    extra = tuple(
+        sorted(
+            str(p.relative_to(path))
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.name != INDEX_NAME
+            and p.suffix not in _NOT_COPIED_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    )
+    config = None
+    if (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"config.json is not valid JSON: {e}", path=str(path / "config.json")) from e
+    return _assemble(path, headers, extra=extra, config=config)
+
+
+def _assemble(
+    root: Path, headers: list[SafetensorsHeader], extra: tuple[str, ...], config: dict | None
+) -> Checkpoint:
+    tensors: dict[str, tuple[str, TensorInfo]] = {}
+    for header in headers:
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise InputError(
+                    f"appears in two shards ({Path(tensors[name][0]).name} and "
+                    f"{Path(header.path).name})",
+                    path=header.path,
+                    tensor=name,
+                    hint="remove the duplicate; each tensor must be stored once",
+                )
+            tensors[name] = (header.path, info)
+    if not tensors:
+        raise InputError(
+            "the checkpoint holds no tensors", path=str(root), hint="check the input checkpoint"
+        )
+    return Checkpoint(root=root, shards=tuple(headers), tensors=tensors, extra_files=extra, config=config)
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot parse the index: {e}", path=str(index_path)) from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InputError(
+            "the index has no 'weight_map' object of tensor name → file name",
+            path=str(index_path),
+            hint="regenerate the index (transformers' save_pretrained writes one)",
+        )
+    return weight_map
+
+
+def _check_index(
+    index_path: Path, weight_map: dict[str, str], headers: list[SafetensorsHeader]
+) -> None:
+    by_file = {Path(h.path).name: h for h in headers}
+    for name, file_name in weight_map.items():
+        header = by_file.get(Path(file_name).name)
+        if header is None or name not in header.tensors:
+            raise InputError(
+                f"the index places it in {file_name!r}, but that shard does not hold it",
+                path=str(index_path),
+                tensor=name,
+                hint="regenerate the index or restore the shard",
+            )
+    for header in headers:
+        for name in header.tensors:
+            if weight_map.get(name) is None:
+                raise InputError(
+                    "is stored in the shard but missing from the index",
+                    path=header.path,
+                    tensor=name,
+                    hint="regenerate the index",
+                )
+
+
+def _pickle_refusal(path: Path) -> InputError:
+    return InputError(
+        "pickle checkpoints (.bin/.pt/.pth) are refused: loading them can run arbitrary code",
+        path=str(path),
+        hint="convert to safetensors first, e.g. with transformers: "
+        "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True) "
+        "in an environment you trust",
+    )

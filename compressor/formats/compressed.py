@@ -1,0 +1,277 @@
+"""Reading compressed checkpoints back: scheme discovery, streaming decompression, inspection.
+
+Understands compressed-tensors `pack-quantized` checkpoints (ours and other tools', with exact,
+"re:" or "Linear" targets) and our `minmax-float-offset` layout (see `layout.py`).
+Decompression streams row blocks, so memory stays bounded whatever the tensor size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compressor.errors import InputError, OutputError
+from compressor.formats import dtypes
+from compressor.formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from compressor.formats.layout import CT_FORMAT, MINMAX_FORMAT
+from compressor.formats.safetensors_io import (
+    SafetensorsWriter,
+    TensorInfo,
+    iter_byte_blocks,
+    read_rows,
+    read_tensor,
+)
+from compressor.math.pack import packed_width, unpack_rows
+from compressor.math.quant import QuantArgs, dequantize, quantized_range
+
+__all__ = [
+    "CompressedModule",
+    "decompress_checkpoint",
+    "dequantize_module_rows",
+    "inspect_checkpoint",
+    "quantized_modules",
+]
+
+_ROW_BLOCK = 1024  # multiple of 32: zero-point words never straddle two blocks
+_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_min", "weight_shape")
+
+
+@dataclass(frozen=True)
+class CompressedModule:
+    """One quantized weight: its parts in the checkpoint and the scheme to undo it."""
+
+    module: str
+    args: QuantArgs
+    shape: tuple[int, int]
+    parts: dict[str, tuple[str, TensorInfo]]  # suffix → (file, info)
+
+    @property
+    def dtype(self) -> str:
+        return self.parts["weight_scale"][1].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, info in self.parts.values())
+
+
+def _target_matches(target: str, module: str) -> bool:
+    if target == "Linear":
+        return True
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    return target == module
+
+
+def _args_from_group(group: dict, minmax: bool) -> QuantArgs:
+    weights = group if minmax else group.get("weights") or {}
+    strategy = weights.get("strategy") or ("group" if weights.get("group_size") else "channel")
+    return QuantArgs(
+        bits=int(weights.get("num_bits", 8)),
+        method="minmax" if minmax else "int",
+        symmetric=False if minmax else bool(weights.get("symmetric", True)),
+        strategy=strategy,
+        group_size=int(weights.get("group_size") or 128),
+    )
+
+
+def quantized_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
+    """Every packed weight of a checkpoint with the scheme its config group gives it."""
+    qc = (checkpoint.config or {}).get("quantization_config")
+    packed = [n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")]
+    if not packed:
+        return {}
+    if not isinstance(qc, dict):
+        raise InputError(
+            "holds packed weights but config.json has no quantization_config",
+            path=str(checkpoint.root),
+            hint="restore the config.json written with the checkpoint",
+        )
+    fmt = qc.get("format")
+    minmax = fmt == MINMAX_FORMAT
+    if qc.get("quant_method") == "compressed-tensors" and fmt not in (CT_FORMAT, "mixed-precision"):
+        raise InputError(
+            f"compressed-tensors format {fmt!r} is not supported here (only {CT_FORMAT})",
+            path=str(checkpoint.root),
+        )
+    groups = list((qc.get("config_groups") or {}).values())
+    ignore = qc.get("ignore") or []
+    out = {}
+    for module in packed:
+        if any(_target_matches(p, module) for p in ignore if p != "Linear"):
+            continue
+        group = next(
+            (g for g in groups if any(_target_matches(t, module) for t in g.get("targets", []))),
+            None,
+        )
+        if group is None:
+            raise InputError(
+                "is packed but no quantization config group targets it",
+                path=str(checkpoint.root),
+                tensor=f"{module}.weight_packed",
+            )
+        parts = {
+            suffix: checkpoint.tensors[f"{module}.{suffix}"]
+            for suffix in _SUFFIXES
+            if f"{module}.{suffix}" in checkpoint.tensors
+        }
+        for required in ("weight_scale", "weight_shape"):
+            if required not in parts:
+                raise InputError(
+                    f"has no {required}", path=str(checkpoint.root), tensor=f"{module}.weight_packed"
+                )
+        file, info = parts["weight_shape"]
+        rows, cols = (int(v) for v in read_tensor(file, info).reshape(-1))
+        out[module] = CompressedModule(module, _args_from_group(group, minmax), (rows, cols), parts)
+    return out
+
+
+def _read(module: CompressedModule, suffix: str, r0: int, r1: int) -> torch.Tensor:
+    file, info = module.parts[suffix]
+    return dtypes.to_torch(read_rows(file, info, r0, r1), info.dtype)
+
+
+def dequantize_module_rows(module: CompressedModule, r0: int, r1: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of the dense weight (r0 a multiple of 32 when zero points are packed)."""
+    args = module.args
+    rows, cols = module.shape
+    scale_dtype = dtypes.torch_dtype(module.dtype)
+    codes = unpack_rows(_read(module, "weight_packed", r0, r1), args.bits, cols)
+    q = codes + quantized_range(args)[0]
+    if args.strategy == "tensor":
+        scale = _read(module, "weight_scale", 0, 1).reshape(1, 1)
+    else:
+        scale = _read(module, "weight_scale", r0, r1)
+    zero = None
+    if args.method == "minmax":
+        zero = _read(module, "weight_min", 0, 1).reshape(1, 1) if args.strategy == "tensor" else _read(module, "weight_min", r0, r1)
+    elif "weight_zero_point" in module.parts:
+        if args.strategy == "tensor":
+            zero = _read(module, "weight_zero_point", 0, 1).reshape(1, 1).to(torch.int16)
+        else:
+            w0, w1 = r0 * args.bits // 32, min(packed_width(rows, args.bits), math.ceil(r1 * args.bits / 32))
+            words = _read(module, "weight_zero_point", w0, w1)
+            z = unpack_rows(words.T.contiguous(), args.bits, r1 - r0).T
+            zero = z + quantized_range(args)[0]
+    return dequantize(q, scale, zero, args, dtype or scale_dtype)
+
+
+def _dense_blocks(module: CompressedModule, dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
+    rows = module.shape[0]
+    for r0 in range(0, rows, _ROW_BLOCK):
+        yield dequantize_module_rows(module, r0, min(rows, r0 + _ROW_BLOCK), dtype)
+
+
+def decompress_checkpoint(
+    source: str | Path, destination: str | Path, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write a dense copy of a compressed checkpoint (same shard split, no quantization_config).
+
+    `dtype` ("bfloat16", "float16", "float32") casts every float tensor; by default dequantized
+    weights take their scale's dtype and other tensors stay as they are.
+    """
+    checkpoint = open_checkpoint(source)
+    modules = quantized_modules(checkpoint)
+    dest = Path(destination)
+    if dest.exists() and not overwrite:
+        raise OutputError("the destination already exists", path=str(dest), hint="pass --overwrite or choose another destination")
+    target_dtype = _parse_dtype(dtype) if dtype else None
+    partial = dest.parent / f".{dest.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    part_of = {f"{m.module}.{s}": m for m in modules.values() for s in m.parts}
+    weight_map = {}
+    total = 0
+    for shard in checkpoint.shards:
+        entries: list[tuple[str, str, tuple[int, ...]]] = []
+        plan: list[tuple[str, CompressedModule | TensorInfo]] = []
+        for name, info in shard.tensors.items():
+            module = part_of.get(name)
+            if module is not None:
+                if name == f"{module.module}.weight_packed":
+                    out_dtype = dtypes.safetensors_dtype_of(target_dtype) if target_dtype else module.dtype
+                    entries.append((f"{module.module}.weight", out_dtype, module.shape))
+                    plan.append((f"{module.module}.weight", module))
+                continue
+            out_dtype = dtypes.safetensors_dtype_of(target_dtype) if target_dtype and dtypes.is_float(info.dtype) else info.dtype
+            entries.append((name, out_dtype, info.shape))
+            plan.append((name, info))
+        file_name = Path(shard.path).name
+        with SafetensorsWriter(partial / file_name, entries, metadata={"format": "pt"}) as writer:
+            for (name, out_dtype, _), (_, what) in zip(entries, plan, strict=True):
+                if isinstance(what, CompressedModule):
+                    for block in _dense_blocks(what, dtypes.torch_dtype(out_dtype)):
+                        writer.write(name, dtypes.to_raw(block))
+                elif out_dtype == what.dtype:
+                    for raw in iter_byte_blocks(shard.path, what):
+                        writer.write(name, raw)
+                else:
+                    rows = what.shape[0] if what.shape else 1
+                    step = max(1, (16 << 20) // max(1, what.nbytes // max(rows, 1)))
+                    for r0 in range(0, rows, step):
+                        t = dtypes.to_torch(read_rows(shard.path, what, r0, min(rows, r0 + step)), what.dtype)
+                        writer.write(name, dtypes.to_raw(t.to(dtypes.torch_dtype(out_dtype))))
+                weight_map[name] = file_name
+        total += sum(i.nbytes for i in writer.tensors.values())
+    if len(checkpoint.shards) > 1:
+        (partial / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    for rel in checkpoint.extra_files:
+        if rel in ("compression.json", "manifest.json"):
+            continue
+        (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(checkpoint.root / rel, partial / rel)
+    config = dict(checkpoint.config or {})
+    config.pop("quantization_config", None)
+    if target_dtype is not None and "torch_dtype" in config:
+        config["torch_dtype"] = str(target_dtype).removeprefix("torch.")
+    if checkpoint.config is not None:
+        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    partial.rename(dest)
+    return dest
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32,
+             "float64": torch.float64}
+    if name.lower() not in table:
+        raise InputError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(sorted(table))}")
+    return table[name.lower()]
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    """Rows (name, dtype, shape, scheme, bytes, dense bytes) and totals, dense or compressed."""
+    checkpoint = open_checkpoint(path)
+    modules = quantized_modules(checkpoint)
+    part_of = {f"{m.module}.{s}": m for m in modules.values() for s in m.parts}
+    rows = []
+    for name, (_, info) in checkpoint.tensors.items():
+        module = part_of.get(name)
+        if module is None:
+            rows.append({"name": name, "dtype": info.dtype, "shape": list(info.shape),
+                         "scheme": "dense", "bytes": info.nbytes, "dense_bytes": info.nbytes})
+        elif name.endswith(".weight_packed"):
+            dense = math.prod(module.shape) * dtypes.itemsize(module.dtype)
+            rows.append({"name": f"{module.module}.weight", "dtype": module.dtype,
+                         "shape": list(module.shape), "scheme": module.args.describe(),
+                         "bytes": module.nbytes, "dense_bytes": dense})
+    total = sum(r["bytes"] for r in rows)
+    dense = sum(r["dense_bytes"] for r in rows)
+    return {
+        "path": str(path),
+        "tensors": rows,
+        "total_bytes": total,
+        "dense_bytes": dense,
+        "ratio": dense / total if total else 0.0,
+        "quantized": len(modules),
+    }

@@ -1,0 +1,84 @@
+"""The `quantization_config` block written into the output's config.json.
+
+compressed-tensors validates this block with pydantic models that reject unknown keys, so we
+write exactly its known fields. Every config group lists its modules by exact name: with
+fallback group sizes and mixed bit widths a broad target such as "Linear" would be ambiguous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from compressor.formats.layout import CT_FORMAT, MINMAX_FORMAT
+from compressor.math.quant import QuantArgs
+
+__all__ = ["compressed_tensors_config", "minmax_config"]
+
+
+def _weights_args(args: QuantArgs) -> dict[str, Any]:
+    return {
+        "num_bits": args.bits,
+        "type": "int",
+        "symmetric": args.symmetric,
+        "group_size": args.group_size if args.strategy == "group" else None,
+        "strategy": args.strategy,
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def compressed_tensors_config(
+    groups: Mapping[QuantArgs, Sequence[str]], ignore: Sequence[str]
+) -> dict[str, Any]:
+    """Build the block for int schemes: one config group per distinct `QuantArgs`.
+
+    `groups` maps each scheme to the module names quantized with it; `ignore` lists linear
+    modules left dense (lm_head, ignored layers), so loaders don't expect packed weights there.
+    """
+    config_groups = {}
+    for k, (args, modules) in enumerate(sorted(groups.items(), key=lambda kv: _order(kv[0]))):
+        config_groups[f"group_{k}"] = {
+            "targets": sorted(modules),
+            "weights": _weights_args(args),
+            "input_activations": None,
+            "output_activations": None,
+            "format": CT_FORMAT,
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": CT_FORMAT if len(config_groups) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "ignore": sorted(ignore),
+    }
+
+
+def minmax_config(groups: Mapping[QuantArgs, Sequence[str]]) -> dict[str, Any]:
+    """Our own block for the float-offset layout. Its `quant_method` is deliberately unknown to
+    transformers, which then refuses to load it instead of silently reading packed codes."""
+    return {
+        "quant_method": "checkpoint-compressor",
+        "format": MINMAX_FORMAT,
+        "config_groups": {
+            f"group_{k}": {
+                "targets": sorted(modules),
+                "num_bits": args.bits,
+                "strategy": args.strategy,
+                "group_size": args.group_size if args.strategy == "group" else None,
+            }
+            for k, (args, modules) in enumerate(
+                sorted(groups.items(), key=lambda kv: _order(kv[0]))
+            )
+        },
+        "decompress_with": "compressor decompress SRC DST",
+    }
+
+
+def _order(args: QuantArgs) -> tuple:
+    return (-args.bits, args.method, not args.symmetric, args.strategy, -args.group_size)

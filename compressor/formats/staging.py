@@ -1,0 +1,97 @@
+"""Zarr v3 staging: the input's target tensors in row-block chunks, and the compressed results.
+
+Layout under one staging root (keyed by the input fingerprint and the output-affecting config,
+so a rerun of the same job finds its finished chunks and a changed input starts afresh):
+
+    in/t00012            the input tensor, raw bits (bfloat16 as uint16; the logical
+                         safetensors dtype in the attribute "dtype"), chunk = one row block
+    out/t00012/packed    int32 codes, same row blocks
+    out/t00012/scale     raw bits of the scales (rows, ngroups)
+    out/t00012/zero|min  zero points (packed along rows) or float offsets
+    done/<stage>/t00012.c0003.json   written after a chunk is complete (with its small result)
+
+Each chunk of each array is written by exactly one task (chunks are aligned with the row blocks
+and zero-point words with 32-row multiples), so no two writers ever touch one Zarr chunk file.
+Arrays are uncompressed: weights barely compress and the codec would sit on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from compressor.formats import dtypes
+
+__all__ = ["Staging"]
+
+
+class Staging:
+    """Handle on a staging root; cheap to create, safe to send to workers (it is just a path)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __reduce__(self):
+        return (Staging, (str(self.root),))
+
+    # -- arrays -------------------------------------------------------------------------------
+    def create(
+        self, path: str, shape: tuple[int, ...], dtype: str, chunk_rows: int
+    ) -> None:
+        """Create (or keep, if it matches) an array holding safetensors dtype `dtype`."""
+        storage = dtypes.storage_numpy_dtype(dtype)
+        chunks = (max(1, min(chunk_rows, shape[0])), *shape[1:]) if shape else ()
+        target = self.root / path
+        if (target / "zarr.json").exists():
+            existing = zarr.open_array(store=str(target), mode="r")
+            if existing.shape == tuple(shape) and existing.attrs.get("dtype") == dtype:
+                return
+        zarr.create_array(
+            store=str(target),
+            shape=shape,
+            chunks=chunks,
+            dtype=storage,
+            compressors=None,
+            fill_value=0,
+            attributes={"dtype": dtype},
+            overwrite=True,
+        )
+
+    def array(self, path: str, mode: str = "r") -> zarr.Array:
+        return zarr.open_array(store=str(self.root / path), mode=mode)  # type: ignore[arg-type]
+
+    def write_rows(self, path: str, row_start: int, values: np.ndarray) -> None:
+        arr = self.array(path, mode="r+")
+        arr[row_start : row_start + values.shape[0]] = values
+
+    def read_rows(self, path: str, row_start: int, row_stop: int) -> np.ndarray:
+        return np.asarray(self.array(path)[row_start:row_stop])
+
+    # -- completion markers --------------------------------------------------------------------
+    def _marker(self, stage: str, key: str, chunk: int) -> Path:
+        return self.root / "done" / stage / f"{key}.c{chunk:05d}.json"
+
+    def mark_done(self, stage: str, key: str, chunk: int, result: dict[str, Any] | None = None) -> None:
+        """Record a finished chunk, atomically: a marker is either absent or complete."""
+        marker = self._marker(stage, key, chunk)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(result or {}))
+        os.replace(tmp, marker)
+
+    def done(self, stage: str, key: str, chunk: int) -> dict[str, Any] | None:
+        """The recorded result of a finished chunk, or None if it must be (re)done."""
+        marker = self._marker(stage, key, chunk)
+        try:
+            return json.loads(marker.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def count_done(self, stage: str) -> int:
+        folder = self.root / "done" / stage
+        return len(list(folder.glob("*.json"))) if folder.exists() else 0

@@ -1,0 +1,240 @@
+"""Integer weight quantization: choose parameters, quantize, dequantize.
+
+Notation (rows are output channels, columns the input dimension; groups run along columns):
+
+    x        weights, shape (rows, cols), any float dtype
+    g        group size; `ngroups = ceil(cols / g)` (the last group may be partial)
+    s        scale per group, shape (rows, ngroups), stored in the weight's float dtype
+    z        integer zero point per group (asymmetric "int" schemes), same shape as s
+    m        float offset per group (the "minmax" scheme), same shape as s
+
+Schemes:
+
+    int, symmetric:   q = clamp(round(x / s), -2^(b-1), 2^(b-1)-1),     x̂ = q·s
+                      s = absmax / ((2^b - 1) / 2)   (compressed-tensors' convention)
+    int, asymmetric:  q = clamp(round(x / s) + z, -2^(b-1), 2^(b-1)-1), x̂ = (q - z)·s
+                      s = (max' - min') / (2^b - 1), z = clamp(round(-2^(b-1) - min'/s))
+                      with min' = min(min, 0), max' = max(max, 0) so that 0 is exact
+    minmax:           q = clamp(round((x - m) / s), 0, 2^b - 1),         x̂ = m + q·s
+                      s = (max - min) / (2^b - 1), m = min   (the seed article's formula,
+                      GGUF Q4_1 style: the float minimum is the offset)
+
+`round` is round-half-to-even. Quantization always divides by the *stored* scale (already
+rounded to the output dtype), so the integers written are exactly the ones that reproduce
+x̂ on decompression. Arithmetic is float32 for 16-bit inputs (exact enough: quotients of two
+values with ≤ 11 significant bits never land on a .5 tie by rounding) and float64 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "QuantArgs",
+    "compute_dtype",
+    "dequantize",
+    "group_count",
+    "group_ranges",
+    "qparams_from_range",
+    "quantize",
+    "quantized_range",
+]
+
+Method = Literal["int", "minmax"]
+Strategy = Literal["tensor", "channel", "group"]
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """What to do to one weight matrix; the pure-math view of a scheme.
+
+    `group_size` is meaningful only for `strategy == "group"`.
+    """
+
+    bits: int
+    method: Method = "int"
+    symmetric: bool = True
+    strategy: Strategy = "group"
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        if self.method == "minmax" and self.symmetric:
+            raise ValueError("minmax is asymmetric by definition; set symmetric=False")
+        if self.strategy == "group" and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if self.strategy != "group":
+            # Normalised so equal schemes compare (and hash) equal whatever group size was asked.
+            object.__setattr__(self, "group_size", 0)
+
+    def describe(self) -> str:
+        """Short human name, e.g. "int4 sym g128", "int8 sym channel", "int4 minmax g128"."""
+        kind = "minmax" if self.method == "minmax" else ("sym" if self.symmetric else "asym")
+        where = f"g{self.group_size}" if self.strategy == "group" else self.strategy
+        return f"int{self.bits} {kind} {where}"
+
+    def groups_per_row(self, cols: int) -> int:
+        return group_count(cols, self.strategy, self.group_size)
+
+
+def group_count(cols: int, strategy: Strategy, group_size: int) -> int:
+    """Number of scale columns for a row of `cols` weights."""
+    if strategy == "group":
+        return math.ceil(cols / group_size)
+    return 1
+
+
+def quantized_range(args: QuantArgs) -> tuple[int, int]:
+    """Inclusive integer range of q: signed for int schemes, unsigned for minmax."""
+    if args.method == "minmax":
+        return 0, (1 << args.bits) - 1
+    return -(1 << (args.bits - 1)), (1 << (args.bits - 1)) - 1
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for inputs with ≤ 16 bits, float64 for wider ones (see the module docstring)."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """View (rows, cols) as (rows, ngroups, g); only when g divides cols (the fast path)."""
+    rows, cols = x.shape
+    g = _effective_group(cols, args)
+    return x.view(rows, cols // g, g)
+
+
+def _effective_group(cols: int, args: QuantArgs) -> int:
+    return args.group_size if args.strategy == "group" else cols
+
+
+def group_ranges(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max of a (rows, cols) block: two (rows, ngroups) tensors.
+
+    Channel strategy is one group per row; the tensor strategy gets its range from the stats
+    stage instead (a chunk cannot see the whole tensor), so it is not handled here.
+    """
+    if args.strategy == "tensor":
+        raise ValueError("tensor-strategy ranges come from the stats reduction, not a chunk")
+    rows, cols = x.shape
+    g = _effective_group(cols, args)
+    full = (cols // g) * g
+    mins, maxs = [], []
+    if full:
+        body = x[:, :full].reshape(rows, full // g, g)
+        mins.append(body.amin(dim=2))
+        maxs.append(body.amax(dim=2))
+    if full < cols:  # a partial last group (minmax layout and tests; the planner avoids it for CT)
+        tail = x[:, full:]
+        mins.append(tail.amin(dim=1, keepdim=True))
+        maxs.append(tail.amax(dim=1, keepdim=True))
+    return torch.cat(mins, dim=1), torch.cat(maxs, dim=1)
+
+
+def qparams_from_range(
+    mins: torch.Tensor, maxs: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (in `scale_dtype`) and zero point / offset for groups with the given ranges.
+
+    Returns `(scale, zero)`: `zero` is None for symmetric int, an int8 tensor of integer zero
+    points for asymmetric int, and a `scale_dtype` tensor of float offsets for minmax. A group
+    whose range is empty (all equal values, e.g. all zero) gets scale 1 so nothing divides by 0.
+    """
+    work = compute_dtype(scale_dtype)
+    lo = mins.to(work)
+    hi = maxs.to(work)
+    qmin, qmax = quantized_range(args)
+    levels = float(qmax - qmin)
+    if args.method == "minmax":
+        scale = ((hi - lo) / levels).to(scale_dtype)
+        scale = _nonzero(scale)
+        return scale, lo.to(scale_dtype)
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    if args.symmetric:
+        absmax = torch.maximum(lo.abs(), hi)
+        scale = _nonzero((absmax / (levels / 2)).to(scale_dtype))
+        return scale, None
+    scale = _nonzero(((hi - lo) / levels).to(scale_dtype))
+    zero = torch.round(qmin - lo / scale.to(work)).clamp_(qmin, qmax)
+    return scale, zero.to(torch.int8)
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    """Replace zero (or underflowed) scales by 1: those groups are all one value, q = 0 or z."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def _expand(p: torch.Tensor, cols: int, args: QuantArgs) -> torch.Tensor:
+    """Broadcast (rows, ngroups) parameters to (rows, cols)."""
+    if p.shape[1] == 1:
+        return p
+    g = args.group_size
+    return p.repeat_interleave(g, dim=1)[:, :cols]
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs
+) -> torch.Tensor:
+    """Integer codes of a (rows, cols) block; int16 so every scheme's range fits.
+
+    `scale`/`zero` are (rows, ngroups), or (1, 1) for the tensor strategy.
+    """
+    work = compute_dtype(scale.dtype)
+    rows, cols = x.shape
+    qmin, qmax = quantized_range(args)
+    s = scale.to(work)
+    ngroups = s.shape[1]
+    fast = ngroups == 1 or cols % args.group_size == 0
+    y = x.to(work)  # a fresh tensor unless x already has the work dtype
+    if y.data_ptr() == x.data_ptr():
+        y = y.clone()  # never mutate the caller's block: Dask may retry with the same input
+    if fast and ngroups > 1:
+        yv = y.view(rows, ngroups, cols // ngroups)
+        if args.method == "minmax":
+            assert zero is not None
+            yv.sub_(zero.to(work).unsqueeze(2))
+        yv.div_(s.unsqueeze(2))
+    else:
+        if args.method == "minmax":
+            assert zero is not None
+            y.sub_(_expand(zero.to(work), cols, args))
+        y.div_(_expand(s, cols, args))
+    y.round_()
+    if args.method == "int" and zero is not None:
+        if fast and ngroups > 1:
+            y.view(rows, ngroups, -1).add_(zero.to(work).unsqueeze(2))
+        else:
+            y.add_(_expand(zero.to(work), cols, args))
+    y.clamp_(qmin, qmax)
+    return y.to(torch.int16)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    args: QuantArgs,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reconstruct x̂ (rows, cols) in `dtype` from integer codes and parameters.
+
+    int schemes follow compressed-tensors exactly: `(q - z) * s` evaluated in the scale's dtype
+    (every product of an 8-bit integer and the scale is exact in float32, so one rounding to the
+    scale dtype gives the same bits). minmax evaluates `m + q·s` in the work dtype, then rounds.
+    """
+    work = compute_dtype(scale.dtype)
+    cols = q.shape[1]
+    y = q.to(work)
+    if args.method == "minmax":
+        assert zero is not None
+        y.mul_(_expand(scale.to(work), cols, args)).add_(_expand(zero.to(work), cols, args))
+        return y.to(dtype)
+    if zero is not None:
+        y.sub_(_expand(zero.to(work), cols, args))
+    y.mul_(_expand(scale.to(work), cols, args))
+    return y.to(scale.dtype).to(dtype)

@@ -1,0 +1,279 @@
+"""The compression job: plan → ingest (+ range stats) → thresholds → compress → write → publish.
+
+`Pipeline` holds one run's state and exposes each stage as a method, so the CLI (`run()`) and
+the Prefect flow (one task per method) drive exactly the same code. Stages map plain functions
+over chunks through an `Executor`: a dask.distributed cluster, or this process when serial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressor import __version__
+from compressor.config import RunConfig
+from compressor.formats import dtypes
+from compressor.formats.layout import MINMAX_FORMAT, module_name
+from compressor.formats.quant_config import compressed_tensors_config, minmax_config
+from compressor.math.quant import QuantArgs
+from compressor.math.stats import ErrorStats, RangeStats
+from compressor.stages import compress as compress_stage
+from compressor.stages import ingest as ingest_stage
+from compressor.stages import publish as publish_stage
+from compressor.stages import write as write_stage
+from compressor.stages.executor import DaskExecutor, Executor, Progress, SerialExecutor
+from compressor.stages.plan import Plan, _is_default_linear, make_plan
+from compressor.stages.thresholds import TensorThresholds, thresholds
+from compressor.stages.write import ShardResult
+
+__all__ = ["Pipeline", "RunReport", "compress_checkpoint", "open_executor"]
+
+STAGES = ("plan", "ingest", "thresholds", "compress", "write", "publish")
+
+
+@contextlib.contextmanager
+def open_executor(config: RunConfig) -> Iterator[Executor]:
+    """Serial (workers=0), an existing cluster (scheduler), or an embedded LocalCluster."""
+    if config.scheduler is None and config.workers == 0:
+        yield SerialExecutor()
+        return
+    from distributed import Client, LocalCluster
+
+    if config.scheduler is not None:
+        with Client(config.scheduler, timeout="30s") as client:
+            yield DaskExecutor(client)
+        return
+    n = config.workers or os.cpu_count() or 1
+    # Processes with one thread each: the math holds the GIL in places, and a worker per core
+    # is what scales. Loopback only; the dashboard only if its dependency is installed.
+    with LocalCluster(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0" if _has_bokeh() else None,
+        silence_logs=logging.ERROR,
+    ) as cluster, Client(cluster) as client:
+        yield DaskExecutor(client)
+
+
+def _has_bokeh() -> bool:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class RunReport:
+    """What a run did: written into compression.json and shown by the CLI and the flow."""
+
+    destination: str
+    input_bytes: int
+    output_bytes: int
+    tensors: list[dict[str, Any]]
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    run_key: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.input_bytes / self.output_bytes if self.output_bytes else 0.0
+
+    def worst(self, n: int = 5) -> list[dict[str, Any]]:
+        quantized = [t for t in self.tensors if t["scheme"] != "copy"]
+        return sorted(quantized, key=lambda t: -t["relative_error"])[:n]
+
+
+class Pipeline:
+    """One run. Call the stage methods in order, or `run()`."""
+
+    def __init__(self, config: RunConfig, progress: Progress | None = None) -> None:
+        self.config = config
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.plan_: Plan | None = None
+        self.ranges: dict[str, RangeStats] = {}
+        self.fixed: dict[str, TensorThresholds] = {}
+        self.errors: dict[str, ErrorStats] = {}
+        self.shards: list[ShardResult] = []
+        self.report: RunReport | None = None
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(time.perf_counter() - start, 3)
+
+    @property
+    def plan(self) -> Plan:
+        if self.plan_ is None:
+            raise RuntimeError("make_plan() must run first")
+        return self.plan_
+
+    # -- stages -------------------------------------------------------------------------------
+    def make_plan(self) -> Plan:
+        with self._timed("plan"):
+            self.plan_ = make_plan(self.config)
+        return self.plan_
+
+    def ingest(self, executor: Executor) -> None:
+        with self._timed("ingest"):
+            self.staging = ingest_stage.prepare_staging(self.plan)
+            self.ranges = ingest_stage.ingest(self.plan, self.staging, executor, self.progress)
+
+    def thresholds(self) -> None:
+        with self._timed("thresholds"):
+            self.fixed = thresholds(self.plan, self.ranges)
+
+    def compress(self, executor: Executor) -> None:
+        with self._timed("compress"):
+            self.errors = compress_stage.compress(
+                self.plan, self.staging, self.fixed, executor, self.progress
+            )
+
+    def write(self, executor: Executor) -> None:
+        with self._timed("write"):
+            self.partial = publish_stage.partial_dir(self.plan)
+            shutil.rmtree(self.partial, ignore_errors=True)  # a crashed run's leftovers
+            self.partial.mkdir(parents=True)
+            self.shards = write_stage.write(
+                self.plan, self.staging, self._small_outputs(), self.partial, executor, self.progress
+            )
+
+    def publish(self) -> RunReport:
+        with self._timed("publish"):
+            self.report = self._report()
+            publish_stage.publish(
+                self.plan,
+                self.partial,
+                self.shards,
+                self._quantization_config(),
+                self._report_json(self.report),
+            )
+            if not self.config.keep_staging:
+                shutil.rmtree(self.staging.root, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    self.staging.root.parent.rmdir()  # only if no other run's staging is there
+        self.report.timings = dict(self.timings)
+        return self.report
+
+    def run(self) -> RunReport:
+        """All stages, in order, on the executor the config asks for."""
+        start = time.perf_counter()
+        self.make_plan()
+        with publish_stage.destination_lock(self.config.destination):
+            cluster_start = time.perf_counter()
+            with open_executor(self.config) as executor:
+                self.timings["cluster_start"] = round(time.perf_counter() - cluster_start, 3)
+                self.ingest(executor)
+                self.thresholds()
+                self.compress(executor)
+                self.write(executor)
+            report = self.publish()
+        report.timings["total"] = round(time.perf_counter() - start, 3)
+        return report
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _small_outputs(self) -> dict[str, np.ndarray]:
+        """Tiny tensors written straight from the client: shapes, per-tensor scales."""
+        small: dict[str, np.ndarray] = {}
+        for t in self.plan.quantized:
+            m = module_name(t.name)
+            small[f"{m}.weight_shape"] = np.asarray(t.info.shape, dtype="<i8")
+            fixed = self.fixed[t.name]
+            if fixed.scale is not None:
+                small[f"{m}.weight_scale"] = dtypes.to_raw(fixed.scale.reshape(1))
+                if fixed.zero is not None:
+                    suffix = "weight_min" if t.args and t.args.method == "minmax" else "weight_zero_point"
+                    small[f"{m}.{suffix}"] = dtypes.to_raw(fixed.zero.reshape(1))
+        return small
+
+    def _quantization_config(self) -> dict[str, Any]:
+        groups: dict[QuantArgs, list[str]] = {}
+        for t in self.plan.quantized:
+            assert t.args is not None
+            groups.setdefault(t.args, []).append(module_name(t.name))
+        if any(a.method == "minmax" for a in groups):
+            return minmax_config(groups)
+        dense_linear = [
+            module_name(t.name)
+            for t in self.plan.tensors
+            if t.args is None and (_is_default_linear(t.name, t.info) or t.name == "lm_head.weight")
+        ]
+        return compressed_tensors_config(groups, dense_linear)
+
+    def _report(self) -> RunReport:
+        plan = self.plan
+        out_bytes_by_source: dict[str, int] = {}
+        for shard in plan.shards:
+            for e in shard.entries:
+                out_bytes_by_source[e.source] = out_bytes_by_source.get(e.source, 0) + e.nbytes
+        rows = []
+        for t in plan.tensors:
+            err = self.errors.get(t.name)
+            rows.append(
+                {
+                    "name": t.name,
+                    "dtype": t.info.dtype,
+                    "shape": list(t.info.shape),
+                    "scheme": t.args.describe() if t.args else "copy",
+                    "input_bytes": t.info.nbytes,
+                    "output_bytes": out_bytes_by_source.get(t.name, 0),
+                    "relative_error": err.relative_error if err else 0.0,
+                    "sqnr_db": err.sqnr_db if err else float("inf"),
+                    "max_abs_error": err.max_abs_error if err else 0.0,
+                    **({"note": t.note} if t.note else {}),
+                }
+            )
+        return RunReport(
+            destination=str(Path(self.config.destination).resolve()),
+            input_bytes=plan.checkpoint.total_bytes,
+            output_bytes=sum(s.nbytes for s in self.shards),
+            tensors=rows,
+            timings=dict(self.timings),
+            notes=list(plan.notes),
+            run_key=plan.run_key,
+        )
+
+    def _report_json(self, report: RunReport) -> dict[str, Any]:
+        return {
+            "tool": "checkpoint-compressor",
+            "version": __version__,
+            "format": MINMAX_FORMAT
+            if any(t.args and t.args.method == "minmax" for t in self.plan.quantized)
+            else "compressed-tensors",
+            "input_fingerprint": self.plan.checkpoint.fingerprint(),
+            "run_key": report.run_key,
+            "config": self.config.model_dump(mode="json"),
+            "totals": {
+                "input_bytes": report.input_bytes,
+                "output_bytes": report.output_bytes,
+                "ratio": round(report.ratio, 4),
+            },
+            "notes": report.notes,
+            "timings_s": report.timings,
+            "tensors": [_json_safe(t) for t in report.tensors],
+        }
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no inf: write it as null (an exact reconstruction has infinite SQNR)."""
+    return {k: (None if isinstance(v, float) and v in (float("inf"), float("-inf")) else v) for k, v in row.items()}
+
+
+def compress_checkpoint(config: RunConfig, progress: Progress | None = None) -> RunReport:
+    """Run the whole job; the library entry point behind `compressor compress`."""
+    return Pipeline(config, progress).run()

@@ -1,0 +1,66 @@
+"""Ingest: copy each target tensor's row blocks from safetensors into Zarr staging.
+
+Each job reads one row block with positioned reads (never the whole tensor), writes it to its own
+Zarr chunk, and, while the block is in memory, computes the block's range statistics (the
+`chunk` step of the stats triple) so the data is not read a second time just to find ranges.
+A chunk whose completion marker exists is skipped on a rerun and returns its recorded result.
+Tensors that are only copied are not staged: the write stage streams them from the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from compressor.formats import dtypes
+from compressor.formats.safetensors_io import read_rows
+from compressor.formats.staging import Staging
+from compressor.math.stats import RangeStats, combine_ranges, range_stats
+from compressor.stages.executor import Executor, Progress
+from compressor.stages.plan import Plan, TensorPlan
+
+__all__ = ["IngestJob", "ingest", "ingest_chunk", "prepare_staging"]
+
+STAGE = "ingest"
+
+
+@dataclass(frozen=True)
+class IngestJob:
+    staging: Staging
+    tensor: TensorPlan
+    chunk: int
+
+
+def ingest_chunk(job: IngestJob) -> RangeStats:
+    """Stage one row block; return its range statistics (recorded for resume)."""
+    t = job.tensor
+    recorded = job.staging.done(STAGE, t.key, job.chunk)
+    if recorded is not None:
+        return RangeStats(**recorded)
+    r0, r1 = t.chunks[job.chunk]
+    raw = read_rows(t.source, t.info, r0, r1)
+    job.staging.write_rows(f"in/{t.key}", r0, raw)
+    stats = range_stats(dtypes.to_torch(raw, t.info.dtype))
+    job.staging.mark_done(STAGE, t.key, job.chunk, asdict(stats))
+    return stats
+
+
+def prepare_staging(plan: Plan) -> Staging:
+    """Create the staging arrays (metadata only) on the client, before any job runs."""
+    staging = Staging(plan.staging_root)
+    staging.root.mkdir(parents=True, exist_ok=True)
+    for t in plan.quantized:
+        rows = t.chunks[0][1] - t.chunks[0][0]
+        staging.create(f"in/{t.key}", t.info.shape, t.info.dtype, rows)
+    return staging
+
+
+def ingest(
+    plan: Plan, staging: Staging, executor: Executor, progress: Progress | None = None
+) -> dict[str, RangeStats]:
+    """Stage every target chunk; return each target tensor's range, reduced as a tree."""
+    jobs = [
+        IngestJob(staging, t, k) for t in plan.quantized for k in range(len(t.chunks))
+    ]
+    return executor.map_reduce(
+        ingest_chunk, jobs, lambda j: j.tensor.name, combine_ranges, STAGE, progress
+    )
