@@ -1,0 +1,216 @@
+"""`compressor`: the command line. Thin: parse options into a RunConfig, run, render.
+
+Errors we raise on purpose print one clear message (file, tensor, fix) and exit non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from compressor.errors import CompressorError
+
+app = typer.Typer(
+    name="compressor",
+    help="Compress LLM safetensors checkpoints (quantization) into the compressed-tensors layout.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(error: CompressorError) -> None:
+    console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+    raise typer.Exit(error.exit_code)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _RichProgress:
+    """One bar per stage; the executor reports (stage, done, total)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.bars:
+            self.bars[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.bars[stage], completed=done, total=total)
+
+
+@app.command()
+def compress(
+    source: Annotated[Path, typer.Argument(help="Checkpoint directory or .safetensors file.")],
+    destination: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
+    preset: Annotated[str, typer.Option(help="w8a16 | w4a16 | w4a16-asym | minmax")] = "w4a16",
+    recipe: Annotated[Path | None, typer.Option(help="Recipe YAML (overrides --preset).")] = None,
+    bits: Annotated[int | None, typer.Option(help="Override bits (2-8).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Override: tensor | channel | group.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Override the group size.")] = None,
+    strict_groups: Annotated[bool, typer.Option(help="Refuse non-dividing group sizes.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Local worker processes; 0 = serial.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
+    staging: Annotated[Path | None, typer.Option(help="Staging directory.")] = None,
+    chunk_mb: Annotated[int | None, typer.Option(help="Target MB per chunk.")] = None,
+    max_shard_mb: Annotated[int | None, typer.Option(help="Output shard size in MB.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+    keep_staging: Annotated[bool, typer.Option(help="Keep staging after success.")] = False,
+    prefect: Annotated[bool, typer.Option(help="Record the run as a Prefect flow run.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress, no table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Compress SOURCE into DESTINATION."""
+    from compressor.config import build_config
+
+    options: dict[str, Any] = {
+        "workers": workers,
+        "scheduler": scheduler,
+        "staging_dir": str(staging) if staging else None,
+        "strict_groups": strict_groups,
+        "overwrite": overwrite,
+        "keep_staging": keep_staging,
+    }
+    if chunk_mb is not None:
+        options["chunk_mb"] = chunk_mb
+    if max_shard_mb is not None:
+        options["max_shard_mb"] = max_shard_mb
+    try:
+        config = build_config(
+            str(source), str(destination), preset=preset, recipe_path=recipe,
+            bits=bits, strategy=strategy, group_size=group_size, **options,
+        )
+        use_prefect = prefect or bool(os.environ.get("PREFECT_API_URL"))
+        with Progress(
+            TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console, disable=quiet or as_json,
+        ) as bars:
+            sink = _RichProgress(bars)
+            if use_prefect:
+                from flows.compress import run_flow
+
+                report_json = _report_dict(run_flow(config, sink))
+            else:
+                from compressor.pipeline import compress_checkpoint
+
+                report_json = _report_dict(compress_checkpoint(config, sink))
+    except CompressorError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("stopped: nothing was published; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    if as_json:
+        out.print_json(json.dumps(report_json))
+    elif not quiet:
+        _print_summary(report_json)
+
+
+def _report_dict(report: Any) -> dict[str, Any]:
+    if isinstance(report, dict):  # the flow's result is already a dict
+        return {**report, "tensors": [_finite(t) for t in report["tensors"]]}
+    return {
+        "destination": report.destination,
+        "input_bytes": report.input_bytes,
+        "output_bytes": report.output_bytes,
+        "ratio": report.ratio,
+        "timings_s": report.timings,
+        "notes": report.notes,
+        "tensors": [_finite(t) for t in report.tensors],
+    }
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no infinity: an exact tensor's SQNR is reported as null."""
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    quantized = [t for t in report["tensors"] if t["scheme"] != "copy"]
+    table = Table(title="worst tensors by relative error", show_lines=False)
+    for col in ("tensor", "scheme", "rel. error", "SQNR dB", "bytes in → out"):
+        table.add_column(col)
+    for t in sorted(quantized, key=lambda t: -t["relative_error"])[:8]:
+        sqnr = "exact" if t["sqnr_db"] is None else f"{t['sqnr_db']:.1f}"
+        table.add_row(t["name"], t["scheme"], f"{t['relative_error']:.4f}", sqnr,
+                      f"{_human(t['input_bytes'])} → {_human(t['output_bytes'])}")
+    out.print(table)
+    for note in report["notes"]:
+        out.print(f"[yellow]note:[/] {note}")
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())
+    out.print(
+        f"[bold]{_human(report['input_bytes'])} → {_human(report['output_bytes'])}[/] "
+        f"(×{report['ratio']:.2f}), {len(quantized)} tensors quantized → {report['destination']}"
+    )
+    out.print(f"time: {timings}")
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Checkpoint directory or file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    limit: Annotated[int, typer.Option(help="Rows shown (0 = all).")] = 0,
+) -> None:
+    """Table of tensors (name, dtype, shape, scheme, bytes) and totals."""
+    from compressor.formats.compressed import inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(path)
+    except CompressorError as e:
+        _fail(e)
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    table = Table(title=str(path))
+    for col in ("tensor", "dtype", "shape", "scheme", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    rows = info["tensors"] if limit == 0 else info["tensors"][:limit]
+    for t in rows:
+        table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])), t["scheme"], _human(t["bytes"]))
+    out.print(table)
+    out.print(
+        f"total {_human(info['total_bytes'])}, dense {_human(info['dense_bytes'])}, "
+        f"ratio ×{info['ratio']:.2f}, {info['quantized']} quantized tensors"
+    )
+
+
+@app.command()
+def decompress(
+    source: Annotated[Path, typer.Argument(help="Compressed checkpoint directory.")],
+    destination: Annotated[Path, typer.Argument(help="Dense output directory.")],
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+) -> None:
+    """Write a dense safetensors copy of a compressed checkpoint."""
+    from compressor.formats.compressed import decompress_checkpoint
+
+    try:
+        dest = decompress_checkpoint(source, destination, dtype=dtype, overwrite=overwrite)
+    except CompressorError as e:
+        _fail(e)
+    out.print(f"dense checkpoint written to {dest}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

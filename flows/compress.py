@@ -1,0 +1,175 @@
+"""The Prefect flow: one task per stage, progress artifacts, a report at the end.
+
+The flow's only parameter is the run's `RunConfig`, so the Prefect UI renders its schema as the
+run form. Stages map chunk functions over a Dask cluster from inside their task; workers never
+talk to Prefect, the client reports progress a few dozen times per stage.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from compressor.config import RunConfig
+from compressor.pipeline import Pipeline, open_executor
+from compressor.stages.executor import Executor, Progress
+from compressor.stages.publish import destination_lock
+
+__all__ = ["compress_checkpoint", "run_name"]
+
+# A progress sink the CLI can hand to the flow without making it a flow parameter (a callable
+# has no place in the UI's form).
+_extra_progress: contextvars.ContextVar[Progress | None] = contextvars.ContextVar(
+    "compressor_progress", default=None
+)
+UPDATES_PER_STAGE = 25
+
+
+class _ArtifactProgress:
+    """Turns (stage, done, total) into at most ~25 progress-artifact updates per stage."""
+
+    def __init__(self, also: Progress | None) -> None:
+        self.also = also
+        self.artifacts: dict[str, Any] = {}
+        self.last: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.also is not None:
+            self.also(stage, done, total)
+        step = max(1, total // UPDATES_PER_STAGE)
+        if stage not in self.artifacts:
+            self.artifacts[stage] = create_progress_artifact(
+                progress=0.0, key=f"{stage}-progress", description=f"{stage}: chunks done"
+            )
+            self.last[stage] = 0
+        if done == total or done - self.last[stage] >= step:
+            self.last[stage] = done
+            update_progress_artifact(
+                artifact_id=self.artifacts[stage], progress=100.0 * done / max(total, 1)
+            )
+
+
+def run_name() -> str:
+    params = flow_run.parameters or {}
+    config = params.get("config") or {}
+    if isinstance(config, RunConfig):
+        source, preset = config.source, config.preset
+    else:
+        source, preset = config.get("source", "?"), config.get("preset", "?")
+    return f"{Path(str(source)).name or source}-{preset}"
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(pipe: Pipeline) -> dict[str, Any]:
+    plan = pipe.make_plan()
+    return {"tensors": len(plan.tensors), "quantized": len(plan.quantized), "chunks": plan.chunk_count}
+
+
+@task(name="ingest", cache_policy=NO_CACHE, retries=1)
+def ingest_task(pipe: Pipeline, executor: Executor) -> None:
+    pipe.ingest(executor)
+
+
+@task(name="thresholds", cache_policy=NO_CACHE)
+def thresholds_task(pipe: Pipeline) -> None:
+    pipe.thresholds()
+
+
+@task(name="compress", cache_policy=NO_CACHE, retries=1)
+def compress_task(pipe: Pipeline, executor: Executor) -> None:
+    pipe.compress(executor)
+
+
+@task(name="write", cache_policy=NO_CACHE, retries=1)
+def write_task(pipe: Pipeline, executor: Executor) -> None:
+    pipe.write(executor)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(pipe: Pipeline) -> dict[str, Any]:
+    report = pipe.publish()
+    _report_artifacts(report)
+    return {
+        "destination": report.destination,
+        "input_bytes": report.input_bytes,
+        "output_bytes": report.output_bytes,
+        "ratio": report.ratio,
+        "timings_s": report.timings,
+        "notes": report.notes,
+        "tensors": report.tensors,
+    }
+
+
+def _report_artifacts(report: Any) -> None:
+    mb = 2**20
+    worst = "\n".join(
+        f"| `{t['name']}` | {t['scheme']} | {t['relative_error']:.4f} | {t['sqnr_db']:.1f} |"
+        for t in report.worst(5)
+    )
+    timings = "\n".join(f"| {k} | {v:.2f} s |" for k, v in report.timings.items())
+    create_markdown_artifact(
+        key="compression-summary",
+        description="Compression summary",
+        markdown=(
+            f"# Compressed checkpoint\n\n"
+            f"**Output:** `{report.destination}`\n\n"
+            f"| input | output | ratio |\n|---|---|---|\n"
+            f"| {report.input_bytes / mb:.1f} MB | {report.output_bytes / mb:.1f} MB | "
+            f"×{report.ratio:.2f} |\n\n"
+            f"## Time per stage\n\n| stage | time |\n|---|---|\n{timings}\n\n"
+            f"## Worst tensors by relative error\n\n| tensor | scheme | rel. error | SQNR dB |\n"
+            f"|---|---|---|---|\n{worst}\n"
+            + ("\n## Notes\n\n" + "\n".join(f"- {n}" for n in report.notes) if report.notes else "")
+        ),
+    )
+    create_table_artifact(
+        key="compression-tensors",
+        description="Per-tensor report",
+        table=[
+            {
+                "tensor": t["name"],
+                "scheme": t["scheme"],
+                "input_bytes": t["input_bytes"],
+                "output_bytes": t["output_bytes"],
+                "relative_error": round(t["relative_error"], 6),
+            }
+            for t in report.tensors
+        ],
+    )
+
+
+@flow(name="compress-checkpoint", flow_run_name=run_name, log_prints=True)
+def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
+    """Compress a safetensors checkpoint: plan → ingest → thresholds → compress → write → publish."""
+    logger = get_run_logger()
+    pipe = Pipeline(config, _ArtifactProgress(_extra_progress.get()))
+    summary = plan_task(pipe)
+    logger.info("plan: %s", summary)
+    with destination_lock(config.destination), open_executor(config) as executor:
+        ingest_task(pipe, executor)
+        thresholds_task(pipe)
+        compress_task(pipe, executor)
+        write_task(pipe, executor)
+    result = publish_task(pipe)
+    logger.info("published %s (×%.2f)", result["destination"], result["ratio"])
+    return result
+
+
+def run_flow(config: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the flow in this process, with an optional extra progress sink (the CLI's bars)."""
+    token = _extra_progress.set(progress)
+    try:
+        return compress_checkpoint(config=config)
+    finally:
+        _extra_progress.reset(token)
