@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,7 +63,9 @@ def compress(
     preset: Annotated[str, typer.Option(help="w8a16 | w4a16 | w4a16-asym | minmax")] = "w4a16",
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML (overrides --preset).")] = None,
     bits: Annotated[int | None, typer.Option(help="Override bits (2-8).")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Override: tensor | channel | group.")] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="Override: tensor | channel | group.")
+    ] = None,
     group_size: Annotated[int | None, typer.Option(help="Override the group size.")] = None,
     strict_groups: Annotated[bool, typer.Option(help="Refuse non-dividing group sizes.")] = False,
     workers: Annotated[int | None, typer.Option(help="Local worker processes; 0 = serial.")] = None,
@@ -95,13 +96,23 @@ def compress(
         options["max_shard_mb"] = max_shard_mb
     try:
         config = build_config(
-            str(source), str(destination), preset=preset, recipe_path=recipe,
-            bits=bits, strategy=strategy, group_size=group_size, **options,
+            str(source),
+            str(destination),
+            preset=preset,
+            recipe_path=recipe,
+            bits=bits,
+            strategy=strategy,
+            group_size=group_size,
+            **options,
         )
         use_prefect = prefect or bool(os.environ.get("PREFECT_API_URL"))
         with Progress(
-            TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=console, disable=quiet or as_json,
+            TextColumn("{task.description:>10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=quiet or as_json,
         ) as bars:
             sink = _RichProgress(bars)
             if use_prefect:
@@ -149,8 +160,13 @@ def _print_summary(report: dict[str, Any]) -> None:
         table.add_column(col)
     for t in sorted(quantized, key=lambda t: -t["relative_error"])[:8]:
         sqnr = "exact" if t["sqnr_db"] is None else f"{t['sqnr_db']:.1f}"
-        table.add_row(t["name"], t["scheme"], f"{t['relative_error']:.4f}", sqnr,
-                      f"{_human(t['input_bytes'])} → {_human(t['output_bytes'])}")
+        table.add_row(
+            t["name"],
+            t["scheme"],
+            f"{t['relative_error']:.4f}",
+            sqnr,
+            f"{_human(t['input_bytes'])} → {_human(t['output_bytes'])}",
+        )
     out.print(table)
     for note in report["notes"]:
         out.print(f"[yellow]note:[/] {note}")
@@ -183,7 +199,9 @@ def inspect(
         table.add_column(col, justify="right" if col == "bytes" else "left")
     rows = info["tensors"] if limit == 0 else info["tensors"][:limit]
     for t in rows:
-        table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])), t["scheme"], _human(t["bytes"]))
+        table.add_row(
+            t["name"], t["dtype"], "×".join(map(str, t["shape"])), t["scheme"], _human(t["bytes"])
+        )
     out.print(table)
     out.print(
         f"total {_human(info['total_bytes'])}, dense {_human(info['dense_bytes'])}, "
@@ -213,4 +231,4 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -32,8 +32,8 @@ from compressor.errors import ConfigError
 from compressor.math.quant import QuantArgs
 
 __all__ = [
-    "PRESETS",
     "LINEAR",
+    "PRESETS",
     "QuantRule",
     "Recipe",
     "RunConfig",
@@ -127,7 +127,9 @@ class RunConfig(_Frozen):
     version: Literal[1] = 1
     source: str = Field(description="Input checkpoint directory or .safetensors file.")
     destination: str = Field(description="Output directory (must not exist unless overwrite).")
-    preset: Preset = Field("w4a16", description="Named scheme; 'recipe' when a recipe file is used.")
+    preset: Preset = Field(
+        "w4a16", description="Named scheme; 'recipe' when a recipe file is used."
+    )
     recipe: Recipe = Field(default_factory=lambda: PRESETS["w4a16"])
     strict_groups: bool = Field(
         False,
@@ -206,7 +208,10 @@ def build_config(
     }
     try:
         if overrides:
-            rules = [QuantRule.model_validate({**r.model_dump(), **overrides}) for r in recipe.quantization]
+            rules = [
+                QuantRule.model_validate({**r.model_dump(), **overrides})
+                for r in recipe.quantization
+            ]
             recipe = recipe.model_copy(update={"quantization": rules})
         return RunConfig(
             source=str(source),

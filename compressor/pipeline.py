@@ -55,14 +55,17 @@ def open_executor(config: RunConfig) -> Iterator[Executor]:
     n = config.workers or os.cpu_count() or 1
     # Processes with one thread each: the math holds the GIL in places, and a worker per core
     # is what scales. Loopback only; the dashboard only if its dependency is installed.
-    with LocalCluster(
-        n_workers=n,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0" if _has_bokeh() else None,
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0" if _has_bokeh() else None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield DaskExecutor(client)
 
 
@@ -150,7 +153,12 @@ class Pipeline:
             shutil.rmtree(self.partial, ignore_errors=True)  # a crashed run's leftovers
             self.partial.mkdir(parents=True)
             self.shards = write_stage.write(
-                self.plan, self.staging, self._small_outputs(), self.partial, executor, self.progress
+                self.plan,
+                self.staging,
+                self._small_outputs(),
+                self.partial,
+                executor,
+                self.progress,
             )
 
     def publish(self) -> RunReport:
@@ -197,7 +205,11 @@ class Pipeline:
             if fixed.scale is not None:
                 small[f"{m}.weight_scale"] = dtypes.to_raw(fixed.scale.reshape(1))
                 if fixed.zero is not None:
-                    suffix = "weight_min" if t.args and t.args.method == "minmax" else "weight_zero_point"
+                    suffix = (
+                        "weight_min"
+                        if t.args and t.args.method == "minmax"
+                        else "weight_zero_point"
+                    )
                     small[f"{m}.{suffix}"] = dtypes.to_raw(fixed.zero.reshape(1))
         return small
 
@@ -271,7 +283,10 @@ class Pipeline:
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     """JSON has no inf: write it as null (an exact reconstruction has infinite SQNR)."""
-    return {k: (None if isinstance(v, float) and v in (float("inf"), float("-inf")) else v) for k, v in row.items()}
+    return {
+        k: (None if isinstance(v, float) and v in (float("inf"), float("-inf")) else v)
+        for k, v in row.items()
+    }
 
 
 def compress_checkpoint(config: RunConfig, progress: Progress | None = None) -> RunReport:

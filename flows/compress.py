@@ -73,7 +73,11 @@ def run_name() -> str:
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(pipe: Pipeline) -> dict[str, Any]:
     plan = pipe.make_plan()
-    return {"tensors": len(plan.tensors), "quantized": len(plan.quantized), "chunks": plan.chunk_count}
+    return {
+        "tensors": len(plan.tensors),
+        "quantized": len(plan.quantized),
+        "chunks": plan.chunk_count,
+    }
 
 
 @task(name="ingest", cache_policy=NO_CACHE, retries=1)

@@ -124,7 +124,9 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         try:
             config = json.loads((path / "config.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"config.json is not valid JSON: {e}", path=str(path / "config.json")) from e
+            raise InputError(
+                f"config.json is not valid JSON: {e}", path=str(path / "config.json")
+            ) from e
     return _assemble(path, headers, extra=extra, config=config)
 
 
@@ -147,7 +149,9 @@ def _assemble(
         raise InputError(
             "the checkpoint holds no tensors", path=str(root), hint="check the input checkpoint"
         )
-    return Checkpoint(root=root, shards=tuple(headers), tensors=tensors, extra_files=extra, config=config)
+    return Checkpoint(
+        root=root, shards=tuple(headers), tensors=tensors, extra_files=extra, config=config
+    )
 
 
 def _read_index(index_path: Path) -> dict[str, str]:

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ from compressor.formats.safetensors_io import (
     read_tensor,
 )
 from compressor.math.pack import packed_width, unpack_rows
-from compressor.math.quant import QuantArgs, dequantize, quantized_range
+from compressor.math.quant import QuantArgs, Strategy, dequantize, quantized_range
 
 __all__ = [
     "CompressedModule",
@@ -71,7 +72,14 @@ def _target_matches(target: str, module: str) -> bool:
 
 def _args_from_group(group: dict, minmax: bool) -> QuantArgs:
     weights = group if minmax else group.get("weights") or {}
-    strategy = weights.get("strategy") or ("group" if weights.get("group_size") else "channel")
+    strategy: Strategy = weights.get("strategy") or (
+        "group" if weights.get("group_size") else "channel"
+    )
+    if strategy not in ("tensor", "channel", "group"):
+        raise InputError(
+            f"quantization strategy {strategy!r} is not supported (tensor, channel, group)",
+            hint="decompress it with the tool that wrote it",
+        )
     return QuantArgs(
         bits=int(weights.get("num_bits", 8)),
         method="minmax" if minmax else "int",
@@ -84,7 +92,9 @@ def _args_from_group(group: dict, minmax: bool) -> QuantArgs:
 def quantized_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
     """Every packed weight of a checkpoint with the scheme its config group gives it."""
     qc = (checkpoint.config or {}).get("quantization_config")
-    packed = [n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")]
+    packed = [
+        n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")
+    ]
     if not packed:
         return {}
     if not isinstance(qc, dict):
@@ -124,7 +134,9 @@ def quantized_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
         for required in ("weight_scale", "weight_shape"):
             if required not in parts:
                 raise InputError(
-                    f"has no {required}", path=str(checkpoint.root), tensor=f"{module}.weight_packed"
+                    f"has no {required}",
+                    path=str(checkpoint.root),
+                    tensor=f"{module}.weight_packed",
                 )
         file, info = parts["weight_shape"]
         rows, cols = (int(v) for v in read_tensor(file, info).reshape(-1))
@@ -137,7 +149,9 @@ def _read(module: CompressedModule, suffix: str, r0: int, r1: int) -> torch.Tens
     return dtypes.to_torch(read_rows(file, info, r0, r1), info.dtype)
 
 
-def dequantize_module_rows(module: CompressedModule, r0: int, r1: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_module_rows(
+    module: CompressedModule, r0: int, r1: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Rows [r0, r1) of the dense weight (r0 a multiple of 32 when zero points are packed)."""
     args = module.args
     rows, cols = module.shape
@@ -150,12 +164,19 @@ def dequantize_module_rows(module: CompressedModule, r0: int, r1: int, dtype: to
         scale = _read(module, "weight_scale", r0, r1)
     zero = None
     if args.method == "minmax":
-        zero = _read(module, "weight_min", 0, 1).reshape(1, 1) if args.strategy == "tensor" else _read(module, "weight_min", r0, r1)
+        zero = (
+            _read(module, "weight_min", 0, 1).reshape(1, 1)
+            if args.strategy == "tensor"
+            else _read(module, "weight_min", r0, r1)
+        )
     elif "weight_zero_point" in module.parts:
         if args.strategy == "tensor":
             zero = _read(module, "weight_zero_point", 0, 1).reshape(1, 1).to(torch.int16)
         else:
-            w0, w1 = r0 * args.bits // 32, min(packed_width(rows, args.bits), math.ceil(r1 * args.bits / 32))
+            w0, w1 = (
+                r0 * args.bits // 32,
+                min(packed_width(rows, args.bits), math.ceil(r1 * args.bits / 32)),
+            )
             words = _read(module, "weight_zero_point", w0, w1)
             z = unpack_rows(words.T.contiguous(), args.bits, r1 - r0).T
             zero = z + quantized_range(args)[0]
@@ -180,7 +201,11 @@ def decompress_checkpoint(
     modules = quantized_modules(checkpoint)
     dest = Path(destination)
     if dest.exists() and not overwrite:
-        raise OutputError("the destination already exists", path=str(dest), hint="pass --overwrite or choose another destination")
+        raise OutputError(
+            "the destination already exists",
+            path=str(dest),
+            hint="pass --overwrite or choose another destination",
+        )
     target_dtype = _parse_dtype(dtype) if dtype else None
     partial = dest.parent / f".{dest.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -195,11 +220,17 @@ def decompress_checkpoint(
             module = part_of.get(name)
             if module is not None:
                 if name == f"{module.module}.weight_packed":
-                    out_dtype = dtypes.safetensors_dtype_of(target_dtype) if target_dtype else module.dtype
+                    out_dtype = (
+                        dtypes.safetensors_dtype_of(target_dtype) if target_dtype else module.dtype
+                    )
                     entries.append((f"{module.module}.weight", out_dtype, module.shape))
                     plan.append((f"{module.module}.weight", module))
                 continue
-            out_dtype = dtypes.safetensors_dtype_of(target_dtype) if target_dtype and dtypes.is_float(info.dtype) else info.dtype
+            out_dtype = (
+                dtypes.safetensors_dtype_of(target_dtype)
+                if target_dtype and dtypes.is_float(info.dtype)
+                else info.dtype
+            )
             entries.append((name, out_dtype, info.shape))
             plan.append((name, info))
         file_name = Path(shard.path).name
@@ -215,7 +246,9 @@ def decompress_checkpoint(
                     rows = what.shape[0] if what.shape else 1
                     step = max(1, (16 << 20) // max(1, what.nbytes // max(rows, 1)))
                     for r0 in range(0, rows, step):
-                        t = dtypes.to_torch(read_rows(shard.path, what, r0, min(rows, r0 + step)), what.dtype)
+                        t = dtypes.to_torch(
+                            read_rows(shard.path, what, r0, min(rows, r0 + step)), what.dtype
+                        )
                         writer.write(name, dtypes.to_raw(t.to(dtypes.torch_dtype(out_dtype))))
                 weight_map[name] = file_name
         total += sum(i.nbytes for i in writer.tensors.values())
@@ -241,9 +274,15 @@ def decompress_checkpoint(
 
 
 def _parse_dtype(name: str) -> torch.dtype:
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32,
-             "float64": torch.float64}
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float64": torch.float64,
+    }
     if name.lower() not in table:
         raise InputError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(sorted(table))}")
     return table[name.lower()]
@@ -254,17 +293,32 @@ def inspect_checkpoint(path: str | Path) -> dict:
     checkpoint = open_checkpoint(path)
     modules = quantized_modules(checkpoint)
     part_of = {f"{m.module}.{s}": m for m in modules.values() for s in m.parts}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, (_, info) in checkpoint.tensors.items():
         module = part_of.get(name)
         if module is None:
-            rows.append({"name": name, "dtype": info.dtype, "shape": list(info.shape),
-                         "scheme": "dense", "bytes": info.nbytes, "dense_bytes": info.nbytes})
+            rows.append(
+                {
+                    "name": name,
+                    "dtype": info.dtype,
+                    "shape": list(info.shape),
+                    "scheme": "dense",
+                    "bytes": info.nbytes,
+                    "dense_bytes": info.nbytes,
+                }
+            )
         elif name.endswith(".weight_packed"):
             dense = math.prod(module.shape) * dtypes.itemsize(module.dtype)
-            rows.append({"name": f"{module.module}.weight", "dtype": module.dtype,
-                         "shape": list(module.shape), "scheme": module.args.describe(),
-                         "bytes": module.nbytes, "dense_bytes": dense})
+            rows.append(
+                {
+                    "name": f"{module.module}.weight",
+                    "dtype": module.dtype,
+                    "shape": list(module.shape),
+                    "scheme": module.args.describe(),
+                    "bytes": module.nbytes,
+                    "dense_bytes": dense,
+                }
+            )
     total = sum(r["bytes"] for r in rows)
     dense = sum(r["dense_bytes"] for r in rows)
     return {

@@ -82,7 +82,13 @@ def quantized_outputs(
     m = module_name(tensor_name)
     s_shape = scale_shape(rows, cols, args)
     out = [
-        OutputSpec(f"{m}.weight_packed", "I32", (rows, packed_width(cols, args.bits)), "packed", tensor_name),
+        OutputSpec(
+            f"{m}.weight_packed",
+            "I32",
+            (rows, packed_width(cols, args.bits)),
+            "packed",
+            tensor_name,
+        ),
         OutputSpec(f"{m}.weight_scale", dtype, s_shape, "scale", tensor_name),
     ]
     if args.method == "minmax":

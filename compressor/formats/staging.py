@@ -40,9 +40,7 @@ class Staging:
         return (Staging, (str(self.root),))
 
     # -- arrays -------------------------------------------------------------------------------
-    def create(
-        self, path: str, shape: tuple[int, ...], dtype: str, chunk_rows: int
-    ) -> None:
+    def create(self, path: str, shape: tuple[int, ...], dtype: str, chunk_rows: int) -> None:
         """Create (or keep, if it matches) an array holding safetensors dtype `dtype`."""
         storage = dtypes.storage_numpy_dtype(dtype)
         chunks = (max(1, min(chunk_rows, shape[0])), *shape[1:]) if shape else ()
@@ -76,7 +74,9 @@ class Staging:
     def _marker(self, stage: str, key: str, chunk: int) -> Path:
         return self.root / "done" / stage / f"{key}.c{chunk:05d}.json"
 
-    def mark_done(self, stage: str, key: str, chunk: int, result: dict[str, Any] | None = None) -> None:
+    def mark_done(
+        self, stage: str, key: str, chunk: int, result: dict[str, Any] | None = None
+    ) -> None:
         """Record a finished chunk, atomically: a marker is either absent or complete."""
         marker = self._marker(stage, key, chunk)
         marker.parent.mkdir(parents=True, exist_ok=True)

@@ -57,9 +57,7 @@ def range_stats(x: torch.Tensor) -> RangeStats:
     if values.numel() == 0:
         return RangeStats(count=0, nonfinite=nonfinite, min=math.inf, max=-math.inf)
     lo, hi = torch.aminmax(values)
-    return RangeStats(
-        count=int(values.numel()), nonfinite=nonfinite, min=float(lo), max=float(hi)
-    )
+    return RangeStats(count=int(values.numel()), nonfinite=nonfinite, min=float(lo), max=float(hi))
 
 
 def combine_ranges(*parts: RangeStats) -> RangeStats:

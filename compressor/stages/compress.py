@@ -108,7 +108,9 @@ def prepare_outputs(plan: Plan, staging: Staging) -> None:
         assert args is not None
         rows, cols = t.shape2d
         chunk_rows = t.chunks[0][1] - t.chunks[0][0]
-        staging.create(f"out/{t.key}/packed", (rows, packed_width(cols, args.bits)), "I32", chunk_rows)
+        staging.create(
+            f"out/{t.key}/packed", (rows, packed_width(cols, args.bits)), "I32", chunk_rows
+        )
         if args.strategy == "tensor":
             continue
         ngroups = args.groups_per_row(cols)

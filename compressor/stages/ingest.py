@@ -58,9 +58,7 @@ def ingest(
     plan: Plan, staging: Staging, executor: Executor, progress: Progress | None = None
 ) -> dict[str, RangeStats]:
     """Stage every target chunk; return each target tensor's range, reduced as a tree."""
-    jobs = [
-        IngestJob(staging, t, k) for t in plan.quantized for k in range(len(t.chunks))
-    ]
+    jobs = [IngestJob(staging, t, k) for t in plan.quantized for k in range(len(t.chunks))]
     return executor.map_reduce(
         ingest_chunk, jobs, lambda j: j.tensor.name, combine_ranges, STAGE, progress
     )

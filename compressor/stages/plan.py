@@ -117,7 +117,9 @@ def _is_default_linear(name: str, info: TensorInfo) -> bool:
     )
 
 
-def _rule_for(rule_list: list[QuantRule], ignore: list[str], name: str, info: TensorInfo) -> tuple[int, QuantRule] | None:
+def _rule_for(
+    rule_list: list[QuantRule], ignore: list[str], name: str, info: TensorInfo
+) -> tuple[int, QuantRule] | None:
     if matches(ignore, name):
         return None
     for k, rule in enumerate(rule_list):
@@ -127,7 +129,9 @@ def _rule_for(rule_list: list[QuantRule], ignore: list[str], name: str, info: Te
     return None
 
 
-def _effective_args(rule: QuantRule, name: str, source: str, cols: int, strict: bool) -> tuple[QuantArgs, str | None]:
+def _effective_args(
+    rule: QuantRule, name: str, source: str, cols: int, strict: bool
+) -> tuple[QuantArgs, str | None]:
     """The scheme actually used for a tensor with `cols` inputs, after group-size fallback.
 
     compressed-tensors (and so transformers and vLLM) refuses a group size that does not divide
@@ -150,7 +154,9 @@ def _effective_args(rule: QuantRule, name: str, source: str, cols: int, strict: 
             fallback = rule.args(group_size=g)
             return fallback, f"{name}: group {args.group_size} → {g} ({cols} inputs)"
         g //= 2
-    channel = QuantArgs(bits=args.bits, method=args.method, symmetric=args.symmetric, strategy="channel")
+    channel = QuantArgs(
+        bits=args.bits, method=args.method, symmetric=args.symmetric, strategy="channel"
+    )
     return channel, f"{name}: group {args.group_size} → per-channel ({cols} inputs)"
 
 
@@ -186,8 +192,9 @@ def make_plan(config: RunConfig) -> Plan:
             )
         rows, cols = info.shape
         if rows == 0 or cols == 0:
-            raise InputError("is empty (a zero dimension)", path=source, tensor=name,
-                             hint="add it to ignore")
+            raise InputError(
+                "is empty (a zero dimension)", path=source, tensor=name, hint="add it to ignore"
+            )
         args, note = _effective_args(rule, name, source, cols, config.strict_groups)
         if note:
             notes.append(note)
@@ -225,7 +232,11 @@ def _lay_out_shards(tensors: list[TensorPlan], limit: int) -> tuple[OutputShard,
         groups[-1].extend(specs)
         size += nbytes
     n = len(groups)
-    names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    )
     return tuple(OutputShard(name, tuple(g)) for name, g in zip(names, groups, strict=True))
 
 

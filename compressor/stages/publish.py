@@ -133,8 +133,11 @@ def publish(
     dest = Path(plan.config.destination)
     if dest.exists():
         if not plan.config.overwrite:  # checked in the plan; re-checked in case it appeared since
-            raise OutputError("the destination appeared during the run", path=str(dest),
-                              hint="pass --overwrite or choose another destination")
+            raise OutputError(
+                "the destination appeared during the run",
+                path=str(dest),
+                hint="pass --overwrite or choose another destination",
+            )
         old = dest.parent / f".{dest.name}.old-{plan.run_key}"
         os.replace(dest, old)
         os.replace(directory, dest)

@@ -65,7 +65,7 @@ def _tensor(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> np.nd
     """float32 weights: norms near 1; matrices heavy-tailed with a few loud input channels."""
     if len(dims) == 1:
         return (1.0 + 0.05 * rng.standard_normal(dims)).astype(np.float32)
-    rows, cols = dims
+    _rows, cols = dims
     w = rng.standard_t(df=4, size=dims).astype(np.float32) * (0.5 / math.sqrt(cols))
     outliers = rng.choice(cols, size=max(1, cols // 128), replace=False)
     w[:, outliers] *= 8.0
