@@ -226,6 +226,38 @@ def decompress(
     out.print(f"dense checkpoint written to {dest}")
 
 
+@app.command()
+def generate(
+    destination: Annotated[Path, typer.Argument(help="Directory to create.")],
+    hidden_size: Annotated[int, typer.Option(help="Model width.")] = 512,
+    intermediate_size: Annotated[int, typer.Option(help="MLP width.")] = 1536,
+    layers: Annotated[int, typer.Option(help="Decoder layers.")] = 2,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size.")] = 1024,
+    shard_mb: Annotated[float, typer.Option(help="Shard size in MB.")] = 4.0,
+    dtype: Annotated[str, typer.Option(help="BF16 | F16 | F32")] = "BF16",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a deterministic Llama-shaped test checkpoint (heavy-tailed weights)."""
+    from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
+
+    heads = max(1, hidden_size // 64)
+    shape = LlamaShape(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        vocab_size=vocab_size,
+    )
+    try:
+        path = generate_llama_checkpoint(
+            destination, shape, dtype=dtype, shard_mb=shard_mb, seed=seed
+        )
+    except FileExistsError:
+        _fail(CompressorError("already exists", path=str(destination), hint="choose a new path"))
+    out.print(f"generated {path}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

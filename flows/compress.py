@@ -8,6 +8,7 @@ talk to Prefect, the client reports progress a few dozen times per stage.
 from __future__ import annotations
 
 import contextvars
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,9 @@ def _report_artifacts(report: Any) -> None:
 def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
     """Compress a safetensors checkpoint: plan → ingest → thresholds → compress → write → publish."""
     logger = get_run_logger()
+    # Prefect routes the root logger to its run logs; distributed's per-connection INFO lines
+    # would drown the stage messages there.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     pipe = Pipeline(config, _ArtifactProgress(_extra_progress.get()))
     summary = plan_task(pipe)
     logger.info("plan: %s", summary)
