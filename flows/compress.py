@@ -105,6 +105,10 @@ def write_task(pipe: Pipeline, executor: Executor) -> None:
 def publish_task(pipe: Pipeline) -> dict[str, Any]:
     report = pipe.publish()
     _report_artifacts(report)
+    return _result(report)
+
+
+def _result(report: Any) -> dict[str, Any]:
     return {
         "destination": report.destination,
         "input_bytes": report.input_bytes,
@@ -164,6 +168,10 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
     pipe = Pipeline(config, _ArtifactProgress(_extra_progress.get()))
     summary = plan_task(pipe)
     logger.info("plan: %s", summary)
+    if pipe.plan.up_to_date and not config.overwrite:
+        report = pipe.published_report()
+        logger.info("up to date: %s already holds this output", report.destination)
+        return _result(report)
     with destination_lock(config.destination), open_executor(config) as executor:
         ingest_task(pipe, executor)
         thresholds_task(pipe)

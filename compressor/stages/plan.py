@@ -73,6 +73,9 @@ class Plan:
     shards: tuple[OutputShard, ...]
     run_key: str
     notes: tuple[str, ...] = field(default=())
+    # The destination already holds the output of this exact input and config: nothing to do.
+    # This is what makes a scheduled deployment's rerun idempotent.
+    up_to_date: bool = False
 
     @property
     def quantized(self) -> tuple[TensorPlan, ...]:
@@ -210,7 +213,8 @@ def make_plan(config: RunConfig) -> Plan:
             )
     shards = _lay_out_shards(tensors, config.max_shard_mb * 2**20)
     run_key = _run_key(checkpoint, config)
-    return Plan(config, checkpoint, tuple(tensors), shards, run_key, tuple(notes))
+    up_to_date = _already_published(config, run_key)
+    return Plan(config, checkpoint, tuple(tensors), shards, run_key, tuple(notes), up_to_date)
 
 
 def output_specs(t: TensorPlan) -> list[OutputSpec]:
@@ -263,9 +267,23 @@ def _check_destination(config: RunConfig) -> None:
             path=str(dest),
             hint="choose another destination",
         )
-    if dest.exists() and not config.overwrite:
-        raise OutputError(
-            "the destination already exists",
-            path=str(dest),
-            hint="pass --overwrite to replace it, or choose another destination",
-        )
+
+
+def _already_published(config: RunConfig, run_key: str) -> bool:
+    """True if the destination holds this run's output; an error if it holds something else."""
+    dest = Path(config.destination)
+    if not dest.exists():
+        return False
+    try:
+        published = json.loads((dest / "compression.json").read_text()).get("run_key")
+    except (OSError, ValueError, AttributeError):
+        published = None
+    if published == run_key and (dest / "manifest.json").is_file():
+        return True
+    if config.overwrite:
+        return False
+    raise OutputError(
+        "the destination already exists (and holds another input's or config's output)",
+        path=str(dest),
+        hint="pass --overwrite to replace it, or choose another destination",
+    )
