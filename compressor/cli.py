@@ -258,6 +258,37 @@ def generate(
     out.print(f"generated {path}")
 
 
+@app.command()
+def serve(
+    cron: Annotated[str | None, typer.Option(help='Schedule, e.g. "0 2 * * *".')] = None,
+    source: Annotated[str | None, typer.Option(help="Default input for scheduled runs.")] = None,
+    destination: Annotated[str | None, typer.Option(help="Default output.")] = None,
+    preset: Annotated[str, typer.Option(help="Default preset.")] = "w4a16",
+    workers: Annotated[int | None, typer.Option(help="Local worker processes per run.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler for the runs.")] = None,
+) -> None:
+    """Serve the `compress-checkpoint` deployment from this process (a single-machine scheduler).
+
+    Runs triggered from the Prefect UI/API (or by --cron) execute here. Needs PREFECT_API_URL
+    pointing at a Prefect server (`prefect server start`).
+    """
+    from compressor import defaults
+    from flows.compress import compress_checkpoint as flow
+
+    parameters: dict[str, Any] = {}
+    if source and destination:
+        parameters["config"] = {
+            "source": source,
+            "destination": destination,
+            "preset": preset,
+            "workers": workers,
+            "scheduler": scheduler,
+        }
+    elif cron:
+        _fail(CompressorError("a --cron schedule needs --source and --destination"))
+    flow.serve(name=defaults.DEPLOYMENT_NAME, cron=cron, parameters=parameters)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

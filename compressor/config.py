@@ -149,6 +149,25 @@ class RunConfig(_Frozen):
     )
     overwrite: bool = Field(False, description="Replace an existing destination.")
     keep_staging: bool = Field(False, description="Keep the staging store after success.")
+    # Not hashed into the staging key (output_affecting): staged chunks do not depend on it, so
+    # a run refused for NaN/Inf can be rerun with the flag and resume from its staging.
+    skip_nonfinite: bool = Field(
+        False,
+        description="Leave target weights that hold NaN or infinite values unquantized (copied "
+        "bit for bit, listed under the report's notes) instead of refusing the run.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_from_preset(cls, data: Any) -> Any:
+        """A preset without an explicit recipe means that preset's recipe (the flow form's case)."""
+        if isinstance(data, dict) and data.get("recipe") is None:
+            preset = data.get("preset", "w4a16")
+            if preset == "recipe":
+                raise ValueError("preset 'recipe' needs a recipe")
+            if preset in PRESETS:
+                data = {**data, "recipe": PRESETS[preset]}
+        return data
 
     def output_affecting(self) -> dict[str, Any]:
         """The fields that change the output bytes (hashed into the staging key)."""

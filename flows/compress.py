@@ -5,9 +5,6 @@ run form. Stages map chunk functions over a Dask cluster from inside their task;
 talk to Prefect, the client reports progress a few dozen times per stage.
 """
 
-from __future__ import annotations
-
-import contextvars
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,10 +27,9 @@ from compressor.stages.publish import destination_lock
 __all__ = ["compress_checkpoint", "run_name"]
 
 # A progress sink the CLI can hand to the flow without making it a flow parameter (a callable
-# has no place in the UI's form).
-_extra_progress: contextvars.ContextVar[Progress | None] = contextvars.ContextVar(
-    "compressor_progress", default=None
-)
+# has no place in the UI's form). A plain list, not a ContextVar: Prefect's runner cloudpickles
+# the flow function with its globals, and ContextVars cannot be pickled.
+_extra_progress: list[Progress] = []
 UPDATES_PER_STAGE = 25
 
 
@@ -165,7 +161,7 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
     # Prefect routes the root logger to its run logs; distributed's per-connection INFO lines
     # would drown the stage messages there.
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    pipe = Pipeline(config, _ArtifactProgress(_extra_progress.get()))
+    pipe = Pipeline(config, _ArtifactProgress(_extra_progress[-1] if _extra_progress else None))
     summary = plan_task(pipe)
     logger.info("plan: %s", summary)
     if pipe.plan.up_to_date and not config.overwrite:
@@ -184,8 +180,10 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
 
 def run_flow(config: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the flow in this process, with an optional extra progress sink (the CLI's bars)."""
-    token = _extra_progress.set(progress)
+    if progress is not None:
+        _extra_progress.append(progress)
     try:
         return compress_checkpoint(config=config)
     finally:
-        _extra_progress.reset(token)
+        if progress is not None:
+            _extra_progress.pop()
