@@ -101,7 +101,7 @@ def _trigger_and_check(api: str, source: Path, destination: Path) -> None:
 
     name = f"compress-checkpoint/{defaults.DEPLOYMENT_NAME}"
     with (
-        temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]}),
+        temporary_settings({PREFECT_API_URL: api}),
         get_client(sync_client=True) as client,
     ):
         deadline = time.monotonic() + 60
