@@ -34,6 +34,7 @@ from compressor.math.quant import QuantArgs
 __all__ = [
     "LINEAR",
     "PRESETS",
+    "PruneConfig",
     "QuantRule",
     "Recipe",
     "RunConfig",
@@ -44,7 +45,7 @@ __all__ = [
 LINEAR = "Linear"
 """Target meaning "the 2-D weights of linear layers" (embeddings and lm_head excluded)."""
 
-Preset = Literal["w8a16", "w4a16", "w4a16-asym", "minmax", "recipe"]
+Preset = Literal["w8a16", "w4a16", "w4a16-asym", "minmax", "dense", "recipe"]
 
 
 class _Frozen(BaseModel):
@@ -94,11 +95,70 @@ class QuantRule(_Frozen):
         return self.args().describe()
 
 
+class PruneConfig(_Frozen):
+    """Pruning: which weights to remove (see `compressor/math/prune.py` for the exact rules)."""
+
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of weights removed.")
+    scope: Literal["tensor", "global"] = Field(
+        "tensor", description="One threshold per tensor, or one across all pruning targets."
+    )
+    importance: Literal["magnitude", "gradient", "activation"] = Field(
+        "magnitude",
+        description="|w|; |w·g| from a gradients checkpoint; |w|·‖x‖ (Wanda) from activation norms.",
+    )
+    normalize: bool = Field(
+        False, description="Divide each tensor's importance by its mean (fairer global scope)."
+    )
+    structure: str = Field(
+        "unstructured",
+        description='"unstructured", "row" (same rate in every output row) or "N:M" such as "2:4".',
+    )
+    schedule: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per-name sparsity, e.g. {"re:.*mlp.*": 0.6}; each matching tensor is its own scope.',
+    )
+    targets: list[str] = Field(default_factory=lambda: [LINEAR], description="What may be pruned.")
+    gradients: str | None = Field(None, description="Gradients checkpoint (same tensor names).")
+    activations: str | None = Field(
+        None, description="Calibration statistics: one F32 vector of input norms per module."
+    )
+    sparse_format: Literal["dense", "bitmask"] = Field(
+        "dense", description="Store pruned dense tensors with zeros, or as values + bitmask."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneConfig:
+        self.nm()  # validates the structure string
+        if self.importance == "gradient" and not self.gradients:
+            raise ValueError("importance 'gradient' needs gradients: a gradients checkpoint path")
+        if self.importance == "activation" and not self.activations:
+            raise ValueError("importance 'activation' needs activations: a calibration file path")
+        for pattern, value in self.schedule.items():
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"schedule[{pattern!r}] = {value}: sparsity must be in [0, 1)")
+        return self
+
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M structure, None otherwise."""
+        if self.structure in ("unstructured", "row"):
+            return None
+        try:
+            n, m = (int(v) for v in self.structure.split(":"))
+        except ValueError:
+            raise ValueError(
+                f"structure {self.structure!r}: use unstructured, row, or N:M such as 2:4"
+            ) from None
+        if not 0 < n < m:
+            raise ValueError(f"structure {self.structure}: N:M needs 0 < N < M (e.g. 2:4)")
+        return n, m
+
+
 class Recipe(_Frozen):
-    """The quantization part of a run, as written in a recipe file."""
+    """What to do to the weights, as written in a recipe file."""
 
     version: Literal[1] = 1
     quantization: list[QuantRule] = Field(default_factory=lambda: [QuantRule()])
+    pruning: PruneConfig | None = Field(None, description="Prune before quantizing.")
     ignore: list[str] = Field(
         default_factory=list, description="Names or re: patterns never compressed."
     )
@@ -112,6 +172,7 @@ class Recipe(_Frozen):
 
 
 PRESETS: dict[str, Recipe] = {
+    "dense": Recipe(quantization=[]),  # no quantization: pruning alone
     "w8a16": Recipe(quantization=[QuantRule(bits=8, symmetric=True, strategy="channel")]),
     "w4a16": Recipe(quantization=[QuantRule(bits=4, symmetric=True, strategy="group")]),
     "w4a16-asym": Recipe(quantization=[QuantRule(bits=4, symmetric=False, strategy="group")]),
@@ -149,8 +210,6 @@ class RunConfig(_Frozen):
     )
     overwrite: bool = Field(False, description="Replace an existing destination.")
     keep_staging: bool = Field(False, description="Keep the staging store after success.")
-    # Not hashed into the staging key (output_affecting): staged chunks do not depend on it, so
-    # a run refused for NaN/Inf can be rerun with the flag and resume from its staging.
     skip_nonfinite: bool = Field(
         False,
         description="Leave target weights that hold NaN or infinite values unquantized (copied "
@@ -171,7 +230,9 @@ class RunConfig(_Frozen):
 
     def output_affecting(self) -> dict[str, Any]:
         """The fields that change the output bytes (hashed into the staging key)."""
-        return self.model_dump(include={"version", "recipe", "strict_groups", "chunk_mb"})
+        return self.model_dump(
+            include={"version", "recipe", "strict_groups", "chunk_mb", "skip_nonfinite"}
+        )
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -207,9 +268,14 @@ def build_config(
     bits: int | None = None,
     strategy: str | None = None,
     group_size: int | None = None,
+    pruning: dict[str, Any] | None = None,
     **run_options: Any,
 ) -> RunConfig:
-    """Resolve CLI-style options into a `RunConfig`: preset or recipe, then overrides."""
+    """Resolve CLI-style options into a `RunConfig`: preset or recipe, then overrides.
+
+    `pruning` holds pruning fields (sparsity, scope, importance, …) given on the command line;
+    they override the recipe's pruning block, field by field.
+    """
     if recipe_path is not None:
         recipe = load_recipe(recipe_path)
         preset = "recipe"
@@ -232,6 +298,10 @@ def build_config(
                 for r in recipe.quantization
             ]
             recipe = recipe.model_copy(update={"quantization": rules})
+        if pruning:
+            base = recipe.pruning.model_dump() if recipe.pruning else {}
+            prune = PruneConfig.model_validate({**base, **pruning})
+            recipe = recipe.model_copy(update={"pruning": prune})
         return RunConfig(
             source=str(source),
             destination=str(destination),

@@ -24,7 +24,11 @@ from compressor import __version__
 from compressor.config import RunConfig
 from compressor.formats import dtypes
 from compressor.formats.layout import MINMAX_FORMAT, module_name
-from compressor.formats.quant_config import compressed_tensors_config, minmax_config
+from compressor.formats.quant_config import (
+    compressed_tensors_config,
+    minmax_config,
+    sparse_bitmask_config,
+)
 from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats, RangeStats
 from compressor.stages import compress as compress_stage
@@ -32,7 +36,8 @@ from compressor.stages import ingest as ingest_stage
 from compressor.stages import publish as publish_stage
 from compressor.stages import write as write_stage
 from compressor.stages.executor import DaskExecutor, Executor, Progress, SerialExecutor
-from compressor.stages.plan import Plan, _is_default_linear, make_plan
+from compressor.stages.plan import Plan, TensorPlan, _is_default_linear, lay_out_shards, make_plan
+from compressor.stages.stats import ChunkPrune, ScopeThreshold, prune_thresholds
 from compressor.stages.thresholds import TensorThresholds, thresholds
 from compressor.stages.write import ShardResult
 
@@ -111,6 +116,8 @@ class Pipeline:
         self.fixed: dict[str, TensorThresholds] = {}
         self.errors: dict[str, ErrorStats] = {}
         self.shards: list[ShardResult] = []
+        self.prune: dict[tuple[str, int], ChunkPrune] = {}
+        self.scopes: list[ScopeThreshold] = []
         self.report: RunReport | None = None
 
     @contextlib.contextmanager
@@ -138,6 +145,14 @@ class Pipeline:
             self.staging = ingest_stage.prepare_staging(self.plan)
             self.ranges = ingest_stage.ingest(self.plan, self.staging, executor, self.progress)
 
+    def stats(self, executor: Executor) -> None:
+        """Second-look statistics: exact pruning thresholds (nothing to do without pruning)."""
+        with self._timed("stats"):
+            if self.config.recipe.pruning is not None:
+                self.prune, self.scopes = prune_thresholds(
+                    self.plan, self.staging, executor, self.progress
+                )
+
     def thresholds(self) -> None:
         with self._timed("thresholds"):
             self.fixed = thresholds(self.plan, self.ranges)
@@ -145,7 +160,7 @@ class Pipeline:
     def compress(self, executor: Executor) -> None:
         with self._timed("compress"):
             self.errors = compress_stage.compress(
-                self.plan, self.staging, self.fixed, executor, self.progress
+                self.plan, self.staging, self.fixed, executor, self.progress, self.prune
             )
 
     def write(self, executor: Executor) -> None:
@@ -153,6 +168,16 @@ class Pipeline:
             self.partial = publish_stage.partial_dir(self.plan)
             shutil.rmtree(self.partial, ignore_errors=True)  # a crashed run's leftovers
             self.partial.mkdir(parents=True)
+            kept = {
+                t.name: self.errors[t.name].count - self.errors[t.name].zeros
+                for t in self.plan.staged
+                if t.prune is not None and t.prune.bitmask and t.args is None
+            }
+            self.layout = (
+                lay_out_shards(self.plan.tensors, self.config.max_shard_mb * 2**20, kept)
+                if kept
+                else self.plan.shards
+            )
             self.shards = write_stage.write(
                 self.plan,
                 self.staging,
@@ -160,6 +185,7 @@ class Pipeline:
                 self.partial,
                 executor,
                 self.progress,
+                self.layout,
             )
 
     def publish(self) -> RunReport:
@@ -190,6 +216,7 @@ class Pipeline:
             with open_executor(self.config) as executor:
                 self.timings["cluster_start"] = round(time.perf_counter() - cluster_start, 3)
                 self.ingest(executor)
+                self.stats(executor)
                 self.thresholds()
                 self.compress(executor)
                 self.write(executor)
@@ -220,9 +247,11 @@ class Pipeline:
     def _small_outputs(self) -> dict[str, np.ndarray]:
         """Tiny tensors written straight from the client: shapes, per-tensor scales."""
         small: dict[str, np.ndarray] = {}
-        for t in self.plan.quantized:
+        for t in self.plan.staged:
             m = module_name(t.name)
             small[f"{m}.weight_shape"] = np.asarray(t.info.shape, dtype="<i8")
+            if t.args is None:
+                continue
             fixed = self.fixed[t.name]
             if fixed.scale is not None:
                 small[f"{m}.weight_scale"] = dtypes.to_raw(fixed.scale.reshape(1))
@@ -235,7 +264,15 @@ class Pipeline:
                     small[f"{m}.{suffix}"] = dtypes.to_raw(fixed.zero.reshape(1))
         return small
 
-    def _quantization_config(self) -> dict[str, Any]:
+    def _quantization_config(self) -> dict[str, Any] | None:
+        """The config.json block, or None when the output is an ordinary dense model."""
+        bitmask = [
+            module_name(t.name)
+            for t in self.plan.staged
+            if t.args is None and t.prune and t.prune.bitmask
+        ]
+        if not self.plan.quantized:
+            return sparse_bitmask_config(bitmask) if bitmask else None
         groups: dict[QuantArgs, list[str]] = {}
         for t in self.plan.quantized:
             assert t.args is not None
@@ -247,12 +284,15 @@ class Pipeline:
             for t in self.plan.tensors
             if t.args is None and (_is_default_linear(t.name, t.info) or t.name == "lm_head.weight")
         ]
-        return compressed_tensors_config(groups, dense_linear)
+        config = compressed_tensors_config(groups, dense_linear)
+        if bitmask:  # our extension, beside the compressed-tensors block; decompress reads it
+            config["checkpoint_compressor_sparse_bitmask"] = sorted(bitmask)
+        return config
 
     def _report(self) -> RunReport:
         plan = self.plan
         out_bytes_by_source: dict[str, int] = {}
-        for shard in plan.shards:
+        for shard in getattr(self, "layout", plan.shards):
             for e in shard.entries:
                 out_bytes_by_source[e.source] = out_bytes_by_source.get(e.source, 0) + e.nbytes
         rows = []
@@ -263,7 +303,8 @@ class Pipeline:
                     "name": t.name,
                     "dtype": t.info.dtype,
                     "shape": list(t.info.shape),
-                    "scheme": t.args.describe() if t.args else "copy",
+                    "scheme": _scheme(t),
+                    "sparsity": err.sparsity if err else 0.0,
                     "input_bytes": t.info.nbytes,
                     "output_bytes": out_bytes_by_source.get(t.name, 0),
                     "relative_error": err.relative_error if err else 0.0,
@@ -298,9 +339,38 @@ class Pipeline:
                 "ratio": round(report.ratio, 4),
             },
             "notes": report.notes,
+            "pruning_scopes": [
+                {
+                    "scope": p.scope,
+                    "elements": p.elements,
+                    "pruned": p.pruned,
+                    "threshold": p.threshold,
+                }
+                for p in self.scopes
+            ],
             "timings_s": report.timings,
             "tensors": [_json_safe(t) for t in report.tensors],
         }
+
+
+def _scheme(t: TensorPlan) -> str:
+    """E.g. "int4 sym g128", "int4 sym g128 + prune 50% global", "prune 2:4", "copy"."""
+    parts = []
+    if t.args is not None:
+        parts.append(t.args.describe())
+    if t.prune is not None:
+        p = t.prune
+        if p.nm is not None:
+            parts.append(f"prune {p.nm[0]}:{p.nm[1]}")
+        else:
+            where = (
+                "row" if p.structure == "row" else ("global" if p.scope == "global" else "tensor")
+            )
+            parts.append(
+                f"prune {p.sparsity:.0%} {where}"
+                + (" bitmask" if p.bitmask and t.args is None else "")
+            )
+    return " + ".join(parts) or "copy"
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:

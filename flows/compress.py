@@ -82,6 +82,11 @@ def ingest_task(pipe: Pipeline, executor: Executor) -> None:
     pipe.ingest(executor)
 
 
+@task(name="stats", cache_policy=NO_CACHE, retries=1)
+def stats_task(pipe: Pipeline, executor: Executor) -> None:
+    pipe.stats(executor)
+
+
 @task(name="thresholds", cache_policy=NO_CACHE)
 def thresholds_task(pipe: Pipeline) -> None:
     pipe.thresholds()
@@ -156,7 +161,8 @@ def _report_artifacts(report: Any) -> None:
 
 @flow(name="compress-checkpoint", flow_run_name=run_name, log_prints=True)
 def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
-    """Compress a safetensors checkpoint: plan → ingest → thresholds → compress → write → publish."""
+    """Compress a safetensors checkpoint: plan → ingest → stats → thresholds → compress → write →
+    publish."""
     logger = get_run_logger()
     # Prefect routes the root logger to its run logs; distributed's per-connection INFO lines
     # would drown the stage messages there.
@@ -170,6 +176,7 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
         return _result(report)
     with destination_lock(config.destination), open_executor(config) as executor:
         ingest_task(pipe, executor)
+        stats_task(pipe, executor)
         thresholds_task(pipe)
         compress_task(pipe, executor)
         write_task(pipe, executor)

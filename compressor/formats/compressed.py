@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from compressor.errors import InputError, OutputError
@@ -42,20 +43,30 @@ __all__ = [
 
 _ROW_BLOCK = 1024  # multiple of 32: zero-point words never straddle two blocks
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_min", "weight_shape")
+_BITMASK_SUFFIXES = ("weight_bitmask", "weight_values", "weight_row_offsets", "weight_shape")
 
 
 @dataclass(frozen=True)
 class CompressedModule:
-    """One quantized weight: its parts in the checkpoint and the scheme to undo it."""
+    """One compressed weight: its parts in the checkpoint and how to undo it.
+
+    `args` is the quantization scheme, or None for a pruned weight in the bitmask layout.
+    `root` is the part whose position in its shard the dense weight takes on decompression.
+    """
 
     module: str
-    args: QuantArgs
+    args: QuantArgs | None
     shape: tuple[int, int]
     parts: dict[str, tuple[str, TensorInfo]]  # suffix → (file, info)
 
     @property
+    def root(self) -> str:
+        return "weight_packed" if self.args is not None else "weight_bitmask"
+
+    @property
     def dtype(self) -> str:
-        return self.parts["weight_scale"][1].dtype
+        key = "weight_scale" if self.args is not None else "weight_values"
+        return self.parts[key][1].dtype
 
     @property
     def nbytes(self) -> int:
@@ -92,11 +103,12 @@ def _args_from_group(group: dict, minmax: bool) -> QuantArgs:
 def quantized_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
     """Every packed weight of a checkpoint with the scheme its config group gives it."""
     qc = (checkpoint.config or {}).get("quantization_config")
+    out = _bitmask_modules(checkpoint)
     packed = [
         n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")
     ]
     if not packed:
-        return {}
+        return out
     if not isinstance(qc, dict):
         raise InputError(
             "holds packed weights but config.json has no quantization_config",
@@ -112,7 +124,6 @@ def quantized_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
         )
     groups = list((qc.get("config_groups") or {}).values())
     ignore = qc.get("ignore") or []
-    out = {}
     for module in packed:
         if any(_target_matches(p, module) for p in ignore if p != "Linear"):
             continue
@@ -144,6 +155,25 @@ def quantized_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
     return out
 
 
+def _bitmask_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
+    """Pruned weights stored as values + bitmask (our `sparse-bitmask` layout)."""
+    out = {}
+    for name in checkpoint.tensors:
+        if not name.endswith(".weight_bitmask"):
+            continue
+        module = name.removesuffix(".weight_bitmask")
+        parts = {}
+        for suffix in _BITMASK_SUFFIXES:
+            found = checkpoint.tensors.get(f"{module}.{suffix}")
+            if found is None:
+                raise InputError(f"has no {suffix}", path=str(checkpoint.root), tensor=name)
+            parts[suffix] = found
+        file, info = parts["weight_shape"]
+        rows, cols = (int(v) for v in read_tensor(file, info).reshape(-1))
+        out[module] = CompressedModule(module, None, (rows, cols), parts)
+    return out
+
+
 def _read(module: CompressedModule, suffix: str, r0: int, r1: int) -> torch.Tensor:
     file, info = module.parts[suffix]
     return dtypes.to_torch(read_rows(file, info, r0, r1), info.dtype)
@@ -155,6 +185,8 @@ def dequantize_module_rows(
     """Rows [r0, r1) of the dense weight (r0 a multiple of 32 when zero points are packed)."""
     args = module.args
     rows, cols = module.shape
+    if args is None:
+        return _unmask_rows(module, r0, r1, dtype)
     scale_dtype = dtypes.torch_dtype(module.dtype)
     codes = unpack_rows(_read(module, "weight_packed", r0, r1), args.bits, cols)
     q = codes + quantized_range(args)[0]
@@ -181,6 +213,28 @@ def dequantize_module_rows(
             z = unpack_rows(words.T.contiguous(), args.bits, r1 - r0).T
             zero = z + quantized_range(args)[0]
     return dequantize(q, scale, zero, args, dtype or scale_dtype)
+
+
+def _unmask_rows(
+    module: CompressedModule, r0: int, r1: int, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Rows [r0, r1) of a bitmask-stored weight: zeros, with the kept values scattered back."""
+    cols = module.shape[1]
+    bits = read_rows(*module.parts["weight_bitmask"], r0, r1)
+    kept = torch.from_numpy(np.unpackbits(bits, axis=1, count=cols, bitorder="little").astype(bool))
+    offsets = read_rows(*module.parts["weight_row_offsets"], r0, r1 + 1)
+    values = _read(module, "weight_values", int(offsets[0]), int(offsets[-1]))
+    if values.numel() != int(kept.sum()):
+        file, _ = module.parts["weight_bitmask"]
+        raise InputError(
+            "the bitmask and the row offsets disagree on how many values are kept",
+            path=file,
+            tensor=f"{module.module}.weight_bitmask",
+            hint="the checkpoint is corrupt; run `compressor verify` and recompress",
+        )
+    dense = torch.zeros((r1 - r0, cols), dtype=values.dtype)
+    dense[kept] = values
+    return dense if dtype is None else dense.to(dtype)
 
 
 def _dense_blocks(module: CompressedModule, dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
@@ -219,7 +273,7 @@ def decompress_checkpoint(
         for name, info in shard.tensors.items():
             module = part_of.get(name)
             if module is not None:
-                if name == f"{module.module}.weight_packed":
+                if name == f"{module.module}.{module.root}":
                     out_dtype = (
                         dtypes.safetensors_dtype_of(target_dtype) if target_dtype else module.dtype
                     )
@@ -307,14 +361,14 @@ def inspect_checkpoint(path: str | Path) -> dict:
                     "dense_bytes": info.nbytes,
                 }
             )
-        elif name.endswith(".weight_packed"):
+        elif name == f"{module.module}.{module.root}":
             dense = math.prod(module.shape) * dtypes.itemsize(module.dtype)
             rows.append(
                 {
                     "name": f"{module.module}.weight",
                     "dtype": module.dtype,
                     "shape": list(module.shape),
-                    "scheme": module.args.describe(),
+                    "scheme": module.args.describe() if module.args else "sparse bitmask",
                     "bytes": module.nbytes,
                     "dense_bytes": dense,
                 }

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from compressor.formats.layout import CT_FORMAT, MINMAX_FORMAT
+from compressor.formats.layout import CT_FORMAT, MINMAX_FORMAT, SPARSE_BITMASK_FORMAT
 from compressor.math.quant import QuantArgs
 
-__all__ = ["compressed_tensors_config", "minmax_config"]
+__all__ = ["compressed_tensors_config", "minmax_config", "sparse_bitmask_config"]
 
 
 def _weights_args(args: QuantArgs) -> dict[str, Any]:
@@ -76,6 +76,16 @@ def minmax_config(groups: Mapping[QuantArgs, Sequence[str]]) -> dict[str, Any]:
                 sorted(groups.items(), key=lambda kv: _order(kv[0]))
             )
         },
+        "decompress_with": "compressor decompress SRC DST",
+    }
+
+
+def sparse_bitmask_config(modules: Sequence[str]) -> dict[str, Any]:
+    """Our block for pruned, unquantized weights stored as values + bitmask (see layout.py)."""
+    return {
+        "quant_method": "checkpoint-compressor",
+        "format": SPARSE_BITMASK_FORMAT,
+        "targets": sorted(modules),
         "decompress_with": "compressor decompress SRC DST",
     }
 

@@ -82,7 +82,8 @@ class ErrorStats:
     sq_error: float
     sq_signal: float
     max_abs_error: float
-    zeros: int = 0
+    zeros: int = 0  # zeros in x̂ (pruned, or rounded to zero)
+    pruned: int = 0  # weights removed by pruning
 
     @property
     def relative_error(self) -> float:
@@ -100,10 +101,11 @@ class ErrorStats:
 
     @property
     def sparsity(self) -> float:
-        return self.zeros / self.count if self.count else 0.0
+        """Achieved pruning rate (weights removed / weights)."""
+        return self.pruned / self.count if self.count else 0.0
 
 
-def error_stats(x: torch.Tensor, x_hat: torch.Tensor) -> ErrorStats:
+def error_stats(x: torch.Tensor, x_hat: torch.Tensor, pruned: int = 0) -> ErrorStats:
     """Chunk step: squared error and signal of a block, in float64."""
     ref = x.to(torch.float64)
     diff = x_hat.to(torch.float64) - ref
@@ -113,6 +115,7 @@ def error_stats(x: torch.Tensor, x_hat: torch.Tensor) -> ErrorStats:
         sq_signal=float(torch.sum(ref * ref)),
         max_abs_error=float(diff.abs().max()) if diff.numel() else 0.0,
         zeros=int((x_hat == 0).sum()),
+        pruned=pruned,
     )
 
 
@@ -123,4 +126,5 @@ def combine_errors(*parts: ErrorStats) -> ErrorStats:
         sq_signal=math.fsum(p.sq_signal for p in parts),
         max_abs_error=max((p.max_abs_error for p in parts), default=0.0),
         zeros=sum(p.zeros for p in parts),
+        pruned=sum(p.pruned for p in parts),
     )

@@ -8,13 +8,15 @@ Work proceeds in blocks of `BLOCK_ROWS` rows so temporaries stay cache-sized.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
 
 from compressor.formats import dtypes
 from compressor.formats.staging import Staging
 from compressor.math.pack import pack_rows, packed_width
+from compressor.math.prune import nm_mask, row_mask, threshold_mask
 from compressor.math.quant import (
     QuantArgs,
     dequantize,
@@ -26,6 +28,7 @@ from compressor.math.quant import (
 from compressor.math.stats import ErrorStats, combine_errors, error_stats
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
+from compressor.stages.stats import ChunkPrune, chunk_importance
 from compressor.stages.thresholds import TensorThresholds
 
 __all__ = ["CompressJob", "compress", "compress_chunk", "prepare_outputs"]
@@ -40,6 +43,7 @@ class CompressJob:
     tensor: TensorPlan
     chunk: int
     thresholds: TensorThresholds
+    prune: ChunkPrune | None = None
 
 
 def _device() -> torch.device:
@@ -48,8 +52,8 @@ def _device() -> torch.device:
 
 def quantize_block(
     x: torch.Tensor, args: QuantArgs, fixed: TensorThresholds
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, ErrorStats]:
-    """Quantize a (rows, cols) block: unsigned codes, scale, zero/offset, and its error."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Quantize a (rows, cols) block: unsigned codes, scale, zero/offset, and x̂ (x's dtype)."""
     work = x.to(torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32)
     if args.strategy == "tensor":
         assert fixed.scale is not None
@@ -59,10 +63,23 @@ def quantize_block(
         mins, maxs = group_ranges(work, args)
         scale, zero = qparams_from_range(mins, maxs, args, x.dtype)
     q = quantize(work, scale, zero, args)
-    err = error_stats(x, dequantize(q, scale, zero, args, x.dtype))
+    x_hat = dequantize(q, scale, zero, args, x.dtype)
     qmin, _ = quantized_range(args)
     codes = q - qmin  # compressed-tensors stores q + 2^(b-1); minmax codes are already ≥ 0
-    return codes, scale, zero, err
+    return codes, scale, zero, x_hat
+
+
+def prune_mask(
+    staging: Staging, t: TensorPlan, chunk: int, x: torch.Tensor, decision: ChunkPrune
+) -> torch.Tensor:
+    """Positions of the chunk's weights that pruning removes (True)."""
+    assert t.prune is not None
+    imp = chunk_importance(staging, t, chunk, x, decision.scale)
+    if t.prune.nm is not None:
+        return nm_mask(imp, *t.prune.nm)
+    if t.prune.structure == "row":
+        return row_mask(imp, t.prune.sparsity)
+    return threshold_mask(imp, decision.t_bits, decision.quota)
 
 
 def compress_chunk(job: CompressJob) -> ErrorStats:
@@ -70,21 +87,47 @@ def compress_chunk(job: CompressJob) -> ErrorStats:
     recorded = staging.done(STAGE, t.key, job.chunk)
     if recorded is not None:
         return ErrorStats(**recorded)
-    args = t.args
-    assert args is not None
     r0, r1 = t.chunks[job.chunk]
     dtype = t.info.dtype
-    device = _device()
     x = dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), dtype)
+    pruned = x
+    removed = 0
+    if t.prune is not None:
+        assert job.prune is not None
+        mask = prune_mask(staging, t, job.chunk, x, job.prune)
+        removed = int(mask.sum())
+        pruned = x.masked_fill(mask, 0)  # a new tensor: the staged input stays as it was
+    if t.args is None:
+        total = error_stats(x, pruned, removed)
+        _store_pruned(staging, t, r0, job.chunk, pruned)
+    else:
+        total = _quantize_chunk(staging, t, r0, x, pruned, job.thresholds, removed)
+    staging.mark_done(STAGE, t.key, job.chunk, asdict(total))
+    return total
+
+
+def _quantize_chunk(
+    staging: Staging,
+    t: TensorPlan,
+    r0: int,
+    x: torch.Tensor,
+    pruned: torch.Tensor,
+    fixed: TensorThresholds,
+    removed: int,
+) -> ErrorStats:
+    """Quantize a chunk (already pruned) in row blocks, store its outputs, return its error."""
+    args = t.args
+    assert args is not None
+    device = _device()
     packed, scales, zeros, errors = [], [], [], []
-    for b0 in range(0, r1 - r0, BLOCK_ROWS):
-        block = x[b0 : b0 + BLOCK_ROWS].to(device)
-        codes, scale, zero, err = quantize_block(block, args, job.thresholds)
+    for b0 in range(0, x.shape[0], BLOCK_ROWS):
+        block = pruned[b0 : b0 + BLOCK_ROWS].to(device)
+        codes, scale, zero, x_hat = quantize_block(block, args, fixed)
+        errors.append(error_stats(x[b0 : b0 + BLOCK_ROWS].to(device), x_hat))
         packed.append(pack_rows(codes, args.bits).cpu())
         scales.append(scale.cpu())
         if zero is not None:
             zeros.append(zero.cpu())
-        errors.append(err)
     staging.write_rows(f"out/{t.key}/packed", r0, torch.cat(packed).numpy())
     if args.strategy != "tensor":
         staging.write_rows(f"out/{t.key}/scale", r0, dtypes.to_raw(torch.cat(scales)))
@@ -96,18 +139,40 @@ def compress_chunk(job: CompressJob) -> ErrorStats:
             z = torch.cat(zeros).to(torch.int16) - quantized_range(args)[0]
             words = pack_rows(z.T.contiguous(), args.bits).T.contiguous()
             staging.write_rows(f"out/{t.key}/zero", r0 * args.bits // 32, words.numpy())
-    total = combine_errors(*errors)
-    staging.mark_done(STAGE, t.key, job.chunk, asdict(total))
-    return total
+    return replace(combine_errors(*errors), pruned=removed)
+
+
+def _store_pruned(staging: Staging, t: TensorPlan, r0: int, chunk: int, x: torch.Tensor) -> None:
+    """A pruned, unquantized chunk: dense with zeros, or kept values + bitmask + row counts."""
+    assert t.prune is not None
+    if not t.prune.bitmask:
+        staging.write_rows(f"out/{t.key}/dense", r0, dtypes.to_raw(x))
+        return
+    kept = x != 0
+    bits = np.packbits(kept.numpy(), axis=1, bitorder="little")
+    staging.write_rows(f"out/{t.key}/bitmask", r0, bits)
+    staging.write_rows(f"out/{t.key}/row_counts", r0, kept.sum(dim=1).numpy().astype("<i8"))
+    values = dtypes.to_raw(x[kept])  # row-major order: row by row, ascending column
+    staging.create(
+        f"out/{t.key}/values/c{chunk:05d}", values.shape, t.info.dtype, max(1, values.shape[0])
+    )
+    staging.write_rows(f"out/{t.key}/values/c{chunk:05d}", 0, values)
 
 
 def prepare_outputs(plan: Plan, staging: Staging) -> None:
     """Create the output arrays (metadata only) with chunks aligned to the input row blocks."""
-    for t in plan.quantized:
-        args = t.args
-        assert args is not None
+    for t in plan.staged:
         rows, cols = t.shape2d
         chunk_rows = t.chunks[0][1] - t.chunks[0][0]
+        args = t.args
+        if args is None:  # pruned only
+            assert t.prune is not None
+            if t.prune.bitmask:
+                staging.create(f"out/{t.key}/bitmask", (rows, -(-cols // 8)), "U8", chunk_rows)
+                staging.create(f"out/{t.key}/row_counts", (rows,), "I64", chunk_rows)
+            else:
+                staging.create(f"out/{t.key}/dense", t.info.shape, t.info.dtype, chunk_rows)
+            continue
         staging.create(
             f"out/{t.key}/packed", (rows, packed_width(cols, args.bits)), "I32", chunk_rows
         )
@@ -132,11 +197,16 @@ def compress(
     fixed: dict[str, TensorThresholds],
     executor: Executor,
     progress: Progress | None = None,
+    prune: dict[tuple[str, int], ChunkPrune] | None = None,
 ) -> dict[str, ErrorStats]:
+    """Compress every staged chunk; `prune` holds each pruned chunk's decision (stats stage)."""
     prepare_outputs(plan, staging)
+    decisions = prune or {}
     jobs = [
-        CompressJob(staging, t, k, fixed[t.name])
-        for t in plan.quantized
+        CompressJob(
+            staging, t, k, fixed.get(t.name, TensorThresholds()), decisions.get((t.name, k))
+        )
+        for t in plan.staged
         for k in range(len(t.chunks))
     ]
     return executor.map_reduce(

@@ -39,6 +39,10 @@ def ingest_chunk(job: IngestJob) -> RangeStats:
     r0, r1 = t.chunks[job.chunk]
     raw = read_rows(t.source, t.info, r0, r1)
     job.staging.write_rows(f"in/{t.key}", r0, raw)
+    if t.prune is not None and t.prune.gradient is not None:
+        # The gradient is a side input of the same shape: staged in the same row blocks.
+        grad_file, grad_info = t.prune.gradient
+        job.staging.write_rows(f"in/{t.key}.grad", r0, read_rows(grad_file, grad_info, r0, r1))
     stats = range_stats(dtypes.to_torch(raw, t.info.dtype))
     job.staging.mark_done(STAGE, t.key, job.chunk, asdict(stats))
     return stats
@@ -48,9 +52,12 @@ def prepare_staging(plan: Plan) -> Staging:
     """Create the staging arrays (metadata only) on the client, before any job runs."""
     staging = Staging(plan.staging_root)
     staging.root.mkdir(parents=True, exist_ok=True)
-    for t in plan.quantized:
+    for t in plan.staged:
         rows = t.chunks[0][1] - t.chunks[0][0]
         staging.create(f"in/{t.key}", t.info.shape, t.info.dtype, rows)
+        if t.prune is not None and t.prune.gradient is not None:
+            grad = t.prune.gradient[1]
+            staging.create(f"in/{t.key}.grad", grad.shape, grad.dtype, rows)
     return staging
 
 
@@ -58,7 +65,7 @@ def ingest(
     plan: Plan, staging: Staging, executor: Executor, progress: Progress | None = None
 ) -> dict[str, RangeStats]:
     """Stage every target chunk; return each target tensor's range, reduced as a tree."""
-    jobs = [IngestJob(staging, t, k) for t in plan.quantized for k in range(len(t.chunks))]
+    jobs = [IngestJob(staging, t, k) for t in plan.staged for k in range(len(t.chunks))]
     return executor.map_reduce(
         ingest_chunk, jobs, lambda j: j.tensor.name, combine_ranges, STAGE, progress
     )

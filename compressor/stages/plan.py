@@ -11,18 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from compressor.config import LINEAR, QuantRule, RunConfig
+from compressor.config import LINEAR, PruneConfig, QuantRule, RunConfig
 from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats import dtypes
 from compressor.formats.checkpoint import Checkpoint, open_checkpoint
-from compressor.formats.layout import OutputSpec, module_name, quantized_outputs
+from compressor.formats.layout import OutputSpec, bitmask_outputs, module_name, quantized_outputs
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math.quant import QuantArgs
 
-__all__ = ["OutputShard", "Plan", "TensorPlan", "make_plan", "matches"]
+__all__ = [
+    "OutputShard",
+    "Plan",
+    "PrunePlan",
+    "TensorPlan",
+    "lay_out_shards",
+    "make_plan",
+    "matches",
+]
 
 # Chunks are whole rows, in multiples of 32: zero points are packed along rows, and 32 rows of
 # any width 1..8 fill a whole number of int32 words, so no word straddles two chunks.
@@ -33,6 +42,21 @@ _NOT_LINEAR = re.compile(r".*(embed|lm_head|wte|wpe|norm)")
 
 
 @dataclass(frozen=True)
+class PrunePlan:
+    """How one tensor is pruned: the resolved view of the run's PruneConfig for this tensor."""
+
+    sparsity: float
+    scope: str  # "global", or the tensor's own name (tensor scope and schedule entries)
+    importance: str
+    normalize: bool
+    structure: str  # unstructured | row | N:M
+    nm: tuple[int, int] | None
+    bitmask: bool  # store kept values + bitmask (unquantized tensors only)
+    gradient: tuple[str, TensorInfo] | None = None  # where this tensor's gradient is
+    activation: tuple[str, TensorInfo] | None = None  # where its input-norm vector is
+
+
+@dataclass(frozen=True)
 class TensorPlan:
     """One input tensor: where it is, and what happens to it."""
 
@@ -40,9 +64,15 @@ class TensorPlan:
     name: str
     source: str
     info: TensorInfo
-    args: QuantArgs | None  # None: copied bit for bit
+    args: QuantArgs | None  # None: not quantized
     chunks: tuple[tuple[int, int], ...] = ()
     note: str | None = None  # e.g. the group-size fallback, shown in the summary
+    prune: PrunePlan | None = None  # None: not pruned
+
+    @property
+    def staged(self) -> bool:
+        """Quantized or pruned: its chunks go through staging; otherwise it is copied as is."""
+        return self.args is not None or self.prune is not None
 
     @property
     def key(self) -> str:
@@ -82,6 +112,10 @@ class Plan:
         return tuple(t for t in self.tensors if t.args is not None)
 
     @property
+    def staged(self) -> tuple[TensorPlan, ...]:
+        return tuple(t for t in self.tensors if t.staged)
+
+    @property
     def by_name(self) -> dict[str, TensorPlan]:
         return {t.name: t for t in self.tensors}
 
@@ -95,6 +129,27 @@ class Plan:
     @property
     def chunk_count(self) -> int:
         return sum(len(t.chunks) for t in self.tensors)
+
+    def demote(self, reasons: Mapping[str, str]) -> None:
+        """Turn the named quantization targets into plain copies, in place.
+
+        The one change a plan allows after `make_plan`: the thresholds stage calls it (for
+        `skip_nonfinite`) before anything reads `quantized` or `shards` for compress and write.
+        It is in place because the stages share this object. `reasons` maps tensor name → the
+        note shown in the report. The run key stays: the staged chunks are still valid.
+        """
+        if not reasons:
+            return
+        dropped = {t.note for t in self.tensors if t.name in reasons and t.note}
+        tensors = tuple(
+            replace(t, args=None, chunks=(), note=reasons[t.name]) if t.name in reasons else t
+            for t in self.tensors
+        )
+        notes = (*(n for n in self.notes if n not in dropped), *reasons.values())
+        shards = lay_out_shards(list(tensors), self.config.max_shard_mb * 2**20)
+        object.__setattr__(self, "tensors", tensors)
+        object.__setattr__(self, "shards", shards)
+        object.__setattr__(self, "notes", notes)
 
 
 def matches(patterns: list[str], tensor_name: str) -> bool:
@@ -174,35 +229,50 @@ def make_plan(config: RunConfig) -> Plan:
     checkpoint = open_checkpoint(config.source)
     rules = config.recipe.quantization
     ignore = list(config.recipe.ignore)
+    pruning = config.recipe.pruning
+    sides = _side_inputs(pruning) if pruning else _SideInputs(None, None)
     used_rules: set[int] = set()
     tensors: list[TensorPlan] = []
     notes: list[str] = []
     chunk_bytes = config.chunk_mb * 2**20
     for index, (name, (source, info)) in enumerate(checkpoint.tensors.items()):
         found = _rule_for(rules, ignore, name, info)
-        if found is None:
+        prune = _prune_for(pruning, ignore, name, info, source, sides) if pruning else None
+        if found is None and prune is None:
             tensors.append(TensorPlan(index, name, source, info, None))
             continue
-        k, rule = found
-        used_rules.add(k)
+        what = f"quantization rule {found[0]}" if found else "the pruning targets"
         if len(info.shape) != 2 or not dtypes.is_float(info.dtype):
             raise ConfigError(
-                f"matches quantization rule {k} but is a {len(info.shape)}-D {info.dtype} "
-                "tensor; only 2-D float weights can be quantized",
+                f"matches {what} but is a {len(info.shape)}-D {info.dtype} tensor; only 2-D "
+                "float weights can be compressed",
                 path=source,
                 tensor=name,
-                hint="narrow the rule's targets or add the tensor to ignore",
+                hint="narrow the targets or add the tensor to ignore",
             )
         rows, cols = info.shape
         if rows == 0 or cols == 0:
             raise InputError(
                 "is empty (a zero dimension)", path=source, tensor=name, hint="add it to ignore"
             )
-        args, note = _effective_args(rule, name, source, cols, config.strict_groups)
-        if note:
-            notes.append(note)
+        args, note = None, None
+        if found is not None:
+            k, rule = found
+            used_rules.add(k)
+            args, note = _effective_args(rule, name, source, cols, config.strict_groups)
+            if note:
+                notes.append(note)
+            if prune is not None and args.method == "minmax":
+                raise ConfigError(
+                    "pruning with the minmax layout: its float offset cannot represent 0 "
+                    "exactly, so pruned weights would not decompress to 0.0",
+                    path=source,
+                    tensor=name,
+                    hint="use --preset w4a16-asym (its integer zero point represents 0 exactly) "
+                    "or w4a16",
+                )
         chunks = _row_chunks(rows, cols * dtypes.itemsize(info.dtype), chunk_bytes)
-        tensors.append(TensorPlan(index, name, source, info, args, chunks, note))
+        tensors.append(TensorPlan(index, name, source, info, args, chunks, note, prune))
     for k, rule in enumerate(rules):
         if k not in used_rules:
             raise ConfigError(
@@ -211,24 +281,148 @@ def make_plan(config: RunConfig) -> Plan:
                 hint="check the names with `compressor inspect SRC`; patterns need the "
                 "'re:' prefix to be regular expressions",
             )
-    shards = _lay_out_shards(tensors, config.max_shard_mb * 2**20)
+    if pruning is not None:
+        if not any(t.prune for t in tensors) and pruning.sparsity > 0:
+            raise ConfigError(
+                f"the pruning targets {pruning.targets} match no tensor",
+                path=str(checkpoint.root),
+                hint="check the names with `compressor inspect SRC`",
+            )
+        if pruning.sparse_format == "bitmask" and any(t.prune and t.args for t in tensors):
+            notes.append(
+                "bitmask storage applies to pruned tensors that are not quantized; quantized "
+                "ones keep the pack-quantized layout with their zeros"
+            )
+    shards = lay_out_shards(tensors, config.max_shard_mb * 2**20)
     run_key = _run_key(checkpoint, config)
     up_to_date = _already_published(config, run_key)
     return Plan(config, checkpoint, tuple(tensors), shards, run_key, tuple(notes), up_to_date)
 
 
-def output_specs(t: TensorPlan) -> list[OutputSpec]:
-    if t.args is None:
+@dataclass(frozen=True)
+class _SideInputs:
+    gradients: Checkpoint | None
+    activations: Checkpoint | None
+
+
+def _side_inputs(pruning: PruneConfig) -> _SideInputs:
+    """Open (headers only) the side checkpoints the importance measure needs."""
+    grads = (
+        open_checkpoint(pruning.gradients)
+        if pruning.importance == "gradient" and pruning.gradients
+        else None
+    )
+    acts = (
+        open_checkpoint(pruning.activations)
+        if pruning.importance == "activation" and pruning.activations
+        else None
+    )
+    return _SideInputs(grads, acts)
+
+
+def _prune_for(
+    pruning: PruneConfig,
+    ignore: list[str],
+    name: str,
+    info: TensorInfo,
+    source: str,
+    sides: _SideInputs,
+) -> PrunePlan | None:
+    """The pruning of one tensor, or None; validates its side inputs against its shape."""
+    if matches(ignore, name):
+        return None
+    explicit = [t for t in pruning.targets if t != LINEAR]
+    if not (
+        (LINEAR in pruning.targets and _is_default_linear(name, info)) or matches(explicit, name)
+    ):
+        return None
+    scheduled = next((v for p, v in pruning.schedule.items() if matches([p], name)), None)
+    sparsity = pruning.sparsity if scheduled is None else scheduled
+    nm = pruning.nm()
+    if sparsity <= 0 and nm is None:
+        return None
+    if nm is not None and len(info.shape) == 2 and info.shape[1] % nm[1]:
+        raise ConfigError(
+            f"{pruning.structure} pruning needs the input dimension ({info.shape[1]}) to be a "
+            f"multiple of {nm[1]}",
+            path=source,
+            tensor=name,
+            hint="add the tensor to ignore, or use unstructured or row pruning",
+        )
+    gradient = activation = None
+    if sides.gradients is not None:
+        found = sides.gradients.tensors.get(name)
+        if (
+            found is None
+            or tuple(found[1].shape) != tuple(info.shape)
+            or not dtypes.is_float(found[1].dtype)
+        ):
+            raise InputError(
+                "has no gradient of the same shape in the gradients checkpoint"
+                + (f" (found {found[1].dtype} {list(found[1].shape)})" if found else ""),
+                path=str(sides.gradients.root),
+                tensor=name,
+                hint=f"the gradients checkpoint must hold {name} as a float tensor of shape "
+                f"{list(info.shape)}",
+            )
+        gradient = found
+    if sides.activations is not None:
+        module = module_name(name)
+        found = sides.activations.tensors.get(module) or sides.activations.tensors.get(name)
+        cols = info.shape[1] if len(info.shape) == 2 else -1
+        if found is None or tuple(found[1].shape) != (cols,) or not dtypes.is_float(found[1].dtype):
+            raise InputError(
+                "has no activation-norm vector of the right length in the calibration file"
+                + (f" (found {found[1].dtype} {list(found[1].shape)})" if found else ""),
+                path=str(sides.activations.root),
+                tensor=module,
+                hint=f"the calibration file must hold {module!r}: a float vector of {cols} "
+                "input-channel norms",
+            )
+        activation = found
+    scope = pruning.scope if scheduled is None and pruning.scope == "global" else name
+    return PrunePlan(
+        sparsity=sparsity,
+        scope=scope,
+        importance=pruning.importance,
+        normalize=pruning.normalize,
+        structure="unstructured"
+        if pruning.structure == "unstructured"
+        else ("row" if pruning.structure == "row" else "nm"),
+        nm=nm,
+        bitmask=pruning.sparse_format == "bitmask",
+        gradient=gradient,
+        activation=activation,
+    )
+
+
+def output_specs(t: TensorPlan, kept: int | None = None) -> list[OutputSpec]:
+    """The output tensors one input tensor becomes (`kept`: values a bitmask tensor keeps)."""
+    if t.args is not None:
+        return quantized_outputs(t.name, t.shape2d, t.info.dtype, t.args)
+    if t.prune is None:
         return [OutputSpec(t.name, t.info.dtype, t.info.shape, "copy", t.name)]
-    return quantized_outputs(t.name, t.shape2d, t.info.dtype, t.args)
+    if not t.prune.bitmask:
+        return [OutputSpec(t.name, t.info.dtype, t.info.shape, "dense", t.name)]
+    rows, cols = t.shape2d
+    n = t.info.numel if kept is None else kept  # an upper bound until the values are counted
+    return bitmask_outputs(t.name, (rows, cols), t.info.dtype, n)
 
 
-def _lay_out_shards(tensors: list[TensorPlan], limit: int) -> tuple[OutputShard, ...]:
-    """Greedy size-based shards in input order; a tensor's outputs stay in one shard."""
+def lay_out_shards(
+    tensors: list[TensorPlan] | tuple[TensorPlan, ...],
+    limit: int,
+    kept: dict[str, int] | None = None,
+) -> tuple[OutputShard, ...]:
+    """Greedy size-based shards in input order; a tensor's outputs stay in one shard.
+
+    Bitmask tensors' sizes depend on how many values pruning keeps: the plan lays shards out
+    with an upper bound, and the write stage lays them out again with the counts (`kept`).
+    """
     groups: list[list[OutputSpec]] = [[]]
     size = 0
     for t in tensors:
-        specs = output_specs(t)
+        specs = output_specs(t, (kept or {}).get(t.name))
         nbytes = sum(s.nbytes for s in specs)
         if groups[-1] and size + nbytes > limit:
             groups.append([])

@@ -4,7 +4,10 @@ Index, config.json (with the `quantization_config` block), the input's other fil
 `compression.json` report and finally `manifest.json` (sha256 and size of every file) are
 written into the temporary directory; only then is it renamed to the destination. A crash at
 any point leaves either no destination or the previous one, never a partial output that looks
-complete. A lock file beside the destination refuses a second concurrent run.
+complete; a failure here (a full disk) removes the temporary directory and reports OutputError.
+A lock file beside the destination refuses a second concurrent run. After a successful rename,
+staging and temporary directories that earlier runs to this destination left under other run keys
+(their input or config changed since, so they can never be resumed into it) are removed.
 """
 
 from __future__ import annotations
@@ -21,13 +24,11 @@ from typing import Any
 
 from compressor.errors import OutputError
 from compressor.formats.checkpoint import INDEX_NAME
+from compressor.formats.verify import MANIFEST_NAME, REPORT_NAME
 from compressor.stages.plan import Plan
 from compressor.stages.write import ShardResult
 
 __all__ = ["MANIFEST_NAME", "REPORT_NAME", "destination_lock", "partial_dir", "publish"]
-
-REPORT_NAME = "compression.json"
-MANIFEST_NAME = "manifest.json"
 
 
 def partial_dir(plan: Plan) -> Path:
@@ -99,10 +100,31 @@ def publish(
     plan: Plan,
     directory: Path,
     shards: list[ShardResult],
-    quantization_config: dict[str, Any],
+    quantization_config: dict[str, Any] | None,
     report: dict[str, Any],
 ) -> Path:
     """Complete `directory` and rename it to the destination; return the destination."""
+    try:
+        dest = _finish_and_rename(plan, directory, shards, quantization_config, report)
+    except OSError as e:
+        shutil.rmtree(directory, ignore_errors=True)  # frees the space a full disk needs back
+        raise OutputError(
+            f"cannot write the output: {e.strerror or e}",
+            path=e.filename or str(directory),
+            hint="check that the destination's file system is writable and has free space, then "
+            "rerun the same command (finished chunks are kept in staging)",
+        ) from e
+    _remove_stale_runs(plan)
+    return dest
+
+
+def _finish_and_rename(
+    plan: Plan,
+    directory: Path,
+    shards: list[ShardResult],
+    quantization_config: dict[str, Any] | None,
+    report: dict[str, Any],
+) -> Path:
     source_root = plan.checkpoint.root
     weight_map = {name: s.file_name for s in shards for name in s.tensor_names}
     if len(shards) > 1:
@@ -118,7 +140,8 @@ def publish(
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source_root / rel, target)
     config = dict(plan.checkpoint.config or {})
-    config["quantization_config"] = quantization_config
+    if quantization_config is not None:  # None: the output is an ordinary dense model
+        config["quantization_config"] = quantization_config
     _write_json(directory / "config.json", config)
     _write_json(directory / REPORT_NAME, report)
 
@@ -140,8 +163,32 @@ def publish(
             )
         old = dest.parent / f".{dest.name}.old-{plan.run_key}"
         os.replace(dest, old)
-        os.replace(directory, dest)
+        try:
+            os.replace(directory, dest)
+        except OSError:
+            os.replace(old, dest)  # put the previous output back before reporting
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(directory, dest)
     return dest
+
+
+def _remove_stale_runs(plan: Plan) -> None:
+    """Remove what runs to this destination under other run keys left behind (a crash, then a
+    changed input or config). Staging is only touched in its default place beside the
+    destination, which belongs to this destination alone; a `--staging` directory may be shared
+    by several destinations, so stale keys there are left to the user. The destination lock,
+    held during publish, guarantees that no other run to this destination is using them."""
+    dest = Path(plan.config.destination)
+    if not plan.config.staging_dir:
+        staging_parent = plan.staging_root.parent
+        if staging_parent.is_dir():
+            for entry in staging_parent.iterdir():
+                if entry.name != plan.run_key and entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+    prefix = f".{dest.name}.partial-"
+    if dest.parent.is_dir():
+        for entry in dest.parent.iterdir():
+            if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)

@@ -1,6 +1,8 @@
 """Thresholds: finalize the reduced statistics into small per-tensor records on the client.
 
-For now: refuse targets with NaN/Inf (a scale computed from them would poison the whole group),
+For now: handle targets with NaN/Inf (a scale computed from them would poison the whole group)
+— refuse them, or with `skip_nonfinite` demote them to plain copies (`Plan.demote`: they are
+streamed bit for bit from the source by the write stage and listed in the report's notes) —
 and compute per-tensor scales and zero points for the `tensor` strategy, which needs the range
 of the whole tensor — something no single chunk can see.
 """
@@ -29,24 +31,32 @@ class TensorThresholds:
 
 
 def thresholds(plan: Plan, ranges: dict[str, RangeStats]) -> dict[str, TensorThresholds]:
+    """Per-tensor parameters of every target; demotes non-finite targets when configured."""
     out: dict[str, TensorThresholds] = {}
-    for t in plan.quantized:
+    demoted: dict[str, str] = {}
+    for t in plan.staged:
         r = ranges[t.name]
         if r.nonfinite:
+            if plan.config.skip_nonfinite:
+                demoted[t.name] = (
+                    f"{t.name}: {r.nonfinite} NaN or infinite value(s); left unquantized "
+                    "(copied as is, --skip-nonfinite)"
+                )
+                continue
             raise InputError(
                 f"contains {r.nonfinite} NaN or infinite value(s); quantizing it would corrupt "
                 "its scales",
                 path=t.source,
                 tensor=t.name,
-                hint="repair the checkpoint, or add the tensor to the recipe's ignore list to "
-                "keep it unquantized",
+                hint="repair the checkpoint, pass --skip-nonfinite to leave such tensors "
+                "unquantized (copied as they are), or add the tensor to the recipe's ignore list",
             )
-        assert t.args is not None
-        if t.args.strategy != "tensor":
+        if t.args is None or t.args.strategy != "tensor":
             out[t.name] = TensorThresholds()
             continue
         lo = torch.tensor([[r.min]], dtype=torch.float64)
         hi = torch.tensor([[r.max]], dtype=torch.float64)
         scale, zero = qparams_from_range(lo, hi, t.args, dtypes.torch_dtype(t.info.dtype))
         out[t.name] = TensorThresholds(scale=scale, zero=zero)
+    plan.demote(demoted)
     return out

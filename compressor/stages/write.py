@@ -51,9 +51,21 @@ def _blocks(job: WriteJob, spec: OutputSpec):
     if spec.role == "copy":
         yield from iter_byte_blocks(t.source, t.info)
         return
-    assert t.args is not None
+    if spec.role == "values":  # one array per chunk, concatenated in chunk order
+        for k in range(len(t.chunks)):
+            yield job.staging.read_rows(f"out/{t.key}/values/c{k:05d}", 0, 2**62)
+        return
+    if spec.role == "row_offsets":  # a running sum of the per-row kept counts
+        offset = 0
+        yield np.zeros(1, dtype="<i8")
+        for r0, r1 in t.chunks:
+            counts = job.staging.read_rows(f"out/{t.key}/row_counts", r0, r1)
+            offsets = np.cumsum(counts, dtype="<i8") + offset
+            offset = int(offsets[-1])
+            yield offsets
+        return
     path = f"out/{t.key}/{spec.role}"
-    bits = t.args.bits
+    bits = t.args.bits if t.args is not None else 0
     for r0, r1 in t.chunks:
         if spec.role == "zero":  # packed along rows: chunk rows → words
             w0, w1 = r0 * bits // 32, min(spec.shape[0], -(-r1 * bits // 32))
@@ -88,10 +100,12 @@ def write(
     directory: Path,
     executor: Executor,
     progress: Progress | None = None,
+    shards: tuple[OutputShard, ...] | None = None,
 ) -> list[ShardResult]:
+    """Write every output shard (`shards`: the final layout, by default the plan's)."""
     by_name = plan.by_name
     jobs = []
-    for shard in plan.shards:
+    for shard in shards if shards is not None else plan.shards:
         sources = {e.source for e in shard.entries}
         names = {e.name for e in shard.entries}
         jobs.append(

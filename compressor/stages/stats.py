@@ -1,0 +1,206 @@
+"""Stats for pruning: exact per-scope importance thresholds, without gathering any importance.
+
+Passes over the staged chunks (each a map + tree reduction of small records, see
+`compressor/math/prune.py` for why they are exact):
+
+    0. (with `normalize`) sum and count of importance per tensor → mean, the tensor's divisor
+    1. high-16-bit histogram per scope → the bin holding the k-th smallest score
+    2. low-16-bit histogram of that bin per scope → the exact score t and its rank r among ties
+    3. per-chunk count of scores equal to t (one integer per chunk) → each chunk's tie quota
+
+Scopes: one per tensor (`scope: tensor`, and every tensor named in a `schedule`), or one for all
+remaining targets (`scope: global`). Row and N:M structures decide locally and skip this stage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from compressor.formats import dtypes
+from compressor.formats.safetensors_io import read_tensor
+from compressor.formats.staging import Staging
+from compressor.math.prune import (
+    Histogram,
+    combine_histograms,
+    high_histogram,
+    importance,
+    importance_bits,
+    low_histogram,
+    select,
+)
+from compressor.stages.executor import Executor, Progress
+from compressor.stages.plan import Plan, TensorPlan
+
+__all__ = ["ChunkPrune", "ScopeThreshold", "chunk_importance", "prune_thresholds"]
+
+STAGE = "stats"
+
+
+@dataclass(frozen=True)
+class ChunkPrune:
+    """What one chunk prunes: scores with bits < t_bits, and its first `quota` ties at t_bits.
+
+    `t_bits = -1` prunes nothing by threshold (structured patterns, or k = 0). `scale` divides
+    the scores (per-tensor normalisation), None when not normalising.
+    """
+
+    t_bits: int = -1
+    quota: int = 0
+    scale: float | None = None
+
+
+@dataclass(frozen=True)
+class ScopeThreshold:
+    """Reported per scope: size, how many are pruned, and the threshold score."""
+
+    scope: str
+    elements: int
+    pruned: int
+    threshold: float
+
+
+@dataclass(frozen=True)
+class _Job:
+    staging: Staging
+    tensor: TensorPlan
+    chunk: int
+    scale: float | None = None
+    param: int = 0  # the selected high bin (pass 2) or t_bits (pass 3)
+
+
+def chunk_importance(
+    staging: Staging,
+    t: TensorPlan,
+    chunk: int,
+    w: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Importance scores of one staged chunk (reads the weights unless given, and side inputs)."""
+    assert t.prune is not None
+    r0, r1 = t.chunks[chunk]
+    if w is None:
+        w = dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), t.info.dtype)
+    grad = act = None
+    if t.prune.importance == "gradient":
+        assert t.prune.gradient is not None
+        grad = dtypes.to_torch(
+            staging.read_rows(f"in/{t.key}.grad", r0, r1), t.prune.gradient[1].dtype
+        )
+    elif t.prune.importance == "activation":
+        assert t.prune.activation is not None
+        file, info = t.prune.activation  # one small vector (in_features,), read where needed
+        act = dtypes.to_torch(read_tensor(file, info), info.dtype)
+    return importance(w, t.prune.importance, grad, act, scale)
+
+
+def _sum_chunk(job: _Job) -> tuple[float, int]:
+    imp = chunk_importance(job.staging, job.tensor, job.chunk)
+    return float(imp.sum(dtype=torch.float64)), imp.numel()
+
+
+def _combine_sums(*parts: tuple[float, int]) -> tuple[float, int]:
+    return math.fsum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def _high_chunk(job: _Job) -> Histogram:
+    return high_histogram(chunk_importance(job.staging, job.tensor, job.chunk, scale=job.scale))
+
+
+def _low_chunk(job: _Job) -> Histogram:
+    imp = chunk_importance(job.staging, job.tensor, job.chunk, scale=job.scale)
+    return low_histogram(imp, job.param)
+
+
+def _ties_chunk(job: _Job) -> int:
+    imp = chunk_importance(job.staging, job.tensor, job.chunk, scale=job.scale)
+    return int((importance_bits(imp) == job.param).sum())
+
+
+def prune_thresholds(
+    plan: Plan, staging: Staging, executor: Executor, progress: Progress | None = None
+) -> tuple[dict[tuple[str, int], ChunkPrune], list[ScopeThreshold]]:
+    """Each pruned chunk's `ChunkPrune`, and the per-scope figures for the report."""
+    pruned = [t for t in plan.tensors if t.prune is not None]
+    scales: dict[str, float | None] = {t.name: None for t in pruned}
+    normalized = [t for t in pruned if t.prune and t.prune.normalize]
+    if normalized:
+        jobs = [_Job(staging, t, k) for t in normalized for k in range(len(t.chunks))]
+        sums = executor.map_reduce(
+            _sum_chunk, jobs, lambda j: j.tensor.name, _combine_sums, f"{STAGE}:mean", progress
+        )
+        for name, (total, count) in sums.items():
+            mean = total / count if count else 0.0
+            scales[name] = mean if mean > 0 else None
+
+    decisions: dict[tuple[str, int], ChunkPrune] = {
+        (t.name, k): ChunkPrune(scale=scales[t.name]) for t in pruned for k in range(len(t.chunks))
+    }
+    by_scope: dict[str, list[TensorPlan]] = {}
+    for t in pruned:
+        assert t.prune is not None
+        if t.prune.structure == "unstructured":
+            by_scope.setdefault(t.prune.scope, []).append(t)
+    if not by_scope:
+        return decisions, []
+
+    def jobs_for(scopes: dict[str, int] | None = None) -> list[_Job]:
+        return [
+            _Job(staging, t, k, scales[t.name], scopes[scope] if scopes else 0)
+            for scope, members in by_scope.items()
+            for t in members
+            for k in range(len(t.chunks))
+        ]
+
+    def scope_of(job: _Job) -> str:
+        assert job.tensor.prune is not None
+        return job.tensor.prune.scope
+
+    targets: dict[str, int] = {}  # scope → k, the number of weights to prune
+    for scope, members in by_scope.items():
+        n = sum(t.info.numel for t in members)
+        assert members[0].prune is not None
+        targets[scope] = math.floor(members[0].prune.sparsity * n)
+    active = {s: k for s, k in targets.items() if k > 0}
+    reports = [
+        ScopeThreshold(s, sum(t.info.numel for t in by_scope[s]), 0, 0.0)
+        for s in targets
+        if s not in active
+    ]
+    if not active:
+        return decisions, reports
+    by_scope = {s: m for s, m in by_scope.items() if s in active}
+
+    highs = executor.map_reduce(
+        _high_chunk, jobs_for(), scope_of, combine_histograms, f"{STAGE}:hist", progress
+    )
+    high_bins = {s: select(highs[s], k) for s, k in active.items()}
+    lows = executor.map_reduce(
+        _low_chunk,
+        jobs_for({s: b for s, (b, _) in high_bins.items()}),
+        scope_of,
+        combine_histograms,
+        f"{STAGE}:refine",
+        progress,
+    )
+    t_bits: dict[str, int] = {}
+    rank: dict[str, int] = {}
+    for s, (b, r_high) in high_bins.items():
+        low, r = select(lows[s], r_high)
+        t_bits[s] = (b << 16) | low
+        rank[s] = r
+    tie_jobs = jobs_for(t_bits)
+    ties = executor.map(_ties_chunk, tie_jobs, f"{STAGE}:ties", progress)
+    taken: dict[str, int] = dict.fromkeys(active, 0)
+    for job, count in zip(tie_jobs, ties, strict=True):  # jobs are in global (plan) order
+        s = scope_of(job)
+        quota = min(count, max(0, rank[s] - taken[s]))
+        taken[s] += quota
+        decisions[(job.tensor.name, job.chunk)] = ChunkPrune(t_bits[s], quota, job.scale)
+    for s, k in active.items():
+        value = float(np.array([t_bits[s]], dtype=np.int32).view(np.float32)[0])
+        reports.append(ScopeThreshold(s, sum(t.info.numel for t in by_scope[s]), k, value))
+    return decisions, reports
