@@ -60,27 +60,20 @@ def open_executor(config: RunConfig) -> Iterator[Executor]:
         return
     n = config.workers or os.cpu_count() or 1
     # Processes with one thread each: the math holds the GIL in places, and a worker per core
-    # is what scales. Loopback only; the dashboard only if its dependency is installed.
-    with (
+    # is what scales. Loopback only; the dashboard only if its dependency     with (
         LocalCluster(
             n_workers=n,
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:0" if _has_bokeh() else None,
+            # Loopback and a free port: the scheduler's HTTP endpoint (health, and the dashboard when
+        # bokeh is installed) never clashes with another cluster's 8787 or listens publicly.
+        dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster) as client,
     ):
         yield DaskExecutor(client)
-
-
-def _has_bokeh() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @dataclass
