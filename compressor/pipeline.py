@@ -60,15 +60,15 @@ def open_executor(config: RunConfig) -> Iterator[Executor]:
         return
     n = config.workers or os.cpu_count() or 1
     # Processes with one thread each: the math holds the GIL in places, and a worker per core
-    # is what scales. Loopback only; the dashboard only if its dependency     with (
+    # is what scales. Everything on loopback; the scheduler's HTTP endpoint (health, and the
+    # dashboard when bokeh is installed) on a free port, so it never clashes with another 8787.
+    with (
         LocalCluster(
             n_workers=n,
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            # Loopback and a free port: the scheduler's HTTP endpoint (health, and the dashboard when
-        # bokeh is installed) never clashes with another cluster's 8787 or listens publicly.
-        dashboard_address="127.0.0.1:0",
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster) as client,
