@@ -205,6 +205,10 @@ class RunConfig(_Frozen):
     scheduler: str | None = Field(
         None, description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786."
     )
+    gpu: bool = Field(
+        False,
+        description="Start a local dask-cuda cluster (one worker per GPU; needs the gpu extra).",
+    )
     staging_dir: str | None = Field(
         None, description="Where Zarr staging lives (default: beside the destination)."
     )

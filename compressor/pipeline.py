@@ -22,6 +22,7 @@ import numpy as np
 
 from compressor import __version__
 from compressor.config import RunConfig
+from compressor.errors import ConfigError
 from compressor.formats import dtypes
 from compressor.formats.layout import MINMAX_FORMAT, module_name
 from compressor.formats.quant_config import (
@@ -58,6 +59,10 @@ def open_executor(config: RunConfig) -> Iterator[Executor]:
         with Client(config.scheduler, timeout="30s") as client:
             yield DaskExecutor(client)
         return
+    if config.gpu:
+        with _cuda_cluster(config) as cluster, Client(cluster) as client:
+            yield DaskExecutor(client)
+        return
     n = config.workers or os.cpu_count() or 1
     # Processes with one thread each: the math holds the GIL in places, and a worker per core
     # is what scales. Everything on loopback; the scheduler's HTTP endpoint (health, and the
@@ -74,6 +79,33 @@ def open_executor(config: RunConfig) -> Iterator[Executor]:
         Client(cluster) as client,
     ):
         yield DaskExecutor(client)
+
+
+def _cuda_cluster(config: RunConfig) -> Any:
+    """A LocalCUDACluster: one worker per visible GPU, each declaring the resource GPU=1."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as e:
+        raise ConfigError(
+            "--gpu needs dask-cuda",
+            hint="install the gpu extra (pip install 'checkpoint-compressor[gpu]') with a CUDA "
+            "build of torch, or drop --gpu (workers use a GPU whenever torch sees one)",
+        ) from e
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "--gpu was given but torch sees no CUDA device",
+            hint="install a CUDA build of torch, or drop --gpu to run on the CPU",
+        )
+    return LocalCUDACluster(
+        n_workers=config.workers or None,
+        threads_per_worker=1,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        resources={"GPU": 1},
+        silence_logs=logging.ERROR,
+    )
 
 
 @dataclass
