@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,6 +77,38 @@ def compress(
     max_shard_mb: Annotated[int | None, typer.Option(help="Output shard size in MB.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
     keep_staging: Annotated[bool, typer.Option(help="Keep staging after success.")] = False,
+    skip_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            help="Leave target weights holding NaN/Inf unquantized (copied, noted in the "
+            "report) instead of refusing."
+        ),
+    ] = False,
+    gpu: Annotated[bool, typer.Option(help="Start a local dask-cuda cluster (gpu extra).")] = False,
+    sparsity: Annotated[
+        float | None, typer.Option(help="Prune this fraction of the target weights, in [0, 1).")
+    ] = None,
+    sparsity_scope: Annotated[
+        str | None, typer.Option(help="Pruning threshold per 'tensor' or 'global'.")
+    ] = None,
+    importance: Annotated[
+        str | None, typer.Option(help="Pruning importance: magnitude | gradient | activation.")
+    ] = None,
+    structure: Annotated[
+        str | None, typer.Option(help="Pruning structure: unstructured | row | N:M (e.g. 2:4).")
+    ] = None,
+    normalize_importance: Annotated[
+        bool | None, typer.Option(help="Divide importance by each tensor's mean.")
+    ] = None,
+    gradients: Annotated[
+        Path | None, typer.Option(help="Gradients checkpoint for --importance gradient.")
+    ] = None,
+    activations: Annotated[
+        Path | None, typer.Option(help="Activation-norm file for --importance activation.")
+    ] = None,
+    sparse_format: Annotated[
+        str | None, typer.Option(help="Pruned, unquantized tensors: dense | bitmask.")
+    ] = None,
     prefect: Annotated[bool, typer.Option(help="Record the run as a Prefect flow run.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress, no table.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -89,11 +123,28 @@ def compress(
         "strict_groups": strict_groups,
         "overwrite": overwrite,
         "keep_staging": keep_staging,
+        "skip_nonfinite": skip_nonfinite,
+        "gpu": gpu,
+    }
+    pruning = {
+        key: value
+        for key, value in {
+            "sparsity": sparsity,
+            "scope": sparsity_scope,
+            "importance": importance,
+            "structure": structure,
+            "normalize": normalize_importance,
+            "gradients": str(gradients) if gradients else None,
+            "activations": str(activations) if activations else None,
+            "sparse_format": sparse_format,
+        }.items()
+        if value is not None
     }
     if chunk_mb is not None:
         options["chunk_mb"] = chunk_mb
     if max_shard_mb is not None:
         options["max_shard_mb"] = max_shard_mb
+    previous_sigterm = _stop_on_sigterm()
     try:
         config = build_config(
             str(source),
@@ -103,6 +154,7 @@ def compress(
             bits=bits,
             strategy=strategy,
             group_size=group_size,
+            pruning=pruning or None,
             **options,
         )
         use_prefect = prefect or bool(os.environ.get("PREFECT_API_URL"))
@@ -125,13 +177,36 @@ def compress(
                 report_json = _report_dict(compress_checkpoint(config, sink))
     except CompressorError as e:
         _fail(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGINT, or SIGTERM (see _stop_on_sigterm)
         console.print("stopped: nothing was published; rerun the same command to resume")
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(e, _Terminated) else 130) from None
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     if as_json:
         out.print_json(json.dumps(report_json))
     elif not quiet:
         _print_summary(report_json)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, `docker stop`): the same clean stop as Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    # One stop is enough: a second SIGTERM must not interrupt the cleanup it started (closing
+    # the local cluster, releasing the lock). SIGKILL still ends everything.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Terminated()
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM raise `_Terminated` in the main thread, so the run unwinds like Ctrl-C:
+    the local cluster shuts down, the lock is released, staging stays for a resume and nothing
+    is published. Returns the previous handler (None where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _report_dict(report: Any) -> dict[str, Any]:
@@ -155,8 +230,17 @@ def _finite(row: dict[str, Any]) -> dict[str, Any]:
 
 def _print_summary(report: dict[str, Any]) -> None:
     quantized = [t for t in report["tensors"] if t["scheme"] != "copy"]
+    pruned = any(t.get("sparsity") for t in quantized)
     table = Table(title="worst tensors by relative error", show_lines=False)
-    for col in ("tensor", "scheme", "rel. error", "SQNR dB", "bytes in → out"):
+    columns = [
+        "tensor",
+        "scheme",
+        "rel. error",
+        "SQNR dB",
+        *(["sparsity"] if pruned else []),
+        "bytes in → out",
+    ]
+    for col in columns:
         table.add_column(col)
     for t in sorted(quantized, key=lambda t: -t["relative_error"])[:8]:
         sqnr = "exact" if t["sqnr_db"] is None else f"{t['sqnr_db']:.1f}"
@@ -165,6 +249,7 @@ def _print_summary(report: dict[str, Any]) -> None:
             t["scheme"],
             f"{t['relative_error']:.4f}",
             sqnr,
+            *([f"{t.get('sparsity', 0.0):.1%}"] if pruned else []),
             f"{_human(t['input_bytes'])} → {_human(t['output_bytes'])}",
         )
     out.print(table)
@@ -287,6 +372,39 @@ def serve(
     elif cron:
         _fail(CompressorError("a --cron schedule needs --source and --destination"))
     flow.serve(name=defaults.DEPLOYMENT_NAME, cron=cron, parameters=parameters)
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="Compressed checkpoint directory.")],
+) -> None:
+    """Check a compressed checkpoint: sha256 and size of every file in manifest.json, no
+    unlisted files, index ↔ shards ↔ headers, quantization_config, and packed modules' parts."""
+    from rich.markup import escape
+
+    from compressor.formats.verify import verify_checkpoint
+
+    try:
+        result = verify_checkpoint(path)
+    except CompressorError as e:
+        _fail(e)
+    for problem in result.problems:
+        console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False)
+    if not result.ok:
+        console.print(
+            f"{len(result.problems)} problem(s): this checkpoint was damaged or modified after it "
+            "was written\n  fix: copy it again from a good source, or recompress it "
+            "(`compressor compress SRC DST --overwrite`)",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    out.print(
+        f"ok: {result.files} files match manifest.json; {result.tensors} tensors, "
+        f"{result.modules} packed modules consistent",
+        markup=False,
+        highlight=False,
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

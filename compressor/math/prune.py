@@ -74,8 +74,9 @@ def importance(
 
 
 def importance_bits(imp: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int64 keys of non-negative float32 scores (their IEEE bit patterns)."""
-    return imp.contiguous().view(torch.int32).to(torch.int64)
+    """Order-preserving int32 keys of non-negative float32 scores (their IEEE bit patterns,
+    a view: no copy). Non-negative floats have the sign bit clear, so the keys are ≥ 0."""
+    return imp.contiguous().view(torch.int32)
 
 
 @dataclass(frozen=True)
