@@ -151,10 +151,11 @@ def tensor_error(name: str, reference: torch.Tensor, approx: torch.Tensor) -> Te
     max_abs = torch.zeros((), dtype=torch.float64, device=ref.device)
     for i in range(0, ref.numel(), _CHUNK_ELEMENTS):
         r = ref[i : i + _CHUNK_ELEMENTS].to(torch.float64)
-        d = app[i : i + _CHUNK_ELEMENTS].to(torch.float64) - r
-        ref_sq += r.square().sum()
-        err_sq += d.square().sum()
-        max_abs = torch.maximum(max_abs, d.abs().max())
+        d = app[i : i + _CHUNK_ELEMENTS].to(torch.float64, copy=True)  # never alias the input
+        d.sub_(r)
+        ref_sq += torch.dot(r, r)  # BLAS: one pass, about twice as fast as square().sum()
+        err_sq += torch.dot(d, d)
+        max_abs = torch.maximum(max_abs, torch.linalg.vector_norm(d, math.inf))
     values = torch.stack([ref_sq, err_sq, max_abs]).cpu().tolist()
     if not all(math.isfinite(v) for v in values):
         raise InputError("non-finite values (NaN/inf) in the weights", tensor=name)
