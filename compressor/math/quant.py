@@ -21,8 +21,12 @@ Schemes:
 
 `round` is round-half-to-even. Quantization always divides by the *stored* scale (already
 rounded to the output dtype), so the integers written are exactly the ones that reproduce
-x̂ on decompression. Arithmetic is float32 for 16-bit inputs (exact enough: quotients of two
-values with ≤ 11 significant bits never land on a .5 tie by rounding) and float64 otherwise.
+x̂ on decompression. Scales are computed in float64 and rounded once to the stored dtype. int
+schemes quantize in float32 for 16-bit inputs (exact: quotients of two values with ≤ 11
+significant bits never land on a false .5 tie) and float64 otherwise; minmax always uses float64
+(see `compute_dtype`). Known limit, shared with compressed-tensors: a symmetric code of
+−2^(b−1) reconstructs slightly beyond absmax, which overflows float16 for weights within 1 % of
+its maximum (65504).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
     "qparams_from_range",
     "quantize",
     "quantized_range",
+    "round_to",
 ]
 
 Method = Literal["int", "minmax"]
@@ -96,9 +101,16 @@ def quantized_range(args: QuantArgs) -> tuple[int, int]:
     return -(1 << (args.bits - 1)), (1 << (args.bits - 1)) - 1
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for inputs with ≤ 16 bits, float64 for wider ones (see the module docstring)."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+def compute_dtype(dtype: torch.dtype, method: Method = "int") -> torch.dtype:
+    """The arithmetic dtype of quantize/dequantize (see the module docstring).
+
+    float32 for int schemes on ≤ 16-bit weights (a quotient of two ≤ 11-bit values never lands
+    on a false .5 tie in float32), float64 otherwise. minmax always uses float64: its x − m and
+    m + q·s are sums, which float32 cannot hold exactly when a group spans many binades.
+    """
+    if method == "minmax" or dtype in (torch.float32, torch.float64):
+        return torch.float64
+    return torch.float32
 
 
 def _grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
@@ -110,6 +122,27 @@ def _grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 
 def _effective_group(cols: int, args: QuantArgs) -> int:
     return args.group_size if args.strategy == "group" else cols
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float64 values once, to nearest-even, into `dtype`.
+
+    torch converts float64 to float16/bfloat16 through float32, which rounds twice and can land
+    on the wrong side of a tie. Rounding first to float32 *to odd* (truncate, then set the last
+    bit when inexact) keeps the information a second round-to-nearest needs: float32 has more than
+    two bits beyond either 16-bit format, so the result equals one correct rounding.
+    """
+    if x.dtype != torch.float64 or dtype not in (torch.float16, torch.bfloat16):
+        return x.to(dtype)
+    y = x.to(torch.float32)
+    back = y.to(torch.float64)
+    inexact = back != x
+    # Truncate toward zero: step back one float32 where round-to-nearest moved away from zero.
+    away = inexact & (back.abs() > x.abs())
+    bits = y.view(torch.int32)
+    bits = torch.where(away, bits - 1, bits)
+    bits = torch.where(inexact, bits | 1, bits)
+    return bits.view(torch.float32).to(dtype)
 
 
 def group_ranges(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,22 +177,23 @@ def qparams_from_range(
     points for asymmetric int, and a `scale_dtype` tensor of float offsets for minmax. A group
     whose range is empty (all equal values, e.g. all zero) gets scale 1 so nothing divides by 0.
     """
-    work = compute_dtype(scale_dtype)
+    # Per-group parameters are few: float64 keeps max − min finite for bfloat16 ranges near
+    # float32's limit and rounds each scale once, from the exact value, to the stored dtype.
+    work = torch.float64
     lo = mins.to(work)
     hi = maxs.to(work)
     qmin, qmax = quantized_range(args)
     levels = float(qmax - qmin)
     if args.method == "minmax":
-        scale = ((hi - lo) / levels).to(scale_dtype)
-        scale = _nonzero(scale)
-        return scale, lo.to(scale_dtype)
+        scale = _nonzero(round_to((hi - lo) / levels, scale_dtype))
+        return scale, round_to(lo, scale_dtype)
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
     if args.symmetric:
         absmax = torch.maximum(lo.abs(), hi)
-        scale = _nonzero((absmax / (levels / 2)).to(scale_dtype))
+        scale = _nonzero(round_to(absmax / (levels / 2), scale_dtype))
         return scale, None
-    scale = _nonzero(((hi - lo) / levels).to(scale_dtype))
+    scale = _nonzero(round_to((hi - lo) / levels, scale_dtype))
     zero = torch.round(qmin - lo / scale.to(work)).clamp_(qmin, qmax)
     return scale, zero.to(torch.int8)
 
@@ -184,7 +218,7 @@ def quantize(
 
     `scale`/`zero` are (rows, ngroups), or (1, 1) for the tensor strategy.
     """
-    work = compute_dtype(scale.dtype)
+    work = compute_dtype(scale.dtype, args.method)
     rows, cols = x.shape
     qmin, qmax = quantized_range(args)
     s = scale.to(work)
@@ -227,13 +261,13 @@ def dequantize(
     (every product of an 8-bit integer and the scale is exact in float32, so one rounding to the
     scale dtype gives the same bits). minmax evaluates `m + q·s` in the work dtype, then rounds.
     """
-    work = compute_dtype(scale.dtype)
+    work = compute_dtype(scale.dtype, args.method)
     cols = q.shape[1]
     y = q.to(work)
     if args.method == "minmax":
         assert zero is not None
         y.mul_(_expand(scale.to(work), cols, args)).add_(_expand(zero.to(work), cols, args))
-        return y.to(dtype)
+        return round_to(y, dtype)
     if zero is not None:
         y.sub_(_expand(zero.to(work), cols, args))
     y.mul_(_expand(scale.to(work), cols, args))

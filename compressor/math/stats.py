@@ -95,9 +95,10 @@ class ErrorStats:
     def sqnr_db(self) -> float:
         if self.sq_error == 0:
             return math.inf
-        if self.sq_signal == 0:
+        ratio = self.sq_signal / self.sq_error
+        if ratio == 0 or math.isnan(ratio):  # no signal, or an infinite error
             return -math.inf
-        return 10.0 * math.log10(self.sq_signal / self.sq_error)
+        return 10.0 * math.log10(ratio)
 
     @property
     def sparsity(self) -> float:

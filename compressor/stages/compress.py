@@ -19,6 +19,7 @@ from compressor.math.pack import pack_rows, packed_width
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
 from compressor.math.quant import (
     QuantArgs,
+    compute_dtype,
     dequantize,
     group_ranges,
     qparams_from_range,
@@ -54,7 +55,7 @@ def quantize_block(
     x: torch.Tensor, args: QuantArgs, fixed: TensorThresholds
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Quantize a (rows, cols) block: unsigned codes, scale, zero/offset, and x̂ (x's dtype)."""
-    work = x.to(torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32)
+    work = x.to(compute_dtype(x.dtype, args.method))
     if args.strategy == "tensor":
         assert fixed.scale is not None
         scale = fixed.scale.to(x.device)
