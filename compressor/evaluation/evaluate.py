@@ -7,13 +7,12 @@ How the compressed checkpoint is loaded depends on its ``config.json``:
 
 * no ``quantization_config``: a dense checkpoint, loaded as is;
 * ``quantization_config.quant_method == "compressed-tensors"`` (e.g. our ``pack-quantized``
-  output): transformers loads it through compressed-tensors. We pass
-  ``CompressedTensorsConfig(dequantize=True)`` so the weights are dequantized to dense tensors
-  *at load time*. Without it (the default, formerly ``run_compressed=True``) the model's state
-  dict holds ``weight_packed`` / ``weight_scale`` / ``weight_shape`` until the first forward pass
-  decompresses the modules in place, which is not something to rely on for reading weights.
-  compressed-tensors dequantizes in the dtype of the stored scales (``q * scale`` rounded to bf16
-  for bf16 scales), then casts to the model dtype; those are the weights compared here;
+  output): transformers loads it through compressed-tensors, the way users load it. In that
+  default mode the state dict holds ``weight_packed`` / ``weight_scale`` / ``weight_shape`` until
+  the first forward pass decompresses the modules in place; the weights are compared after
+  scoring, when they are dense. (``CompressedTensorsConfig(dequantize=True)`` would dequantize at
+  load time, but transformers 5.24 applies the first config group's group size to every module
+  there, so mixed-precision checkpoints, e.g. with a group-size fallback, fail to load that way.)
 * any other ``quantization_config`` (this project's own layouts): ``dense_loader(compressed_dir,
   tmpdir)`` must write a dense checkpoint into ``tmpdir`` and return its directory (this is
   the project's decompressor, injected by the caller), which is then loaded like a dense one.
@@ -148,7 +147,7 @@ def _load_model(path: Path, dtype: torch.dtype, device: str, **kwargs: Any):
     from transformers import AutoModelForCausalLM
 
     with warnings.catch_warnings():
-        # We pass CompressedTensorsConfig(dequantize=True) on purpose on top of the checkpoint's.
+        # A caller may pass a quantization_config on purpose on top of the checkpoint's.
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
@@ -197,7 +196,7 @@ def evaluate(
     safetensors files one tensor at a time; the compressed side's dense weights are the loaded
     model's state dict (see the module docstring for how each kind of checkpoint is loaded).
     """
-    from transformers import AutoTokenizer, CompressedTensorsConfig
+    from transformers import AutoTokenizer
 
     original_dir, compressed_dir = Path(original_dir), Path(compressed_dir)
     stride = window if stride is None else stride
@@ -244,7 +243,6 @@ def evaluate(
             loader = "dense"
         elif comp_method == "compressed-tensors":
             loader = "compressed-tensors"
-            kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         else:
             assert dense_loader is not None  # checked above, before the slow part
             loader = "dense_loader"
