@@ -212,6 +212,12 @@ class RunConfig(_Frozen):
     staging_dir: str | None = Field(
         None, description="Where Zarr staging lives (default: beside the destination)."
     )
+    evaluate: bool = Field(
+        False,
+        description="After compressing, measure perplexity of the original and the output "
+        "(needs the eval extra; the input must be a transformers model with a tokenizer).",
+    )
+    eval_tokens: int = Field(512, ge=16, description="Tokens of text scored by the evaluation.")
     overwrite: bool = Field(False, description="Replace an existing destination.")
     keep_staging: bool = Field(False, description="Keep the staging store after success.")
     skip_nonfinite: bool = Field(

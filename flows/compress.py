@@ -121,6 +121,28 @@ def _result(report: Any) -> dict[str, Any]:
     }
 
 
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(config: RunConfig) -> dict[str, Any]:
+    from compressor.evaluation import evaluate_checkpoint
+
+    data = evaluate_checkpoint(
+        config.source, config.destination, max_tokens=config.eval_tokens
+    ).to_dict()
+    create_markdown_artifact(
+        key="evaluation",
+        description="Perplexity before/after",
+        markdown=(
+            f"# Evaluation\n\n| model | perplexity | size |\n|---|---|---|\n"
+            f"| original | {data['ppl_original']:.3f} | {data['original_bytes'] / 2**20:.1f} MB |\n"
+            f"| compressed | {data['ppl_compressed']:.3f} ({data['delta_ppl_pct']:+.2f} %) | "
+            f"{data['compressed_bytes'] / 2**20:.1f} MB |\n\n"
+            f"{data['tokens']} tokens, window {data['window']}; weights: overall relative error "
+            f"{data['weights']['total_rel_error']}, worst tensor `{data['weights']['worst_tensor']}`.\n"
+        ),
+    )
+    return data
+
+
 def _report_artifacts(report: Any) -> None:
     mb = 2**20
     worst = "\n".join(
@@ -182,6 +204,14 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
         write_task(pipe, executor)
     result = publish_task(pipe)
     logger.info("published %s (×%.2f)", result["destination"], result["ratio"])
+    if config.evaluate:
+        result["evaluation"] = evaluate_task(config)
+        logger.info(
+            "perplexity %.3f → %.3f (%+.2f %%)",
+            result["evaluation"]["ppl_original"],
+            result["evaluation"]["ppl_compressed"],
+            result["evaluation"]["delta_ppl_pct"],
+        )
     return result
 
 

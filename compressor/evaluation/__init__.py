@@ -42,6 +42,7 @@ __all__ = [
     "compare_weights",
     "default_text",
     "evaluate",
+    "evaluate_checkpoint",
     "fetch_gemma3_270m",
     "fetch_smollm2",
     "perplexity",
@@ -49,3 +50,32 @@ __all__ = [
     "tensor_error",
     "tokenize_text",
 ]
+
+
+def evaluate_checkpoint(
+    original: str,
+    compressed: str,
+    text: str | None = None,
+    max_tokens: int = 512,
+    device: str = "cpu",
+) -> EvalReport:
+    """`evaluate` with our `decompress` as the loader for layouts transformers cannot read."""
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    from compressor.formats.compressed import decompress_checkpoint
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars would drown the report
+
+    def dense_loader(src: Path, tmp: Path) -> Path:
+        return decompress_checkpoint(src, tmp / "dense")
+
+    return evaluate(
+        Path(original),
+        Path(compressed),
+        text if text is not None else default_text(),
+        max_tokens=max_tokens,
+        device=device,
+        dense_loader=dense_loader,
+    )
