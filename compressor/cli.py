@@ -71,6 +71,9 @@ def compress(
         str | None, typer.Option(help="Override: tensor | channel | group.")
     ] = None,
     group_size: Annotated[int | None, typer.Option(help="Override the group size.")] = None,
+    rounding: Annotated[
+        str | None, typer.Option(help="Scale choice: rtn (default) | mse | hqq.")
+    ] = None,
     strict_groups: Annotated[bool, typer.Option(help="Refuse non-dividing group sizes.")] = False,
     workers: Annotated[int | None, typer.Option(help="Local worker processes; 0 = serial.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
@@ -162,6 +165,7 @@ def compress(
             bits=bits,
             strategy=strategy,
             group_size=group_size,
+            rounding=rounding,
             pruning=pruning or None,
             **options,
         )

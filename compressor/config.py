@@ -70,6 +70,11 @@ class QuantRule(_Frozen):
         "group", description="One scale per tensor, per output channel, or per group of inputs."
     )
     group_size: int = Field(128, ge=1, description="Inputs per group (strategy group only).")
+    rounding: Literal["rtn", "mse", "hqq"] = Field(
+        "rtn",
+        description="How scales are chosen: round-to-nearest min-max; 'mse', a clipping search per "
+        "group; 'hqq', half-quadratic optimisation. Same output format; never a larger error.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantRule:
@@ -80,6 +85,11 @@ class QuantRule(_Frozen):
             )
         if not self.targets:
             raise ValueError('targets is empty: list names, "re:" patterns or "Linear"')
+        if self.rounding != "rtn" and self.strategy == "tensor":
+            raise ValueError(
+                f"rounding {self.rounding!r} searches per channel or group: use strategy "
+                "channel or group, or rounding rtn"
+            )
         return self
 
     def args(self, group_size: int | None = None) -> QuantArgs:
@@ -278,6 +288,7 @@ def build_config(
     bits: int | None = None,
     strategy: str | None = None,
     group_size: int | None = None,
+    rounding: str | None = None,
     pruning: dict[str, Any] | None = None,
     **run_options: Any,
 ) -> RunConfig:
@@ -298,7 +309,12 @@ def build_config(
         )
     overrides = {
         k: v
-        for k, v in {"bits": bits, "strategy": strategy, "group_size": group_size}.items()
+        for k, v in {
+            "bits": bits,
+            "strategy": strategy,
+            "group_size": group_size,
+            "rounding": rounding,
+        }.items()
         if v is not None
     }
     try:

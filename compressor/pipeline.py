@@ -382,7 +382,7 @@ def _scheme(t: TensorPlan) -> str:
     """E.g. "int4 sym g128", "int4 sym g128 + prune 50% global", "prune 2:4", "copy"."""
     parts = []
     if t.args is not None:
-        parts.append(t.args.describe())
+        parts.append(t.args.describe() + (f" {t.rounding}" if t.rounding != "rtn" else ""))
     if t.prune is not None:
         p = t.prune
         if p.nm is not None:

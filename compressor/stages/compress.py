@@ -26,6 +26,7 @@ from compressor.math.quant import (
     quantize,
     quantized_range,
 )
+from compressor.math.rounding import search_qparams
 from compressor.math.stats import ErrorStats, combine_errors, error_stats
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
@@ -52,14 +53,20 @@ def _device() -> torch.device:
 
 
 def quantize_block(
-    x: torch.Tensor, args: QuantArgs, fixed: TensorThresholds
+    x: torch.Tensor, args: QuantArgs, fixed: TensorThresholds, rounding: str = "rtn"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Quantize a (rows, cols) block: unsigned codes, scale, zero/offset, and x̂ (x's dtype)."""
+    """Quantize a (rows, cols) block: unsigned codes, scale, zero/offset, and x̂ (x's dtype).
+
+    `rounding` other than "rtn" searches each group's parameters (`math.rounding`); the codes
+    and their format are the same either way.
+    """
     work = x.to(compute_dtype(x.dtype, args.method))
     if args.strategy == "tensor":
         assert fixed.scale is not None
         scale = fixed.scale.to(x.device)
         zero = fixed.zero.to(x.device) if fixed.zero is not None else None
+    elif rounding != "rtn":
+        scale, zero = search_qparams(work, args, x.dtype, rounding)  # type: ignore[arg-type]
     else:
         mins, maxs = group_ranges(work, args)
         scale, zero = qparams_from_range(mins, maxs, args, x.dtype)
@@ -123,7 +130,7 @@ def _quantize_chunk(
     packed, scales, zeros, errors = [], [], [], []
     for b0 in range(0, x.shape[0], BLOCK_ROWS):
         block = pruned[b0 : b0 + BLOCK_ROWS].to(device)
-        codes, scale, zero, x_hat = quantize_block(block, args, fixed)
+        codes, scale, zero, x_hat = quantize_block(block, args, fixed, t.rounding)
         errors.append(error_stats(x[b0 : b0 + BLOCK_ROWS].to(device), x_hat))
         packed.append(pack_rows(codes, args.bits).cpu())
         scales.append(scale.cpu())

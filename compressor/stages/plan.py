@@ -68,6 +68,7 @@ class TensorPlan:
     chunks: tuple[tuple[int, int], ...] = ()
     note: str | None = None  # e.g. the group-size fallback, shown in the summary
     prune: PrunePlan | None = None  # None: not pruned
+    rounding: str = "rtn"  # how scales are chosen (same format either way)
 
     @property
     def staged(self) -> bool:
@@ -131,7 +132,7 @@ class Plan:
         return sum(len(t.chunks) for t in self.tensors)
 
     def demote(self, reasons: Mapping[str, str]) -> None:
-        """Turn the named quantization targets into plain copies, in place.
+        """Turn the named targets (quantized or pruned) into plain copies, in place.
 
         The one change a plan allows after `make_plan`: the thresholds stage calls it (for
         `skip_nonfinite`) before anything reads `quantized` or `shards` for compress and write.
@@ -142,7 +143,9 @@ class Plan:
             return
         dropped = {t.note for t in self.tensors if t.name in reasons and t.note}
         tensors = tuple(
-            replace(t, args=None, chunks=(), note=reasons[t.name]) if t.name in reasons else t
+            replace(t, args=None, prune=None, chunks=(), note=reasons[t.name])
+            if t.name in reasons
+            else t
             for t in self.tensors
         )
         notes = (*(n for n in self.notes if n not in dropped), *reasons.values())
@@ -272,7 +275,8 @@ def make_plan(config: RunConfig) -> Plan:
                     "or w4a16",
                 )
         chunks = _row_chunks(rows, cols * dtypes.itemsize(info.dtype), chunk_bytes)
-        tensors.append(TensorPlan(index, name, source, info, args, chunks, note, prune))
+        rounding = found[1].rounding if found is not None else "rtn"
+        tensors.append(TensorPlan(index, name, source, info, args, chunks, note, prune, rounding))
     for k, rule in enumerate(rules):
         if k not in used_rules:
             raise ConfigError(
