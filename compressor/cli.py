@@ -74,6 +74,14 @@ def compress(
     rounding: Annotated[
         str | None, typer.Option(help="Scale choice: rtn (default) | mse | hqq.")
     ] = None,
+    target_bits: Annotated[
+        float | None,
+        typer.Option(help="Automatic budget: average stored bits per target weight, e.g. 4.25."),
+    ] = None,
+    max_error: Annotated[
+        float | None,
+        typer.Option(help="Automatic budget: relative error over all targets, e.g. 0.1."),
+    ] = None,
     strict_groups: Annotated[bool, typer.Option(help="Refuse non-dividing group sizes.")] = False,
     workers: Annotated[int | None, typer.Option(help="Local worker processes; 0 = serial.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
@@ -167,6 +175,12 @@ def compress(
             group_size=group_size,
             rounding=rounding,
             pruning=pruning or None,
+            budget={
+                k: v
+                for k, v in {"target_bits": target_bits, "max_error": max_error}.items()
+                if v is not None
+            }
+            or None,
             **options,
         )
         use_prefect = prefect or bool(os.environ.get("PREFECT_API_URL"))

@@ -34,6 +34,8 @@ from compressor.math.quant import QuantArgs
 __all__ = [
     "LINEAR",
     "PRESETS",
+    "BudgetConfig",
+    "CandidateScheme",
     "PruneConfig",
     "QuantRule",
     "Recipe",
@@ -163,12 +165,63 @@ class PruneConfig(_Frozen):
         return n, m
 
 
+class CandidateScheme(_Frozen):
+    """One integer scheme the automatic budget may pick for a tensor."""
+
+    bits: int = Field(ge=2, le=8)
+    strategy: Literal["channel", "group"] = "group"
+    group_size: int = Field(128, ge=1)
+    symmetric: bool = True
+
+    def args(self) -> QuantArgs:
+        return QuantArgs(
+            bits=self.bits,
+            symmetric=self.symmetric,
+            strategy=self.strategy,
+            group_size=self.group_size,
+        )
+
+
+DEFAULT_CANDIDATES = [
+    CandidateScheme(bits=8, strategy="channel"),
+    CandidateScheme(bits=4, group_size=128),
+    CandidateScheme(bits=4, group_size=64),
+    CandidateScheme(bits=4, group_size=32),
+    CandidateScheme(bits=3, group_size=64),
+    CandidateScheme(bits=3, group_size=32),
+    CandidateScheme(bits=2, group_size=32),
+]
+
+
+class BudgetConfig(_Frozen):
+    """Pick each target's scheme automatically: least total squared error under a size budget
+    (`target_bits`: average stored bits per target weight, scales, zero points and shapes
+    counted), or least size under an error budget (`max_error`: relative Frobenius error over
+    all targets). Candidates a tensor's shape cannot take (a group size that does not divide its
+    input dimension) are skipped for that tensor."""
+
+    target_bits: float | None = Field(None, gt=0, description="Average stored bits per weight.")
+    max_error: float | None = Field(None, gt=0, description="Relative error over all targets.")
+    candidates: list[CandidateScheme] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES))
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BudgetConfig:
+        if (self.target_bits is None) == (self.max_error is None):
+            raise ValueError("give exactly one of target_bits and max_error")
+        if not self.candidates:
+            raise ValueError("candidates is empty")
+        return self
+
+
 class Recipe(_Frozen):
     """What to do to the weights, as written in a recipe file."""
 
     version: Literal[1] = 1
     quantization: list[QuantRule] = Field(default_factory=lambda: [QuantRule()])
     pruning: PruneConfig | None = Field(None, description="Prune before quantizing.")
+    budget: BudgetConfig | None = Field(
+        None, description="Choose each target's scheme automatically under a size/error budget."
+    )
     ignore: list[str] = Field(
         default_factory=list, description="Names or re: patterns never compressed."
     )
@@ -290,6 +343,7 @@ def build_config(
     group_size: int | None = None,
     rounding: str | None = None,
     pruning: dict[str, Any] | None = None,
+    budget: dict[str, Any] | None = None,
     **run_options: Any,
 ) -> RunConfig:
     """Resolve CLI-style options into a `RunConfig`: preset or recipe, then overrides.
@@ -324,6 +378,13 @@ def build_config(
                 for r in recipe.quantization
             ]
             recipe = recipe.model_copy(update={"quantization": rules})
+        if budget:
+            base_budget = recipe.budget.model_dump() if recipe.budget else {}
+            if "target_bits" in budget or "max_error" in budget:  # the CLI picks one kind
+                base_budget = {k: v for k, v in base_budget.items() if k == "candidates"}
+            recipe = recipe.model_copy(
+                update={"budget": BudgetConfig.model_validate({**base_budget, **budget})}
+            )
         if pruning:
             base = recipe.pruning.model_dump() if recipe.pruning else {}
             prune = PruneConfig.model_validate({**base, **pruning})

@@ -36,9 +36,16 @@ from compressor.stages import compress as compress_stage
 from compressor.stages import ingest as ingest_stage
 from compressor.stages import publish as publish_stage
 from compressor.stages import write as write_stage
+from compressor.stages.budget import choose_schemes
 from compressor.stages.executor import DaskExecutor, Executor, Progress, SerialExecutor
 from compressor.stages.plan import Plan, TensorPlan, _is_default_linear, lay_out_shards, make_plan
-from compressor.stages.stats import ChunkPrune, ScopeThreshold, prune_thresholds
+from compressor.stages.stats import (
+    CandidateErrors,
+    ChunkPrune,
+    ScopeThreshold,
+    candidate_errors,
+    prune_thresholds,
+)
 from compressor.stages.thresholds import TensorThresholds, thresholds
 from compressor.stages.write import ShardResult
 
@@ -143,6 +150,9 @@ class Pipeline:
         self.shards: list[ShardResult] = []
         self.prune: dict[tuple[str, int], ChunkPrune] = {}
         self.scopes: list[ScopeThreshold] = []
+        self.candidates: list[QuantArgs] = []
+        self.candidate_errors: dict[str, CandidateErrors] = {}
+        self.budget_summary: dict[str, Any] | None = None
         self.report: RunReport | None = None
 
     @contextlib.contextmanager
@@ -171,15 +181,27 @@ class Pipeline:
             self.ranges = ingest_stage.ingest(self.plan, self.staging, executor, self.progress)
 
     def stats(self, executor: Executor) -> None:
-        """Second-look statistics: exact pruning thresholds (nothing to do without pruning)."""
+        """Second-look statistics: exact pruning thresholds, and each candidate's error under an
+        automatic budget (nothing to do otherwise)."""
         with self._timed("stats"):
             if self.config.recipe.pruning is not None:
                 self.prune, self.scopes = prune_thresholds(
                     self.plan, self.staging, executor, self.progress
                 )
+            budget = self.config.recipe.budget
+            if budget is not None:
+                self.candidates = [c.args() for c in budget.candidates]
+                self.candidate_errors = candidate_errors(
+                    self.plan, self.staging, self.candidates, executor, self.progress
+                )
 
     def thresholds(self) -> None:
         with self._timed("thresholds"):
+            budget = self.config.recipe.budget
+            if budget is not None:
+                choice = choose_schemes(self.plan, budget, self.candidates, self.candidate_errors)
+                self.plan_ = self.plan.with_args(choice.args)
+                self.budget_summary = choice.summary
             self.fixed = thresholds(self.plan, self.ranges)
 
     def compress(self, executor: Executor) -> None:
@@ -364,6 +386,7 @@ class Pipeline:
                 "ratio": round(report.ratio, 4),
             },
             "notes": report.notes,
+            **({"budget": self.budget_summary} if self.budget_summary else {}),
             "pruning_scopes": [
                 {
                     "scope": p.scope,

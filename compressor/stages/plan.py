@@ -116,6 +116,16 @@ class Plan:
     def staged(self) -> tuple[TensorPlan, ...]:
         return tuple(t for t in self.tensors if t.staged)
 
+    def with_args(self, chosen: Mapping[str, QuantArgs]) -> Plan:
+        """A new plan whose named targets use the given schemes (the automatic budget's choice),
+        with output shards laid out again. Chunks stay: they do not depend on the scheme."""
+        tensors = tuple(
+            replace(t, args=chosen[t.name], note=None) if t.name in chosen else t
+            for t in self.tensors
+        )
+        shards = lay_out_shards(tensors, self.config.max_shard_mb * 2**20)
+        return replace(self, tensors=tensors, shards=shards)
+
     @property
     def by_name(self) -> dict[str, TensorPlan]:
         return {t.name: t for t in self.tensors}

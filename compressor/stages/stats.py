@@ -8,6 +8,9 @@ Passes over the staged chunks (each a map + tree reduction of small records, see
     2. low-16-bit histogram of that bin per scope → the exact score t and its rank r among ties
     3. per-chunk count of scores equal to t (one integer per chunk) → each chunk's tie quota
 
+With an automatic budget, one more map-reduce measures each target's squared error under every
+candidate scheme (`candidate_errors`), so the thresholds stage can choose schemes globally.
+
 Scopes: one per tensor (`scope: tensor`, and every tensor named in a `schedule`), or one for all
 remaining targets (`scope: global`). Row and N:M structures decide locally and skip this stage.
 """
@@ -32,10 +35,27 @@ from compressor.math.prune import (
     low_histogram,
     select,
 )
+from compressor.math.quant import (
+    QuantArgs,
+    compute_dtype,
+    dequantize,
+    group_ranges,
+    qparams_from_range,
+    quantize,
+)
+from compressor.math.stats import error_stats
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 
-__all__ = ["ChunkPrune", "ScopeThreshold", "chunk_importance", "prune_thresholds"]
+__all__ = [
+    "CandidateErrors",
+    "ChunkPrune",
+    "ScopeThreshold",
+    "applicable",
+    "candidate_errors",
+    "chunk_importance",
+    "prune_thresholds",
+]
 
 STAGE = "stats"
 
@@ -204,3 +224,82 @@ def prune_thresholds(
         value = float(np.array([t_bits[s]], dtype=np.int32).view(np.float32)[0])
         reports.append(ScopeThreshold(s, sum(t.info.numel for t in by_scope[s]), k, value))
     return decisions, reports
+
+
+@dataclass(frozen=True)
+class _CandidateJob:
+    staging: Staging
+    tensor: TensorPlan
+    chunk: int
+    candidates: tuple[QuantArgs | None, ...]  # None: the tensor's shape cannot take it
+
+
+@dataclass(frozen=True)
+class CandidateErrors:
+    """Squared reconstruction error of one tensor under each candidate scheme (nan where the
+    candidate does not apply), and the tensor's squared norm. Mergeable by addition."""
+
+    errors: tuple[float, ...]
+    signal: float
+
+
+def _candidate_chunk(job: _CandidateJob) -> CandidateErrors:
+    t = job.tensor
+    r0, r1 = t.chunks[job.chunk]
+    x = dtypes.to_torch(job.staging.read_rows(f"in/{t.key}", r0, r1), t.info.dtype)
+    errors = []
+    for args in job.candidates:
+        if args is None:
+            errors.append(math.nan)
+            continue
+        total = 0.0
+        for b0 in range(0, x.shape[0], 256):
+            block = x[b0 : b0 + 256]
+            work = block.to(compute_dtype(block.dtype, args.method))
+            mins, maxs = group_ranges(work, args)
+            scale, zero = qparams_from_range(mins, maxs, args, block.dtype)
+            x_hat = dequantize(quantize(work, scale, zero, args), scale, zero, args, block.dtype)
+            total += error_stats(block, x_hat).sq_error
+        errors.append(total)
+    signal = float(x.to(torch.float64).pow(2).sum())
+    return CandidateErrors(tuple(errors), signal)
+
+
+def _combine_candidates(*parts: CandidateErrors) -> CandidateErrors:
+    return CandidateErrors(
+        tuple(math.fsum(values) for values in zip(*(p.errors for p in parts), strict=True)),
+        math.fsum(p.signal for p in parts),
+    )
+
+
+def applicable(args: QuantArgs, cols: int) -> bool:
+    """Whether a (·, cols) weight can be stored with `args` in the compressed-tensors layout."""
+    return args.strategy != "group" or cols % args.group_size == 0
+
+
+def candidate_errors(
+    plan: Plan,
+    staging: Staging,
+    candidates: list[QuantArgs],
+    executor: Executor,
+    progress: Progress | None = None,
+) -> dict[str, CandidateErrors]:
+    """Each target's error under every candidate, measured chunk by chunk, reduced per tensor."""
+    jobs = [
+        _CandidateJob(
+            staging,
+            t,
+            k,
+            tuple(a if applicable(a, t.shape2d[1]) else None for a in candidates),
+        )
+        for t in plan.quantized
+        for k in range(len(t.chunks))
+    ]
+    return executor.map_reduce(
+        _candidate_chunk,
+        jobs,
+        lambda j: j.tensor.name,
+        _combine_candidates,
+        f"{STAGE}:budget",
+        progress,
+    )

@@ -1,0 +1,96 @@
+"""The automatic budget: choose each target's scheme from the measured candidate errors.
+
+Runs on the client in the thresholds stage: the stats stage has reduced, per tensor, the squared
+error of every candidate; `math.budget` picks one candidate per tensor (greedy on each tensor's
+lower convex hull of (bits, error), then a local improvement) to minimise the total squared
+error under `target_bits · weights` stored bits, or the stored bits under a total error of
+`max_error² · ‖W‖²`. Bits are counted exactly as the writers lay the outputs out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from compressor.config import BudgetConfig
+from compressor.errors import ConfigError
+from compressor.formats import dtypes
+from compressor.math.budget import (
+    Candidate,
+    allocate_bits,
+    allocate_max_error,
+    bits_lower_bound,
+    error_lower_bound,
+    stored_bits,
+)
+from compressor.math.quant import QuantArgs
+from compressor.stages.plan import Plan
+from compressor.stages.stats import CandidateErrors
+
+__all__ = ["BudgetChoice", "choose_schemes"]
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    args: dict[str, QuantArgs]  # tensor → chosen scheme
+    summary: dict[str, Any]  # for compression.json
+
+
+def choose_schemes(
+    plan: Plan,
+    budget: BudgetConfig,
+    candidates: list[QuantArgs],
+    errors: dict[str, CandidateErrors],
+) -> BudgetChoice:
+    options: dict[str, list[Candidate]] = {}
+    for t in plan.quantized:
+        dtype = dtypes.torch_dtype(t.info.dtype)
+        measured = errors[t.name]
+        options[t.name] = [
+            Candidate(str(k), float(stored_bits(t.shape2d, args, dtype)), err)
+            for k, (args, err) in enumerate(zip(candidates, measured.errors, strict=True))
+            if not math.isnan(err)
+        ]
+        if not options[t.name]:
+            raise ConfigError(
+                "no budget candidate fits its shape (every group size fails to divide "
+                f"{t.shape2d[1]})",
+                path=t.source,
+                tensor=t.name,
+                hint="add a per-channel candidate or ignore the tensor",
+            )
+    weights = sum(t.info.numel for t in plan.quantized)
+    signal = math.fsum(errors[t.name].signal for t in plan.quantized)
+    try:
+        if budget.target_bits is not None:
+            limit = budget.target_bits * weights
+            chosen = allocate_bits(options, limit)
+            bound = {"error_lower_bound": error_lower_bound(options, limit)}
+        else:
+            assert budget.max_error is not None
+            limit = budget.max_error**2 * signal
+            chosen = allocate_max_error(options, limit)
+            bound = {"bits_lower_bound": bits_lower_bound(options, limit)}
+    except ValueError as e:
+        raise ConfigError(
+            f"the budget cannot be met: {e}",
+            hint="raise --target-bits / --max-error, or add cheaper candidates",
+        ) from e
+    args = {name: candidates[int(c.name)] for name, c in chosen.items()}
+    total_bits = sum(c.bits for c in chosen.values())
+    total_error = math.fsum(c.error for c in chosen.values())
+    counts: dict[str, int] = {}
+    for a in args.values():
+        counts[a.describe()] = counts.get(a.describe(), 0) + 1
+    return BudgetChoice(
+        args,
+        {
+            "target_bits": budget.target_bits,
+            "max_error": budget.max_error,
+            "bits_per_weight": total_bits / weights,
+            "relative_error": math.sqrt(total_error / signal) if signal else 0.0,
+            "schemes": counts,
+            **bound,
+        },
+    )
