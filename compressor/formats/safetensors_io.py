@@ -30,6 +30,7 @@ our output is deterministic. The streaming writer keeps the order it is given.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -648,6 +649,10 @@ class SafetensorsWriter:
             self._state = "aborted"
             raise self._os_error("cannot create the output file", e) from e
         self._file = open(fd, "wb", buffering=1024 * 1024)  # noqa: SIM115 - closed by close/abort
+        self.sha256 = hashlib.sha256()
+        """Digest of every byte written so far: the finished file's sha256 after `close`, with no
+        second read of the file (the manifest needs it)."""
+        self.sha256.update(header)
         self._guard(lambda: self._file.write(header))
 
     # -- context manager ----------------------------------------------------------------------
@@ -680,6 +685,7 @@ class SafetensorsWriter:
                 info.name,
             )
         self._guard(lambda: self._file.write(view))
+        self.sha256.update(view)
         self._written += view.nbytes
 
     def close(self) -> None:

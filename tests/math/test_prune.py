@@ -63,7 +63,9 @@ def test_exact_threshold_under_any_chunking(n, sparsity, splits, ties, seed):
     t = np.array([t_bits], dtype=np.int32).view(np.float32)[0]
     # The threshold is the k-th smallest value: numpy's quantile with the inverted-CDF rule.
     assert t == np.sort(values)[k - 1]
-    assert t == np.quantile(values, k / n, method="inverted_cdf")
+    assert t == np.quantile(
+        values, (k - 0.5) / n, method="inverted_cdf"
+    )  # (k-½)/n: no float round-up past the k-th
     masks = [threshold_mask(c, t_bits, q) for c, q in zip(chunks, quotas, strict=True)]
     mask = np.concatenate([m.numpy() for m in masks])
     assert mask.sum() == k  # exactly k pruned, whatever the chunking

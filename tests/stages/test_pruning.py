@@ -64,7 +64,7 @@ def test_global_threshold_is_the_exact_quantile(model, tmp_path, workers):
     report = json.loads((out / "compression.json").read_text())
     (scope,) = report["pruning_scopes"]
     assert scope["pruned"] == k
-    assert scope["threshold"] == np.quantile(imp, k / imp.size, method="inverted_cdf")
+    assert scope["threshold"] == np.quantile(imp, (k - 0.5) / imp.size, method="inverted_cdf")
     kept_min, pruned_max, removed = np.inf, -np.inf, 0
     for n in names:
         w, p = original[n].float().abs().numpy(), pruned[n].float().numpy()
