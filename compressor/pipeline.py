@@ -30,6 +30,7 @@ from compressor.formats.quant_config import (
     minmax_config,
     sparse_bitmask_config,
 )
+from compressor.formats.staging import Staging
 from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats, RangeStats
 from compressor.stages import compress as compress_stage
@@ -159,6 +160,7 @@ class Pipeline:
         self.candidate_errors: dict[str, CandidateErrors] = {}
         self.budget_summary: dict[str, Any] | None = None
         self.report: RunReport | None = None
+        self.direct = False  # compress reads the source, not staged input
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -182,6 +184,12 @@ class Pipeline:
 
     def ingest(self, executor: Executor) -> None:
         with self._timed("ingest"):
+            self.direct = not ingest_stage.needs_ingest(self.plan)
+            if self.direct:  # compress reads the source itself (see stages/ingest.py)
+                self.staging = Staging(self.plan.staging_root)
+                self.staging.root.mkdir(parents=True, exist_ok=True)
+                self.ranges = {}
+                return
             self.staging = ingest_stage.prepare_staging(self.plan)
             self.ranges = ingest_stage.ingest(self.plan, self.staging, executor, self.progress)
 
@@ -212,7 +220,13 @@ class Pipeline:
     def compress(self, executor: Executor) -> None:
         with self._timed("compress"):
             self.errors = compress_stage.compress(
-                self.plan, self.staging, self.fixed, executor, self.progress, self.prune
+                self.plan,
+                self.staging,
+                self.fixed,
+                executor,
+                self.progress,
+                self.prune,
+                direct=self.direct,
             )
 
     def write(self, executor: Executor) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from compressor.formats import dtypes
+from compressor.formats.safetensors_io import read_rows
 from compressor.formats.staging import Staging
 from compressor.math.pack import pack_rows, packed_width
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
@@ -27,11 +28,11 @@ from compressor.math.quant import (
     quantized_range,
 )
 from compressor.math.rounding import search_qparams
-from compressor.math.stats import ErrorStats, combine_errors, error_stats
+from compressor.math.stats import ErrorStats, combine_errors, error_stats, range_stats
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 from compressor.stages.stats import ChunkPrune, chunk_importance
-from compressor.stages.thresholds import TensorThresholds
+from compressor.stages.thresholds import TensorThresholds, nonfinite_error
 
 __all__ = ["CompressJob", "compress", "compress_chunk", "prepare_outputs"]
 
@@ -49,6 +50,7 @@ class CompressJob:
     chunk: int
     thresholds: TensorThresholds
     prune: ChunkPrune | None = None
+    direct: bool = False  # read the row block from the source file, not from staging
 
 
 def _device() -> torch.device:
@@ -100,7 +102,13 @@ def compress_chunk(job: CompressJob) -> ErrorStats:
         return ErrorStats(**recorded)
     r0, r1 = t.chunks[job.chunk]
     dtype = t.info.dtype
-    x = dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), dtype)
+    if job.direct:
+        x = dtypes.to_torch(read_rows(t.source, t.info, r0, r1), dtype)
+        bad = range_stats(x).nonfinite  # ingest checks this when it runs; here it did not
+        if bad:
+            raise nonfinite_error(t.source, t.name, bad)
+    else:
+        x = dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), dtype)
     pruned = x
     removed = 0
     if t.prune is not None:
@@ -210,13 +218,14 @@ def compress(
     executor: Executor,
     progress: Progress | None = None,
     prune: dict[tuple[str, int], ChunkPrune] | None = None,
+    direct: bool = False,
 ) -> dict[str, ErrorStats]:
     """Compress every staged chunk; `prune` holds each pruned chunk's decision (stats stage)."""
     prepare_outputs(plan, staging)
     decisions = prune or {}
     jobs = [
         CompressJob(
-            staging, t, k, fixed.get(t.name, TensorThresholds()), decisions.get((t.name, k))
+            staging, t, k, fixed.get(t.name, TensorThresholds()), decisions.get((t.name, k)), direct
         )
         for t in plan.staged
         for k in range(len(t.chunks))

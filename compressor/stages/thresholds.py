@@ -19,7 +19,7 @@ from compressor.math.quant import qparams_from_range
 from compressor.math.stats import RangeStats
 from compressor.stages.plan import Plan
 
-__all__ = ["TensorThresholds", "thresholds"]
+__all__ = ["TensorThresholds", "nonfinite_error", "thresholds"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,25 @@ class TensorThresholds:
     zero: torch.Tensor | None = None  # (1, 1) int8 zero point, or float offset for minmax
 
 
+def nonfinite_error(source: str, tensor: str, count: int) -> InputError:
+    return InputError(
+        f"contains {count} NaN or infinite value(s); quantizing it would corrupt its scales",
+        path=source,
+        tensor=tensor,
+        hint="repair the checkpoint, pass --skip-nonfinite to leave such tensors unquantized "
+        "(copied as they are), or add the tensor to the recipe's ignore list",
+    )
+
+
 def thresholds(plan: Plan, ranges: dict[str, RangeStats]) -> dict[str, TensorThresholds]:
     """Per-tensor parameters of every target; demotes non-finite targets when configured."""
     out: dict[str, TensorThresholds] = {}
     demoted: dict[str, str] = {}
     for t in plan.staged:
-        r = ranges[t.name]
+        r = ranges.get(t.name)
+        if r is None:  # not staged: compress reads the source and checks it itself
+            out[t.name] = TensorThresholds()
+            continue
         if r.nonfinite:
             if plan.config.skip_nonfinite:
                 demoted[t.name] = (
@@ -43,14 +56,7 @@ def thresholds(plan: Plan, ranges: dict[str, RangeStats]) -> dict[str, TensorThr
                     "(copied as is, --skip-nonfinite)"
                 )
                 continue
-            raise InputError(
-                f"contains {r.nonfinite} NaN or infinite value(s); quantizing it would corrupt "
-                "its scales",
-                path=t.source,
-                tensor=t.name,
-                hint="repair the checkpoint, pass --skip-nonfinite to leave such tensors "
-                "unquantized (copied as they are), or add the tensor to the recipe's ignore list",
-            )
+            raise nonfinite_error(t.source, t.name, r.nonfinite)
         if t.args is None or t.args.strategy != "tensor":
             out[t.name] = TensorThresholds()
             continue
