@@ -1,0 +1,527 @@
+"""Verify a published checkpoint: its manifest, its own consistency, its quantization config.
+
+`compressor verify DST` runs `verify_checkpoint`, which reads files only (no Dask, no Prefect)
+and collects every problem it finds, each naming the file:
+
+- `manifest.json` exists and is ``{"version": 1, "files": {relative path: {"sha256", "size"}}}``
+  with paths inside the directory;
+- every listed file exists as a regular file with its size and sha256 (a flipped byte, a
+  truncated, replaced or deleted file);
+- no file exists that the manifest does not list (`manifest.json` itself excepted);
+- index ↔ shards ↔ headers: every safetensors header is valid, the index names only shards inside
+  the directory that exist, every index entry's shard holds that tensor, every tensor of every
+  shard is in the index, every shard is in the index, no tensor is stored twice, and several
+  shards come with an index;
+- `config.json` parses, and its `quantization_config` (absent for a dense output) too:
+  compressed-tensors' own pydantic model (`QuantizationConfig.model_validate`) when that package
+  is installed, structural checks always (they also cover our `minmax-float-offset` and
+  `sparse-bitmask` blocks);
+- every packed module has its scale and shape (and zero point or minimum where its scheme needs
+  one) with the dtypes and shapes its config group implies, no dense weight beside it, and every
+  module a config group names is packed and none that `ignore` names is;
+- every sparse-bitmask module has values, bitmask, row offsets and shape that agree with each
+  other (bits kept per row = row offset steps, offsets end at the number of values) and is
+  declared in `quantization_config`, and every declared one exists.
+
+Integrity, not authenticity: whoever can rewrite the files can rewrite the manifest too. Keep a
+copy of the manifest's own sha256 elsewhere when that matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from compressor.errors import CompressorError, InputError
+from compressor.formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from compressor.formats.compressed import CompressedModule, quantized_modules
+from compressor.formats.layout import (
+    CT_FORMAT,
+    MINMAX_FORMAT,
+    SPARSE_BITMASK_FORMAT,
+    OutputSpec,
+    bitmask_outputs,
+    quantized_outputs,
+)
+from compressor.formats.safetensors_io import read_rows, read_tensor
+
+__all__ = ["MANIFEST_NAME", "REPORT_NAME", "Problem", "VerifyResult", "verify_checkpoint"]
+
+MANIFEST_NAME = "manifest.json"
+"""sha256 and size of every other file of a published checkpoint; written last."""
+REPORT_NAME = "compression.json"
+"""Our report: resolved config, input fingerprint, tool version, per-tensor figures."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one file."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class VerifyResult:
+    root: Path
+    files: int = 0  # files whose size and sha256 matched the manifest
+    tensors: int = 0
+    modules: int = 0  # compressed (packed or bitmask) modules whose parts were checked
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, rel: str | Path | None, message: str) -> None:
+        path = self.root / rel if rel else self.root
+        self.problems.append(Problem(str(path), message))
+
+
+def verify_checkpoint(path: str | Path) -> VerifyResult:
+    """Check a published checkpoint directory; the result lists every problem found.
+
+    Raises:
+        InputError: `path` is not a directory (nothing to verify).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(
+            "does not exist" if not root.exists() else "is not a directory",
+            path=str(root),
+            hint="pass the output directory that `compressor compress` wrote",
+        )
+    result = VerifyResult(root)
+    _check_manifest(result)
+    checkpoint = _check_structure(result)
+    qc = _check_quantization_config(result)
+    if checkpoint is not None and qc is not None:
+        _check_modules(result, checkpoint, qc)
+    _check_report(result)
+    return result
+
+
+# -- manifest ---------------------------------------------------------------------------------
+def _safe_relative(rel: str) -> bool:
+    p = PurePosixPath(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts and "\\" not in rel
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(result: VerifyResult) -> dict[str, dict[str, Any]] | None:
+    manifest = result.root / MANIFEST_NAME
+    if not manifest.is_file() or manifest.is_symlink():
+        result.add(
+            MANIFEST_NAME,
+            "is missing, so no file can be checked against it (it is written last: the "
+            "checkpoint may be incomplete)",
+        )
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        result.add(MANIFEST_NAME, f"cannot be parsed: {e}")
+        return None
+    files = data.get("files") if isinstance(data, dict) else None
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != 1
+        or not isinstance(files, dict)
+        or not all(
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and type(entry.get("size")) is int
+            for entry in files.values()
+        )
+    ):
+        result.add(
+            MANIFEST_NAME,
+            'is not {"version": 1, "files": {path: {"sha256": hex, "size": int}}}',
+        )
+        return None
+    return files
+
+
+def _check_manifest(result: VerifyResult) -> None:
+    root = result.root
+    files = _read_manifest(result)
+    if files is None:
+        return
+    for rel, entry in sorted(files.items()):
+        if not _safe_relative(rel):
+            result.add(MANIFEST_NAME, f"lists {rel!r}, a path outside the checkpoint directory")
+            continue
+        target = root / rel
+        if target.is_symlink():
+            result.add(rel, "is a symbolic link; a published checkpoint holds regular files only")
+            continue
+        if not target.is_file():
+            result.add(rel, "is listed in manifest.json but missing (deleted after publishing)")
+            continue
+        try:
+            size = target.stat().st_size
+            digest = _sha256(target) if size == entry["size"] else ""
+        except OSError as e:
+            result.add(rel, f"cannot be read: {e.strerror or e}")
+            continue
+        if size != entry["size"]:
+            result.add(
+                rel,
+                f"is {size} bytes but manifest.json records {entry['size']}: the file was "
+                "truncated, extended or replaced after publishing",
+            )
+            continue
+        if digest != entry["sha256"]:
+            result.add(
+                rel,
+                "sha256 differs from manifest.json: its content changed after publishing "
+                "(corruption or tampering)",
+            )
+            continue
+        result.files += 1
+    for found in sorted(root.rglob("*")):
+        if found.is_dir() and not found.is_symlink():
+            continue
+        rel = found.relative_to(root).as_posix()
+        if rel != MANIFEST_NAME and rel not in files:
+            result.add(rel, "is not listed in manifest.json: it was added after publishing")
+
+
+# -- index, shards, headers -------------------------------------------------------------------
+def _check_structure(result: VerifyResult) -> Checkpoint | None:
+    root = result.root
+    try:
+        checkpoint = open_checkpoint(root)
+    except InputError as e:
+        result.add(_relative(root, e.path), _describe(e))
+        return None
+    result.tensors = len(checkpoint.tensors)
+    on_disk = sorted(p.name for p in root.glob("*.safetensors") if p.is_file())
+    index = root / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]  # parsed by open_checkpoint
+        named = {Path(f).name for f in weight_map.values()}
+        for name in on_disk:
+            if name not in named:
+                result.add(name, f"is a shard that {INDEX_NAME} does not reference")
+    elif len(on_disk) > 1:
+        result.add(
+            INDEX_NAME,
+            f"is missing but the checkpoint has {len(on_disk)} shards; loaders need the index",
+        )
+    return checkpoint
+
+
+def _relative(root: Path, path: str | None) -> str | None:
+    if not path:
+        return None
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _describe(error: CompressorError) -> str:
+    return f"tensor {error.tensor!r}: {error.message}" if error.tensor else error.message
+
+
+# -- config.json ------------------------------------------------------------------------------
+_NO_CONFIG: dict[str, Any] = {}  # config.json has no quantization_config: a dense model
+
+
+def _check_quantization_config(result: VerifyResult) -> dict[str, Any] | None:
+    """The quantization_config block ({} when there is none), or None when it is unusable."""
+    config_path = result.root / "config.json"
+    if not config_path.is_file():
+        result.add("config.json", "is missing; loaders need it (and its quantization_config)")
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        result.add("config.json", f"cannot be parsed: {e}")
+        return None
+    if not isinstance(config, dict):
+        result.add("config.json", "is not a JSON object")
+        return None
+    if "quantization_config" not in config:
+        return _NO_CONFIG
+    qc = config["quantization_config"]
+    if not isinstance(qc, dict):
+        result.add("config.json", "quantization_config is not an object")
+        return None
+    method, fmt = qc.get("quant_method"), qc.get("format")
+    if method == "compressed-tensors":
+        errors = _compressed_tensors_errors(qc)
+    elif method == "checkpoint-compressor" and fmt == MINMAX_FORMAT:
+        errors = _structural_errors(qc, minmax=True)
+    elif method == "checkpoint-compressor" and fmt == SPARSE_BITMASK_FORMAT:
+        errors = [] if _names(qc.get("targets")) else ["targets must be a list of module names"]
+    else:
+        errors = [
+            f"quant_method {method!r} with format {fmt!r} is not one this tool writes "
+            f"(compressed-tensors; checkpoint-compressor {MINMAX_FORMAT} or "
+            f"{SPARSE_BITMASK_FORMAT})"
+        ]
+    for message in errors:
+        result.add("config.json", f"quantization_config: {message}")
+    return None if errors else qc
+
+
+def _names(value: object) -> list[str] | None:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def _compressed_tensors_errors(qc: dict[str, Any]) -> list[str]:
+    errors = _structural_errors(qc, minmax=False)
+    extension = qc.get("checkpoint_compressor_sparse_bitmask", [])
+    if _names(extension) is None:
+        errors.append("checkpoint_compressor_sparse_bitmask must be a list of module names")
+    try:
+        from compressed_tensors.quantization import QuantizationConfig
+        from pydantic import ValidationError
+    except ImportError:  # compressed-tensors is optional: the structural checks stand alone
+        return errors
+    try:
+        QuantizationConfig.model_validate(qc)
+    except ValidationError as e:
+        for item in e.errors():
+            where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+            errors.append(f"compressed-tensors rejects {where}: {item['msg']}")
+    return errors
+
+
+def _structural_errors(qc: dict[str, Any], minmax: bool) -> list[str]:
+    errors = []
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        return ["config_groups must be a non-empty object"]
+    if _names(qc.get("ignore", [])) is None:
+        errors.append("ignore must be a list of module names")
+    if not minmax and qc.get("format") not in (CT_FORMAT, "mixed-precision"):
+        errors.append(f"format {qc.get('format')!r} is not {CT_FORMAT} or mixed-precision")
+    for key, group in groups.items():
+        if not isinstance(group, dict):
+            errors.append(f"config_groups.{key} must be an object")
+            continue
+        if not _names(group.get("targets")):
+            errors.append(f"config_groups.{key}.targets must be a non-empty list of names")
+        args = group if minmax else group.get("weights")
+        where = f"config_groups.{key}" + ("" if minmax else ".weights")
+        if not isinstance(args, dict):
+            errors.append(f"{where} must be an object")
+            continue
+        bits = args.get("num_bits")
+        if type(bits) is not int or not 1 <= bits <= 8:
+            errors.append(f"{where}.num_bits must be an integer from 1 to 8, got {bits!r}")
+        strategy = args.get("strategy")
+        if strategy not in ("tensor", "channel", "group"):
+            errors.append(f"{where}.strategy must be tensor, channel or group, got {strategy!r}")
+        group_size = args.get("group_size")
+        if strategy == "group" and (type(group_size) is not int or group_size < 1):
+            errors.append(f"{where}.group_size must be a positive integer, got {group_size!r}")
+        if not minmax and not isinstance(args.get("symmetric"), bool):
+            errors.append(f"{where}.symmetric must be true or false")
+    return errors
+
+
+# -- packed and bitmask modules ---------------------------------------------------------------
+_OWNED = {  # part suffix → the suffixes, one of which must exist for the same module
+    ".weight_scale": None,  # other tools store scales of unpacked weights (fp8): not checked
+    ".weight_zero_point": (".weight_packed",),
+    ".weight_min": (".weight_packed",),
+    ".weight_values": (".weight_bitmask",),
+    ".weight_row_offsets": (".weight_bitmask",),
+    ".weight_shape": (".weight_packed", ".weight_bitmask"),
+}
+
+
+def _matches(pattern: str, module: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    return pattern == module
+
+
+def _check_modules(result: VerifyResult, checkpoint: Checkpoint, qc: dict[str, Any]) -> None:
+    root, tensors = result.root, checkpoint.tensors
+
+    def where(name: str) -> str | None:
+        return _relative(root, tensors[name][0]) if name in tensors else "config.json"
+
+    for name, (file, info) in tensors.items():
+        for suffix, owners in _OWNED.items():
+            module = name.removesuffix(suffix)
+            if not name.endswith(suffix) or owners is None:
+                continue
+            if not any(f"{module}{o}" in tensors for o in owners):
+                result.add(where(name), f"tensor {name!r} has no {module}{owners[0]}")
+        if name.endswith(".weight_shape"):
+            if info.dtype != "I64" or info.shape != (2,):
+                result.add(
+                    where(name), f"tensor {name!r} is {info.dtype} {list(info.shape)}, not I64 [2]"
+                )
+                return  # reading the modules would fail on it
+            if min(int(v) for v in read_tensor(file, info)) < 1:
+                result.add(where(name), f"tensor {name!r} holds a non-positive dimension")
+                return
+    try:
+        modules = quantized_modules(checkpoint)
+    except InputError as e:
+        result.add(_relative(root, e.path), _describe(e))
+        return
+    packed = {n.removesuffix(".weight_packed") for n in tensors if n.endswith(".weight_packed")}
+    for name in sorted(packed - set(modules)):  # quantized_modules skips ignored ones
+        result.add(
+            where(f"{name}.weight_packed"),
+            f"module {name!r} is packed but quantization_config's ignore names it, so "
+            "loaders would read it as a dense layer",
+        )
+    for compressed in modules.values():
+        if compressed.args is None:
+            _check_bitmask(result, tensors, compressed, where)
+        else:
+            _check_packed(result, tensors, compressed, where)
+        if f"{compressed.module}.weight" in tensors:
+            result.add(
+                where(f"{compressed.module}.weight"),
+                f"module {compressed.module!r} is stored both dense and compressed",
+            )
+    _check_declared(result, qc, modules)
+
+
+def _check_declared(
+    result: VerifyResult, qc: dict[str, Any], modules: dict[str, CompressedModule]
+) -> None:
+    """What config.json declares matches what the shards hold, both ways."""
+    bitmask = {m for m, c in modules.items() if c.args is None}
+    if qc.get("format") == SPARSE_BITMASK_FORMAT:
+        declared_bitmask = set(qc["targets"])
+    else:
+        declared_bitmask = set(qc.get("checkpoint_compressor_sparse_bitmask", []))
+    for module in sorted(bitmask - declared_bitmask):
+        result.add(
+            "config.json",
+            f"module {module!r} is stored as a sparse bitmask, which quantization_config does "
+            "not declare",
+        )
+    for module in sorted(declared_bitmask - bitmask):
+        result.add(
+            "config.json",
+            f"quantization_config declares module {module!r} a sparse bitmask, but no shard "
+            f"holds {module}.weight_bitmask",
+        )
+    ignore = [p for p in qc.get("ignore", []) if p != "Linear"]
+    for group in (qc.get("config_groups") or {}).values():
+        for target in group["targets"]:
+            exact = target != "Linear" and not target.startswith("re:")
+            if exact and target not in modules and not any(_matches(p, target) for p in ignore):
+                result.add(
+                    "config.json",
+                    f"quantization_config targets module {target!r}, but no shard holds "
+                    f"{target}.weight_packed",
+                )
+
+
+def _check_expected(
+    result: VerifyResult,
+    tensors: dict[str, Any],
+    module: CompressedModule,
+    expected: list[OutputSpec],
+    scheme: str,
+    where: Any,
+) -> None:
+    for spec in expected:
+        if spec.name not in tensors:
+            result.add(
+                where(f"{module.module}.{module.root}"),
+                f"module {module.module!r} ({scheme}) has no {spec.name}",
+            )
+            continue
+        info = tensors[spec.name][1]
+        if info.dtype != spec.dtype or info.shape != spec.shape:
+            result.add(
+                where(spec.name),
+                f"tensor {spec.name!r} is {info.dtype} {list(info.shape)}, but a "
+                f"{list(module.shape)} weight stored {scheme} needs {spec.dtype} "
+                f"{list(spec.shape)}",
+            )
+    result.modules += 1
+
+
+def _check_packed(
+    result: VerifyResult, tensors: dict[str, Any], module: CompressedModule, where: Any
+) -> None:
+    m, args = module.module, module.args
+    assert args is not None
+    scale_dtype = tensors[f"{m}.weight_scale"][1].dtype
+    expected = quantized_outputs(f"{m}.weight", module.shape, scale_dtype, args)
+    _check_expected(result, tensors, module, expected, args.describe(), where)
+
+
+def _check_bitmask(
+    result: VerifyResult, tensors: dict[str, Any], module: CompressedModule, where: Any
+) -> None:
+    m = module.module
+    values = tensors[f"{m}.weight_values"][1]
+    if len(values.shape) != 1:
+        result.add(where(f"{m}.weight_values"), f"tensor '{m}.weight_values' is not 1-D")
+        return
+    expected = bitmask_outputs(f"{m}.weight", module.shape, values.dtype, values.shape[0])
+    before = len(result.problems)
+    _check_expected(result, tensors, module, expected, "as a sparse bitmask", where)
+    if len(result.problems) > before:
+        return
+    # The bits, the row offsets and the number of values must agree (row block by row block).
+    rows, cols = module.shape
+    file, info = tensors[f"{m}.weight_row_offsets"]
+    offsets = read_tensor(file, info).astype(np.int64)
+    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != values.shape[0]:
+        result.add(
+            where(f"{m}.weight_row_offsets"),
+            f"tensor '{m}.weight_row_offsets' does not run from 0 up to the "
+            f"{values.shape[0]} stored values",
+        )
+        return
+    file, info = tensors[f"{m}.weight_bitmask"]
+    for r0 in range(0, rows, 4096):
+        r1 = min(rows, r0 + 4096)
+        bits = np.unpackbits(read_rows(file, info, r0, r1), axis=1, count=cols, bitorder="little")
+        if not np.array_equal(bits.sum(axis=1), np.diff(offsets[r0 : r1 + 1])):
+            result.add(
+                where(f"{m}.weight_bitmask"),
+                f"tensor '{m}.weight_bitmask' and '{m}.weight_row_offsets' disagree on how "
+                f"many values rows {r0}..{r1 - 1} keep",
+            )
+            return
+
+
+# -- compression.json -------------------------------------------------------------------------
+def _check_report(result: VerifyResult) -> None:
+    report = result.root / REPORT_NAME
+    if not report.is_file():
+        return  # not required: checkpoints of other tools have none
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        result.add(REPORT_NAME, f"cannot be parsed: {e}")
+        return
+    if not isinstance(data, dict) or not data.get("input_fingerprint") or not data.get("version"):
+        result.add(REPORT_NAME, "does not record the input fingerprint and the tool version")
