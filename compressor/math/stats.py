@@ -106,21 +106,30 @@ class ErrorStats:
         return self.pruned / self.count if self.count else 0.0
 
 
-def error_stats(x: torch.Tensor, x_hat: torch.Tensor, pruned: int = 0) -> ErrorStats:
+def error_stats(
+    x: torch.Tensor, x_hat: torch.Tensor, pruned: int = 0, count_zeros: bool = True
+) -> ErrorStats:
     """Chunk step: squared error and signal of a block, accumulated in float64.
 
     The difference is taken in float32 for 16-bit inputs — exact, since both operands are
     16-bit values of nearby magnitude — and in float64 otherwise; the sums of squares reduce in
     float64 without materialising float64 copies of the block (the hot path of compress).
+    `count_zeros=False` skips counting x̂'s zeros (only the bitmask layout needs them).
     """
     work = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else torch.float64
     diff = x_hat.to(work) - x.to(work)
+    lo, hi = torch.aminmax(diff) if diff.numel() else (torch.zeros(()), torch.zeros(()))
+    if work == torch.float32 and not (torch.isfinite(lo) and torch.isfinite(hi)):
+        # bfloat16 shares float32's exponent range: a difference of values near its maximum
+        # can overflow float32. Rare, so only then redo it in float64.
+        diff = x_hat.to(torch.float64) - x.to(torch.float64)
+        lo, hi = torch.aminmax(diff)
     return ErrorStats(
         count=int(x.numel()),
         sq_error=float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2,
         sq_signal=float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2,
-        max_abs_error=float(diff.abs().max()) if diff.numel() else 0.0,
-        zeros=int(x_hat.numel() - int(torch.count_nonzero(x_hat))),
+        max_abs_error=max(-float(lo), float(hi)) if diff.numel() else 0.0,
+        zeros=int(x_hat.numel() - int(torch.count_nonzero(x_hat))) if count_zeros else 0,
         pruned=pruned,
     )
 

@@ -143,7 +143,7 @@ def _quantize_chunk(
     for b0 in range(0, x.shape[0], step):
         block = pruned[b0 : b0 + step].to(device)
         codes, scale, zero, x_hat = quantize_block(block, args, fixed, t.rounding)
-        errors.append(error_stats(x[b0 : b0 + step].to(device), x_hat))
+        errors.append(error_stats(x[b0 : b0 + step].to(device), x_hat, count_zeros=False))
         packed.append(pack_rows(codes, args.bits).cpu())
         scales.append(scale.cpu())
         if zero is not None:
