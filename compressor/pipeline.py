@@ -47,7 +47,7 @@ from compressor.stages.stats import (
     candidate_errors,
     prune_thresholds,
 )
-from compressor.stages.thresholds import TensorThresholds, thresholds
+from compressor.stages.thresholds import TensorThresholds, check_finite, thresholds
 from compressor.stages.write import ShardResult
 
 __all__ = ["Pipeline", "RunReport", "compress_checkpoint", "open_executor"]
@@ -192,6 +192,7 @@ class Pipeline:
                 return
             self.staging = ingest_stage.prepare_staging(self.plan)
             self.ranges = ingest_stage.ingest(self.plan, self.staging, executor, self.progress)
+            self.plan_ = check_finite(self.plan, self.ranges)
 
     def stats(self, executor: Executor) -> None:
         """Second-look statistics: exact pruning thresholds, and each candidate's error under an
@@ -234,25 +235,33 @@ class Pipeline:
             self.partial = publish_stage.partial_dir(self.plan)
             shutil.rmtree(self.partial, ignore_errors=True)  # a crashed run's leftovers
             self.partial.mkdir(parents=True)
-            kept = {
-                t.name: self.errors[t.name].count - self.errors[t.name].zeros
-                for t in self.plan.staged
-                if t.prune is not None and t.prune.bitmask and t.args is None
-            }
-            self.layout = (
-                lay_out_shards(self.plan.tensors, self.config.max_shard_mb * 2**20, kept)
-                if kept
-                else self.plan.shards
-            )
-            self.shards = write_stage.write(
-                self.plan,
-                self.staging,
-                self._small_outputs(),
-                self.partial,
-                executor,
-                self.progress,
-                self.layout,
-            )
+            try:
+                self._write_shards(executor)
+            except BaseException:
+                shutil.rmtree(self.partial, ignore_errors=True)  # nothing half-written remains
+                raise
+
+    def _write_shards(self, executor: Executor) -> None:
+        # Bitmask tensors' sizes are known only now (values kept): lay the shards out again.
+        kept = {
+            t.name: self.errors[t.name].count - self.errors[t.name].zeros
+            for t in self.plan.staged
+            if t.prune is not None and t.prune.bitmask and t.args is None
+        }
+        self.layout = (
+            lay_out_shards(self.plan.tensors, self.config.max_shard_mb * 2**20, kept)
+            if kept
+            else self.plan.shards
+        )
+        self.shards = write_stage.write(
+            self.plan,
+            self.staging,
+            self._small_outputs(),
+            self.partial,
+            executor,
+            self.progress,
+            self.layout,
+        )
 
     def publish(self) -> RunReport:
         with self._timed("publish"):

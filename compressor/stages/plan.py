@@ -141,16 +141,15 @@ class Plan:
     def chunk_count(self) -> int:
         return sum(len(t.chunks) for t in self.tensors)
 
-    def demote(self, reasons: Mapping[str, str]) -> None:
-        """Turn the named targets (quantized or pruned) into plain copies, in place.
+    def demote(self, reasons: Mapping[str, str]) -> Plan:
+        """A new plan in which the named targets (quantized or pruned) are plain copies.
 
-        The one change a plan allows after `make_plan`: the thresholds stage calls it (for
-        `skip_nonfinite`) before anything reads `quantized` or `shards` for compress and write.
-        It is in place because the stages share this object. `reasons` maps tensor name → the
-        note shown in the report. The run key stays: the staged chunks are still valid.
+        Used for `skip_nonfinite`, right after ingest has found NaN/Inf, before anything else
+        looks at the targets. `reasons` maps tensor name → the note shown in the report. The run
+        key stays: the staged chunks are still valid.
         """
         if not reasons:
-            return
+            return self
         dropped = {t.note for t in self.tensors if t.name in reasons and t.note}
         tensors = tuple(
             replace(t, args=None, prune=None, chunks=(), note=reasons[t.name])
@@ -159,10 +158,8 @@ class Plan:
             for t in self.tensors
         )
         notes = (*(n for n in self.notes if n not in dropped), *reasons.values())
-        shards = lay_out_shards(list(tensors), self.config.max_shard_mb * 2**20)
-        object.__setattr__(self, "tensors", tensors)
-        object.__setattr__(self, "shards", shards)
-        object.__setattr__(self, "notes", notes)
+        shards = lay_out_shards(tensors, self.config.max_shard_mb * 2**20)
+        return replace(self, tensors=tensors, shards=shards, notes=notes)
 
 
 def matches(patterns: list[str], tensor_name: str) -> bool:

@@ -19,7 +19,7 @@ from compressor.math.quant import qparams_from_range
 from compressor.math.stats import RangeStats
 from compressor.stages.plan import Plan
 
-__all__ = ["TensorThresholds", "nonfinite_error", "thresholds"]
+__all__ = ["TensorThresholds", "check_finite", "nonfinite_error", "thresholds"]
 
 
 @dataclass(frozen=True)
@@ -40,29 +40,36 @@ def nonfinite_error(source: str, tensor: str, count: int) -> InputError:
     )
 
 
-def thresholds(plan: Plan, ranges: dict[str, RangeStats]) -> dict[str, TensorThresholds]:
-    """Per-tensor parameters of every target; demotes non-finite targets when configured."""
-    out: dict[str, TensorThresholds] = {}
+def check_finite(plan: Plan, ranges: dict[str, RangeStats]) -> Plan:
+    """Refuse targets holding NaN/Inf, or with `skip_nonfinite` return a plan that copies them.
+
+    Runs right after ingest, before the stats stage, so non-finite values never reach pruning
+    histograms or budget measurements.
+    """
     demoted: dict[str, str] = {}
     for t in plan.staged:
         r = ranges.get(t.name)
-        if r is None:  # not staged: compress reads the source and checks it itself
-            out[t.name] = TensorThresholds()
+        if r is None or not r.nonfinite:  # not staged: compress checks the source itself
             continue
-        if r.nonfinite:
-            if plan.config.skip_nonfinite:
-                demoted[t.name] = (
-                    f"{t.name}: {r.nonfinite} NaN or infinite value(s); left unquantized "
-                    "(copied as is, --skip-nonfinite)"
-                )
-                continue
+        if not plan.config.skip_nonfinite:
             raise nonfinite_error(t.source, t.name, r.nonfinite)
-        if t.args is None or t.args.strategy != "tensor":
+        demoted[t.name] = (
+            f"{t.name}: {r.nonfinite} NaN or infinite value(s); left unquantized "
+            "(copied as is, --skip-nonfinite)"
+        )
+    return plan.demote(demoted)
+
+
+def thresholds(plan: Plan, ranges: dict[str, RangeStats]) -> dict[str, TensorThresholds]:
+    """Per-tensor parameters of every target (the tensor strategy's scale and zero point)."""
+    out: dict[str, TensorThresholds] = {}
+    for t in plan.staged:
+        r = ranges.get(t.name)
+        if r is None or t.args is None or t.args.strategy != "tensor":
             out[t.name] = TensorThresholds()
             continue
         lo = torch.tensor([[r.min]], dtype=torch.float64)
         hi = torch.tensor([[r.max]], dtype=torch.float64)
         scale, zero = qparams_from_range(lo, hi, t.args, dtypes.torch_dtype(t.info.dtype))
         out[t.name] = TensorThresholds(scale=scale, zero=zero)
-    plan.demote(demoted)
     return out
