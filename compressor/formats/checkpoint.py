@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from compressor.errors import InputError
+from compressor.formats import storage
 from compressor.formats.safetensors_io import SafetensorsHeader, TensorInfo, read_header
 
 __all__ = ["INDEX_NAME", "Checkpoint", "open_checkpoint"]
@@ -37,6 +38,14 @@ class Checkpoint:
     tensors: dict[str, tuple[str, TensorInfo]]
     extra_files: tuple[str, ...]
     config: dict | None
+    url: str | None = None
+    """The root as an fsspec URL when the checkpoint is not local (`root` is then only its
+    path part, for messages); shard paths in `tensors` are URLs too."""
+
+    @property
+    def location(self) -> str:
+        """The root as given: a URL, or the local directory."""
+        return self.url if self.url is not None else str(self.root)
 
     @property
     def total_bytes(self) -> int:
@@ -50,17 +59,25 @@ class Checkpoint:
         """
         h = hashlib.sha256()
         for shard in self.shards:
-            stat = os.stat(shard.path)
-            h.update(Path(shard.path).name.encode())
-            h.update(f":{stat.st_size}:{stat.st_mtime_ns}:".encode())
+            if storage.is_url(shard.path):  # the object's ETag (else its mtime)
+                size, version = storage.size_and_version(shard.path)
+                h.update(storage.name(shard.path).encode())
+                h.update(f":{size}:{version}:".encode())
+            else:
+                stat = os.stat(shard.path)
+                h.update(Path(shard.path).name.encode())
+                h.update(f":{stat.st_size}:{stat.st_mtime_ns}:".encode())
             for name, info in shard.tensors.items():
                 h.update(f"{name}|{info.dtype}|{info.shape}|{info.start}|{info.end};".encode())
         return h.hexdigest()[:16]
 
 
 def open_checkpoint(source: str | Path) -> Checkpoint:
-    """Read and cross-check a checkpoint directory (or a single .safetensors file)."""
-    path = Path(source)
+    """Read and cross-check a checkpoint directory (or a single .safetensors file): a local
+    path or an fsspec URL (``s3://bucket/model``, see `storage`)."""
+    if storage.is_url(source):
+        return _open_url_checkpoint(str(source))
+    path = Path(storage.local_path(source))
     if not path.exists():
         raise InputError("does not exist", path=str(path), hint="check the input path")
     if path.is_file():
@@ -130,6 +147,85 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
     return _assemble(path, headers, extra=extra, config=config)
 
 
+def _open_url_checkpoint(url: str) -> Checkpoint:
+    """`open_checkpoint` for a URL: the same rules, with listings from fsspec."""
+    url = url.rstrip("/")
+    root = Path("/" + url.partition("://")[2])
+    try:
+        if storage.isfile(url):
+            suffix = Path(storage.name(url)).suffix
+            if suffix in _PICKLE_SUFFIXES:
+                raise _pickle_refusal_text(url)
+            if suffix != ".safetensors":
+                raise InputError("not a .safetensors file", path=url, hint="pass a checkpoint URL")
+            header = read_header(url)
+            return replace(
+                _assemble(root.parent, [header], extra=(), config=None), url=storage.parent(url)
+            )
+        files = storage.list_files(url)
+    except OSError as e:
+        raise InputError(
+            f"cannot list the checkpoint: {e.strerror or e}",
+            path=url,
+            hint="check the URL, the credentials and the endpoint (see docs/operations.md, "
+            "Storage)",
+        ) from e
+    if not files:
+        raise InputError("does not exist", path=url, hint="check the input URL")
+    present = set(files)
+    index_url = storage.join(url, INDEX_NAME)
+    weight_map: dict[str, str] | None = None
+    if INDEX_NAME in present:
+        weight_map = _read_index(index_url)
+        shard_names = []
+        for file_name in sorted(set(weight_map.values())):
+            parts = file_name.split("/")
+            if file_name.startswith("/") or ".." in parts or "://" in file_name:
+                raise InputError(
+                    f"the index names {file_name!r}, which lies outside the checkpoint",
+                    path=index_url,
+                    hint="index file names must be relative paths inside the checkpoint directory",
+                )
+            if file_name not in present:
+                raise InputError(
+                    f"the index names shard {file_name!r}, which is missing",
+                    path=index_url,
+                    hint="copy the missing shard or fix the index",
+                )
+            shard_names.append(file_name)
+    else:
+        shard_names = [f for f in files if "/" not in f and f.endswith(".safetensors")]
+    if not shard_names:
+        pickles = [f for f in files if Path(f).suffix in _PICKLE_SUFFIXES]
+        if pickles:
+            raise _pickle_refusal_text(storage.join(url, pickles[0]))
+        raise InputError(
+            "no .safetensors weights found (empty checkpoint)",
+            path=url,
+            hint="point at a Hugging Face checkpoint directory with *.safetensors files",
+        )
+    headers = [read_header(storage.join(url, f)) for f in shard_names]
+    if weight_map is not None:
+        _check_index(index_url, weight_map, headers)
+    extra = tuple(
+        f
+        for f in files
+        if Path(f).name != INDEX_NAME
+        and Path(f).suffix not in _NOT_COPIED_SUFFIXES
+        and not any(part.startswith(".") for part in f.split("/"))
+    )
+    config = None
+    if "config.json" in present:
+        config_url = storage.join(url, "config.json")
+        try:
+            config = json.loads(storage.read_text(config_url))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"config.json is not valid JSON: {e}", path=config_url) from e
+        except OSError as e:
+            raise InputError(f"cannot read config.json: {e}", path=config_url) from e
+    return replace(_assemble(root, headers, extra=extra, config=config), url=url)
+
+
 def _assemble(
     root: Path, headers: list[SafetensorsHeader], extra: tuple[str, ...], config: dict | None
 ) -> Checkpoint:
@@ -154,11 +250,16 @@ def _assemble(
     )
 
 
-def _read_index(index_path: Path) -> dict[str, str]:
+def _read_index(index_path: Path | str) -> dict[str, str]:
     try:
-        data = json.loads(index_path.read_text())
+        data = json.loads(storage.read_text(index_path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot parse the index: {e}", path=str(index_path)) from e
+        raise InputError(
+            f"cannot parse the index: {e}",
+            path=str(index_path),
+            hint="restore model.safetensors.index.json from the original checkpoint (or "
+            "regenerate it: transformers' save_pretrained writes one)",
+        ) from e
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -172,7 +273,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 
 def _check_index(
-    index_path: Path, weight_map: dict[str, str], headers: list[SafetensorsHeader]
+    index_path: Path | str, weight_map: dict[str, str], headers: list[SafetensorsHeader]
 ) -> None:
     by_file = {Path(h.path).name: h for h in headers}
     for name, file_name in weight_map.items():
@@ -196,9 +297,13 @@ def _check_index(
 
 
 def _pickle_refusal(path: Path) -> InputError:
+    return _pickle_refusal_text(str(path))
+
+
+def _pickle_refusal_text(path: str) -> InputError:
     return InputError(
         "pickle checkpoints (.bin/.pt/.pth) are refused: loading them can run arbitrary code",
-        path=str(path),
+        path=path,
         hint="convert to safetensors first, e.g. with transformers: "
         "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True) "
         "in an environment you trust",

@@ -167,9 +167,12 @@ def write_pack_quantized(dense_dir: Path, out_dir: Path, group: int = GROUP) -> 
     return out_dir
 
 
-def decode_pack_quantized(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+def decode_pack_quantized(
+    checkpoint_dir: Path, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """The dense weights a pack-quantized checkpoint stands for: ``q * scale`` per group,
-    multiplied in the scale's dtype (bf16) as compressed-tensors does."""
+    multiplied in `dtype` — by default the scale's dtype (bf16), as compressed-tensors'
+    decompressor does; a model loaded by transformers in float32 multiplies in float32."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     tensors = load_file(checkpoint_dir / "model.safetensors")
@@ -183,8 +186,9 @@ def decode_pack_quantized(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
         q = unpack_from_int32(packed, 4, shape)
         assert int(q.min()) >= -8 and int(q.max()) <= 7
         out_f, in_f = shape
-        groups = q.reshape(out_f, in_f // GROUP, GROUP).to(scale.dtype)
-        dense[f"{base}.weight"] = (groups * scale[..., None]).reshape(out_f, in_f)
+        work = dtype or scale.dtype
+        groups = q.reshape(out_f, in_f // GROUP, GROUP).to(work)
+        dense[f"{base}.weight"] = (groups * scale.to(work)[..., None]).reshape(out_f, in_f)
     return dense
 
 

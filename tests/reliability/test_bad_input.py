@@ -367,10 +367,7 @@ def test_corpus_is_large_enough() -> None:
 
 
 # Product gaps this corpus found and that are not fixed yet (strict: they fail once fixed).
-KNOWN_GAPS = {
-    "index_not_json": "compressor/formats/checkpoint.py:_read_index gives no fix hint for an "
-    "index that is not JSON",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
