@@ -7,7 +7,6 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import threading
@@ -62,8 +61,12 @@ class _RichProgress:
 
 @app.command()
 def compress(
-    source: Annotated[Path, typer.Argument(help="Checkpoint directory or .safetensors file.")],
-    destination: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
+    source: Annotated[
+        str, typer.Argument(help="Checkpoint directory, .safetensors file or fsspec URL.")
+    ],
+    destination: Annotated[
+        str, typer.Argument(help="Output directory or fsspec URL (must not exist).")
+    ],
     preset: Annotated[str, typer.Option(help="w8a16 | w4a16 | w4a16-asym | minmax")] = "w4a16",
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML (overrides --preset).")] = None,
     bits: Annotated[int | None, typer.Option(help="Override bits (2-8).")] = None,
@@ -85,7 +88,9 @@ def compress(
     strict_groups: Annotated[bool, typer.Option(help="Refuse non-dividing group sizes.")] = False,
     workers: Annotated[int | None, typer.Option(help="Local worker processes; 0 = serial.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
-    staging: Annotated[Path | None, typer.Option(help="Staging directory.")] = None,
+    staging: Annotated[
+        str | None, typer.Option(help="Staging directory or fsspec URL (s3://bucket/staging).")
+    ] = None,
     chunk_mb: Annotated[int | None, typer.Option(help="Target MB per chunk.")] = None,
     max_shard_mb: Annotated[int | None, typer.Option(help="Output shard size in MB.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
@@ -244,22 +249,8 @@ def _stop_on_sigterm() -> Any:
 
 
 def _report_dict(report: Any) -> dict[str, Any]:
-    if isinstance(report, dict):  # the flow's result is already a dict
-        return {**report, "tensors": [_finite(t) for t in report["tensors"]]}
-    return {
-        "destination": report.destination,
-        "input_bytes": report.input_bytes,
-        "output_bytes": report.output_bytes,
-        "ratio": report.ratio,
-        "timings_s": report.timings,
-        "notes": report.notes,
-        "tensors": [_finite(t) for t in report.tensors],
-    }
-
-
-def _finite(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no infinity: an exact tensor's SQNR is reported as null."""
-    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+    """The report as JSON-ready data: the flow returns it so already; a RunReport converts."""
+    return report if isinstance(report, dict) else report.to_dict()
 
 
 def _print_summary(report: dict[str, Any]) -> None:

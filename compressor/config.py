@@ -17,6 +17,15 @@ Recipe YAML (``--recipe``)::
         bits: 8
         strategy: channel
     ignore: ["lm_head", "re:.*layers\\.0\\..*"]
+
+Codebook rules (our `codebook` layout, see `formats/layout.py`)::
+
+    quantization:
+      - method: nf4              # NormalFloat4, absmax per block of 64 along each row
+      # or
+      - method: kmeans           # a learned codebook of 2^bits centroids per tensor
+        bits: 3
+        kmeans_iterations: 10
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from compressor import defaults
 from compressor.errors import ConfigError
+from compressor.formats.layout import CodebookArgs
 from compressor.math.quant import QuantArgs
 
 __all__ = [
@@ -47,7 +57,8 @@ __all__ = [
 LINEAR = "Linear"
 """Target meaning "the 2-D weights of linear layers" (embeddings and lm_head excluded)."""
 
-Preset = Literal["w8a16", "w4a16", "w4a16-asym", "minmax", "dense", "recipe"]
+Preset = Literal["w8a16", "w4a16", "w4a16-asym", "minmax", "nf4", "kmeans4", "dense", "recipe"]
+CODEBOOK_METHODS = ("nf4", "kmeans")
 
 
 class _Frozen(BaseModel):
@@ -61,12 +72,26 @@ class QuantRule(_Frozen):
         default_factory=lambda: [LINEAR],
         description='Module or tensor names, "re:<regex>" patterns, or "Linear" for all linear layers.',
     )
-    method: Literal["int", "minmax"] = Field(
+    method: Literal["int", "minmax", "nf4", "kmeans"] = Field(
         "int",
         description='"int": compressed-tensors integer codes; "minmax": the float-offset formula '
-        "round((x-min)/(max-min)·(2^b-1)) in this tool's own layout.",
+        'round((x-min)/(max-min)·(2^b-1)) in this tool\'s own layout; "nf4": NormalFloat4 '
+        'codes with an absmax per block of 64 along each row; "kmeans": a learned codebook of '
+        "2^bits centroids per tensor (the last two in this tool's codebook layout).",
     )
     bits: int = Field(4, ge=2, le=8, description="Bits per weight, 2 to 8.")
+    kmeans_iterations: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="method kmeans: Lloyd iterations (each one pass over the tensor's chunks); "
+        "it stops earlier at a fixed point.",
+    )
+    kmeans_init: Literal["uniform", "histogram"] = Field(
+        "histogram",
+        description="method kmeans: starting centroids at equal steps of [min, max] (uniform), "
+        "or at quantiles of a histogram of the weights (one more pass; usually fewer iterations).",
+    )
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric.")
     strategy: Literal["tensor", "channel", "group"] = Field(
         "group", description="One scale per tensor, per output channel, or per group of inputs."
@@ -80,6 +105,8 @@ class QuantRule(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantRule:
+        if self.method in CODEBOOK_METHODS:
+            self._check_codebook()
         if self.method == "minmax" and self.symmetric:
             raise ValueError(
                 "method minmax is asymmetric by definition: set symmetric: false "
@@ -94,7 +121,35 @@ class QuantRule(_Frozen):
             )
         return self
 
-    def args(self, group_size: int | None = None) -> QuantArgs:
+    def _check_codebook(self) -> None:
+        """Integer-scheme fields mean nothing to a codebook: refuse them rather than ignore them
+        (a value equal to the default cannot be told apart from an absent one, and is fine)."""
+        defaults_ = {"strategy": "group", "group_size": 128, "symmetric": True, "rounding": "rtn"}
+        given = [k for k, v in defaults_.items() if getattr(self, k) != v]
+        if self.method == "nf4" and self.bits != 4:
+            raise ValueError(
+                f"method nf4 has a fixed 4-bit code: drop bits ({self.bits}), or use method "
+                f"kmeans with bits {self.bits} for a learned {2**self.bits}-entry codebook"
+            )
+        if given:
+            where = (
+                "one absmax per block of 64 along each row"
+                if self.method == "nf4"
+                else "one learned codebook per tensor"
+            )
+            raise ValueError(
+                f"method {self.method} has its own granularity ({where}): drop "
+                f"{', '.join(given)} (they apply to methods int and minmax)"
+            )
+
+    def args(self, group_size: int | None = None) -> QuantArgs | CodebookArgs:
+        if self.method == "nf4" or self.method == "kmeans":
+            return CodebookArgs(
+                method=self.method,
+                bits=self.bits,
+                iterations=self.kmeans_iterations,
+                init=self.kmeans_init,
+            )
         return QuantArgs(
             bits=self.bits,
             method=self.method,
@@ -233,6 +288,33 @@ class Recipe(_Frozen):
             data = {**data, "quantization": [data["quantization"]]}
         return data
 
+    @model_validator(mode="after")
+    def _codebooks_alone(self) -> Recipe:
+        """Codebook methods write their own layout and config block: they are not mixed with
+        integer rules (one config.json cannot be both compressed-tensors and ours), pruning, or
+        a budget (whose candidates are integer schemes)."""
+        codebook = [r.method for r in self.quantization if r.method in CODEBOOK_METHODS]
+        if not codebook:
+            return self
+        integer = sorted({r.method for r in self.quantization} - set(CODEBOOK_METHODS))
+        if integer:
+            raise ValueError(
+                f"rules with method {codebook[0]} cannot be mixed with method "
+                f"{integer[0]} rules in one run: the output's config.json describes one layout. "
+                "Use codebook methods (nf4, kmeans) for every rule, or integer methods only"
+            )
+        if self.budget is not None:
+            raise ValueError(
+                f"an automatic budget chooses among integer schemes and cannot be combined with "
+                f"method {codebook[0]}: drop the budget, or the codebook rules"
+            )
+        if self.pruning is not None:
+            raise ValueError(
+                f"pruning is not supported with method {codebook[0]} yet (a k-means codebook "
+                "need not contain 0): prune with an integer scheme such as w4a16-asym"
+            )
+        return self
+
 
 PRESETS: dict[str, Recipe] = {
     "dense": Recipe(quantization=[]),  # no quantization: pruning alone
@@ -242,6 +324,8 @@ PRESETS: dict[str, Recipe] = {
     "minmax": Recipe(
         quantization=[QuantRule(method="minmax", bits=4, symmetric=False, strategy="group")]
     ),
+    "nf4": Recipe(quantization=[QuantRule(method="nf4")]),
+    "kmeans4": Recipe(quantization=[QuantRule(method="kmeans", bits=4)]),
 }
 
 

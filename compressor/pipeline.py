@@ -8,10 +8,8 @@ over chunks through an `Executor`: a dask.distributed cluster, or this process w
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,9 +21,10 @@ import numpy as np
 from compressor import __version__
 from compressor.config import RunConfig
 from compressor.errors import ConfigError
-from compressor.formats import dtypes
-from compressor.formats.layout import MINMAX_FORMAT, module_name
+from compressor.formats import dtypes, storage
+from compressor.formats.layout import CODEBOOK_FORMAT, MINMAX_FORMAT, CodebookArgs, module_name
 from compressor.formats.quant_config import (
+    codebook_config,
     compressed_tensors_config,
     minmax_config,
     sparse_bitmask_config,
@@ -43,8 +42,10 @@ from compressor.stages.plan import Plan, TensorPlan, _is_default_linear, lay_out
 from compressor.stages.stats import (
     CandidateErrors,
     ChunkPrune,
+    Codebook,
     ScopeThreshold,
     candidate_errors,
+    kmeans_codebooks,
     prune_thresholds,
 )
 from compressor.stages.thresholds import TensorThresholds, check_finite, thresholds
@@ -137,6 +138,18 @@ class RunReport:
     def ratio(self) -> float:
         return self.input_bytes / self.output_bytes if self.output_bytes else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (an exact tensor's infinite SQNR becomes None)."""
+        return {
+            "destination": self.destination,
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "ratio": self.ratio,
+            "timings_s": self.timings,
+            "notes": self.notes,
+            "tensors": [_json_safe(t) for t in self.tensors],
+        }
+
     def worst(self, n: int = 5) -> list[dict[str, Any]]:
         quantized = [t for t in self.tensors if t["scheme"] != "copy"]
         return sorted(quantized, key=lambda t: -t["relative_error"])[:n]
@@ -159,6 +172,7 @@ class Pipeline:
         self.candidates: list[QuantArgs] = []
         self.candidate_errors: dict[str, CandidateErrors] = {}
         self.budget_summary: dict[str, Any] | None = None
+        self.codebooks: dict[str, Codebook] = {}
         self.report: RunReport | None = None
         self.direct = False  # compress reads the source, not staged input
 
@@ -195,8 +209,8 @@ class Pipeline:
             self.plan_ = check_finite(self.plan, self.ranges)
 
     def stats(self, executor: Executor) -> None:
-        """Second-look statistics: exact pruning thresholds, and each candidate's error under an
-        automatic budget (nothing to do otherwise)."""
+        """Second-look statistics: exact pruning thresholds, each candidate's error under an
+        automatic budget, and k-means codebooks (nothing to do otherwise)."""
         with self._timed("stats"):
             if self.config.recipe.pruning is not None:
                 self.prune, self.scopes = prune_thresholds(
@@ -208,6 +222,9 @@ class Pipeline:
                 self.candidate_errors = candidate_errors(
                     self.plan, self.staging, self.candidates, executor, self.progress
                 )
+            self.codebooks = kmeans_codebooks(
+                self.plan, self.staging, self.ranges, executor, self.progress
+            )
 
     def thresholds(self) -> None:
         with self._timed("thresholds"):
@@ -228,17 +245,19 @@ class Pipeline:
                 self.progress,
                 self.prune,
                 direct=self.direct,
+                codebooks={name: c.stored for name, c in self.codebooks.items()},
             )
 
     def write(self, executor: Executor) -> None:
         with self._timed("write"):
             self.partial = publish_stage.partial_dir(self.plan)
-            shutil.rmtree(self.partial, ignore_errors=True)  # a crashed run's leftovers
+            storage.remove(self.partial)  # a crashed run's leftovers
             self.partial.mkdir(parents=True)
             try:
                 self._write_shards(executor)
             except BaseException:
-                shutil.rmtree(self.partial, ignore_errors=True)  # nothing half-written remains
+                with contextlib.suppress(OSError):
+                    storage.remove(self.partial)  # nothing half-written remains
                 raise
 
     def _write_shards(self, executor: Executor) -> None:
@@ -274,9 +293,11 @@ class Pipeline:
                 self._report_json(self.report),
             )
             if not self.config.keep_staging:
-                shutil.rmtree(self.staging.root, ignore_errors=True)
                 with contextlib.suppress(OSError):
-                    self.staging.root.parent.rmdir()  # only if no other run's staging is there
+                    storage.remove(self.staging.root)
+                if isinstance(self.staging.root, Path):  # object stores have no empty dirs
+                    with contextlib.suppress(OSError):
+                        self.staging.root.parent.rmdir()  # only if no other run's staging
         self.report.timings = dict(self.timings)
         return self.report
 
@@ -301,14 +322,14 @@ class Pipeline:
 
     def published_report(self) -> RunReport:
         """The report of the identical run already at the destination (idempotent reruns)."""
-        dest = Path(self.config.destination)
-        data = json.loads((dest / publish_stage.REPORT_NAME).read_text())
+        dest = self.config.destination
+        data = storage.read_json(storage.join(dest, publish_stage.REPORT_NAME))
         tensors = [
             {**t, "sqnr_db": float("inf") if t.get("sqnr_db") is None else t["sqnr_db"]}
             for t in data["tensors"]
         ]
         self.report = RunReport(
-            destination=str(dest.resolve()),
+            destination=_shown(dest),
             input_bytes=data["totals"]["input_bytes"],
             output_bytes=data["totals"]["output_bytes"],
             tensors=tensors,
@@ -320,12 +341,17 @@ class Pipeline:
 
     # -- helpers ------------------------------------------------------------------------------
     def _small_outputs(self) -> dict[str, np.ndarray]:
-        """Tiny tensors written straight from the client: shapes, per-tensor scales."""
+        """Tiny tensors written straight from the client: shapes, per-tensor scales, k-means
+        codebooks."""
         small: dict[str, np.ndarray] = {}
         for t in self.plan.staged:
             m = module_name(t.name)
             small[f"{m}.weight_shape"] = np.asarray(t.info.shape, dtype="<i8")
-            if t.args is None:
+            if t.name in self.codebooks:
+                small[f"{m}.weight_codebook"] = np.asarray(
+                    self.codebooks[t.name].stored, dtype="<f4"
+                )
+            if t.args is None or isinstance(t.args, CodebookArgs):
                 continue
             fixed = self.fixed[t.name]
             if fixed.scale is not None:
@@ -348,10 +374,15 @@ class Pipeline:
         ]
         if not self.plan.quantized:
             return sparse_bitmask_config(bitmask) if bitmask else None
+        books: dict[tuple[CodebookArgs, str], list[str]] = {}
         groups: dict[QuantArgs, list[str]] = {}
         for t in self.plan.quantized:
-            assert t.args is not None
-            groups.setdefault(t.args, []).append(module_name(t.name))
+            if isinstance(t.args, CodebookArgs):
+                books.setdefault((t.args, t.info.dtype), []).append(module_name(t.name))
+            elif t.args is not None:
+                groups.setdefault(t.args, []).append(module_name(t.name))
+        if books:  # the recipe refuses mixing codebook and integer rules, and pruning
+            return codebook_config(books)
         if any(a.method == "minmax" for a in groups):
             return minmax_config(groups)
         dense_linear = [
@@ -389,7 +420,7 @@ class Pipeline:
                 }
             )
         return RunReport(
-            destination=str(Path(self.config.destination).resolve()),
+            destination=_shown(self.config.destination),
             input_bytes=plan.checkpoint.total_bytes,
             output_bytes=sum(s.nbytes for s in self.shards),
             tensors=rows,
@@ -398,13 +429,30 @@ class Pipeline:
             run_key=plan.run_key,
         )
 
+    def _format(self) -> str:
+        methods = {t.args.method for t in self.plan.quantized if t.args is not None}
+        if methods & {"nf4", "kmeans"}:
+            return CODEBOOK_FORMAT
+        return MINMAX_FORMAT if "minmax" in methods else "compressed-tensors"
+
+    def _kmeans_summary(self) -> dict[str, Any]:
+        """Per k-means tensor: iterations run, whether it reached a fixed point, the last
+        iteration's squared error (approximate) and the stored codebook."""
+        return {
+            name: {
+                "iterations": c.iterations,
+                "converged": c.converged,
+                "sse": c.sse,
+                "codebook": list(c.stored),
+            }
+            for name, c in self.codebooks.items()
+        }
+
     def _report_json(self, report: RunReport) -> dict[str, Any]:
         return {
             "tool": "checkpoint-compressor",
             "version": __version__,
-            "format": MINMAX_FORMAT
-            if any(t.args and t.args.method == "minmax" for t in self.plan.quantized)
-            else "compressed-tensors",
+            "format": self._format(),
             "input_fingerprint": self.plan.checkpoint.fingerprint(),
             "run_key": report.run_key,
             "config": self.config.model_dump(mode="json"),
@@ -415,6 +463,7 @@ class Pipeline:
             },
             "notes": report.notes,
             **({"budget": self.budget_summary} if self.budget_summary else {}),
+            **({"kmeans": self._kmeans_summary()} if self.codebooks else {}),
             "pruning_scopes": [
                 {
                     "scope": p.scope,
@@ -427,6 +476,11 @@ class Pipeline:
             "timings_s": report.timings,
             "tensors": [_json_safe(t) for t in report.tensors],
         }
+
+
+def _shown(destination: str) -> str:
+    """The destination as reports show it: a URL as given, a local path made absolute."""
+    return destination if storage.is_url(destination) else str(Path(destination).resolve())
 
 
 def _scheme(t: TensorPlan) -> str:

@@ -106,19 +106,7 @@ def write_task(pipe: Pipeline, executor: Executor) -> None:
 def publish_task(pipe: Pipeline) -> dict[str, Any]:
     report = pipe.publish()
     _report_artifacts(report)
-    return _result(report)
-
-
-def _result(report: Any) -> dict[str, Any]:
-    return {
-        "destination": report.destination,
-        "input_bytes": report.input_bytes,
-        "output_bytes": report.output_bytes,
-        "ratio": report.ratio,
-        "timings_s": report.timings,
-        "notes": report.notes,
-        "tensors": report.tensors,
-    }
+    return report.to_dict()
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -195,7 +183,7 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
     if pipe.plan.up_to_date and not config.overwrite:
         report = pipe.published_report()
         logger.info("up to date: %s already holds this output", report.destination)
-        return _result(report)
+        return report.to_dict()
     with destination_lock(config.destination), open_executor(config) as executor:
         ingest_task(pipe, executor)
         stats_task(pipe, executor)

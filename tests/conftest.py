@@ -22,8 +22,18 @@ import numpy as np
 import pytest
 import torch
 
-INPUT_SHAPE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 2, "vocab_size": 1024}
-PARTIAL_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 2, "vocab_size": 1024}
+INPUT_SHAPE = {
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 2,
+    "vocab_size": 1024,
+}
+PARTIAL_SHAPE = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 2,
+    "vocab_size": 1024,
+}
 
 
 # -- helpers (plain functions; tests import them from here) -----------------------------------
@@ -50,7 +60,15 @@ def load_dir(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def read_safetensors_numpy(file: str | Path) -> dict[str, tuple[str, np.ndarray]]:
     """An independent reader: name → (dtype, raw little-endian array); BF16 as uint16 bits."""
-    storage = {"BF16": "<u2", "F16": "<f2", "F32": "<f4", "F64": "<f8", "I32": "<i4", "I64": "<i8", "I8": "i1"}
+    storage = {
+        "BF16": "<u2",
+        "F16": "<f2",
+        "F32": "<f4",
+        "F64": "<f8",
+        "I32": "<i4",
+        "I64": "<i8",
+        "I8": "i1",
+    }
     data = Path(file).read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
@@ -58,7 +76,12 @@ def read_safetensors_numpy(file: str | Path) -> dict[str, tuple[str, np.ndarray]
     out = {}
     for name, entry in header.items():
         start, end = entry["data_offsets"]
-        raw = np.frombuffer(data, dtype=storage[entry["dtype"]], count=(end - start) // np.dtype(storage[entry["dtype"]]).itemsize, offset=8 + n + start)
+        raw = np.frombuffer(
+            data,
+            dtype=storage[entry["dtype"]],
+            count=(end - start) // np.dtype(storage[entry["dtype"]]).itemsize,
+            offset=8 + n + start,
+        )
         out[name] = (entry["dtype"], raw.reshape(entry["shape"]))
     return out
 
@@ -134,7 +157,9 @@ def destination(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def compressed(tmp_path_factory: pytest.TempPathFactory, llama_src: Path) -> Callable[..., tuple[Path, Any]]:
+def compressed(
+    tmp_path_factory: pytest.TempPathFactory, llama_src: Path
+) -> Callable[..., tuple[Path, Any]]:
     """compressed(preset, **build_config options) → (output dir, RunReport), computed once.
 
     Serial (workers=0) runs of the 512-hidden checkpoint, shared by the tests that only read them.

@@ -56,7 +56,9 @@ def _inputs_untouched(source_digests):
 
 # -- compressed-tensors compatibility -----------------------------------------------------------
 @pytest.mark.parametrize("preset", ["w8a16", "w4a16", "w4a16-asym"])
-def test_compressed_tensors_decompresses_like_us(preset, compressed, ours_dense, llama_src, tmp_path):
+def test_compressed_tensors_decompresses_like_us(
+    preset, compressed, ours_dense, llama_src, tmp_path
+):
     out, report = compressed(preset)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors"
@@ -97,7 +99,9 @@ def test_compressed_tensors_decompresses_like_us(preset, compressed, ours_dense,
         else:
             assert 0 < rel < (0.05 if preset == "w8a16" else 0.25), (name, rel)
             assert row["sqnr_db"] == pytest.approx(-20 * math.log10(rel), rel=1e-6)
-    assert {r["relative_error"] for r in report.tensors} == {r["relative_error"] for r in rows.values()}
+    assert {r["relative_error"] for r in report.tensors} == {
+        r["relative_error"] for r in rows.values()
+    }
 
 
 # -- minmax: the float-offset formula against a numpy reference ---------------------------------
@@ -121,7 +125,9 @@ def _minmax_reference(x: np.ndarray, bits: int, group: int | None) -> np.ndarray
     return (lo + q * scale).reshape(rows, cols)
 
 
-@pytest.mark.parametrize(("bits", "strategy"), [(4, "group"), (8, "group"), (4, "channel"), (8, "channel")])
+@pytest.mark.parametrize(
+    ("bits", "strategy"), [(4, "group"), (8, "group"), (4, "channel"), (8, "channel")]
+)
 def test_minmax_matches_numpy_reference(bits, strategy, compressed, ours_dense, llama_src):
     out, _ = compressed("minmax", bits=bits, strategy=strategy)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -219,7 +225,9 @@ def test_group_fallback_for_576_inputs(llama576_src, compressed, ours_dense, tmp
 
 def test_strict_groups_fails_before_writing_anything(llama576_src, tmp_path):
     runs = tmp_path / "runs"  # does not exist: any directory the run creates would show
-    config = build_config(str(llama576_src), str(runs / "out"), preset="w4a16", workers=0, strict_groups=True)
+    config = build_config(
+        str(llama576_src), str(runs / "out"), preset="w4a16", workers=0, strict_groups=True
+    )
     with pytest.raises(ConfigError) as info:
         compress_checkpoint(config)
     assert info.value.tensor == "model.layers.0.self_attn.q_proj.weight"
@@ -236,7 +244,10 @@ def odd_src(tmp_path_factory):
     from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
 
     return generate_llama_checkpoint(
-        tmp_path_factory.mktemp("src") / "llama-odd", LlamaShape(intermediate_size=1000), shard_mb=2, seed=2
+        tmp_path_factory.mktemp("src") / "llama-odd",
+        LlamaShape(intermediate_size=1000),
+        shard_mb=2,
+        seed=2,
     )
 
 
@@ -244,7 +255,8 @@ def odd_src(tmp_path_factory):
 def test_odd_shapes_asymmetric(bits, odd_src, compressed, ours_dense, tmp_path):
     out, report = compressed("w4a16-asym", source=odd_src, bits=bits, chunk_mb=1)
     assert sorted(report.notes) == sorted(
-        f"model.layers.{k}.mlp.down_proj.weight: group 128 → per-channel (1000 inputs)" for k in range(2)
+        f"model.layers.{k}.mlp.down_proj.weight: group 128 → per-channel (1000 inputs)"
+        for k in range(2)
     )
     schemes = {t["name"]: t["scheme"] for t in report.tensors}
     assert schemes["model.layers.0.mlp.down_proj.weight"] == f"int{bits} asym channel"
@@ -265,8 +277,12 @@ def _weights_digest(out: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_serial_and_local_cluster_write_identical_bytes(llama_src, tmp_path):
     options = {"preset": "w4a16-asym", "chunk_mb": 1, "max_shard_mb": 1}
-    serial = compress_checkpoint(build_config(str(llama_src), str(tmp_path / "serial"), workers=0, **options))
-    cluster = compress_checkpoint(build_config(str(llama_src), str(tmp_path / "cluster"), workers=2, **options))
+    serial = compress_checkpoint(
+        build_config(str(llama_src), str(tmp_path / "serial"), workers=0, **options)
+    )
+    cluster = compress_checkpoint(
+        build_config(str(llama_src), str(tmp_path / "cluster"), workers=2, **options)
+    )
     a, b = _weights_digest(tmp_path / "serial"), _weights_digest(tmp_path / "cluster")
     assert "model.safetensors.index.json" in a
     assert len([n for n in a if n.endswith(".safetensors")]) >= 2
@@ -276,7 +292,11 @@ def test_serial_and_local_cluster_write_identical_bytes(llama_src, tmp_path):
         [t["relative_error"] for t in cluster.tensors], rel=1e-12
     )
     # Chunking is an execution detail: one chunk per tensor gives the same bytes.
-    compress_checkpoint(build_config(str(llama_src), str(tmp_path / "big"), workers=0, preset="w4a16-asym", max_shard_mb=1))
+    compress_checkpoint(
+        build_config(
+            str(llama_src), str(tmp_path / "big"), workers=0, preset="w4a16-asym", max_shard_mb=1
+        )
+    )
     assert _weights_digest(tmp_path / "big") == a
 
 
@@ -285,7 +305,14 @@ def test_resume_skips_finished_chunks(llama_src, tmp_path, monkeypatch):
     import compressor.stages.compress as compress_stage
 
     def config(dest: str) -> RunConfig:
-        return build_config(str(llama_src), str(tmp_path / dest), preset="w4a16-asym", workers=0, chunk_mb=1, keep_staging=True)
+        return build_config(
+            str(llama_src),
+            str(tmp_path / dest),
+            preset="w4a16-asym",
+            workers=0,
+            chunk_mb=1,
+            keep_staging=True,
+        )
 
     calls: list[int] = []
     real = compress_stage.quantize_block
@@ -339,7 +366,10 @@ def test_resume_skips_finished_chunks(llama_src, tmp_path, monkeypatch):
         if rel not in ("compression.json", "manifest.json"):
             assert resumed_files[rel] == clean_files[rel], rel
     # The resumed run reports the same error figures as the clean one (recorded, not recomputed).
-    rows = [json.loads((tmp_path / d / "compression.json").read_text())["tensors"] for d in ("out", "clean")]
+    rows = [
+        json.loads((tmp_path / d / "compression.json").read_text())["tensors"]
+        for d in ("out", "clean")
+    ]
     assert rows[0] == rows[1]
 
 
@@ -353,7 +383,9 @@ def test_existing_destination_and_overwrite(llama_src, destination):
     assert str(destination) in str(info.value)
     assert (destination / "old.txt").read_text() == "previous output"
 
-    compress_checkpoint(build_config(str(llama_src), str(destination), preset="w8a16", workers=0, overwrite=True))
+    compress_checkpoint(
+        build_config(str(llama_src), str(destination), preset="w8a16", workers=0, overwrite=True)
+    )
     assert not (destination / "old.txt").exists()
     assert (destination / "config.json").is_file() and list(destination.glob("*.safetensors"))
     leftovers = [p.name for p in destination.parent.iterdir() if p.name.startswith(".")]
@@ -371,7 +403,13 @@ def test_destination_inside_source_is_refused(llama_src):
 
 def test_recipe_matching_nothing_is_refused(llama_src, destination):
     recipe = Recipe(quantization=[QuantRule(targets=["re:.*no_such_module.*"], bits=4)])
-    config = RunConfig(source=str(llama_src), destination=str(destination), preset="recipe", recipe=recipe, workers=0)
+    config = RunConfig(
+        source=str(llama_src),
+        destination=str(destination),
+        preset="recipe",
+        recipe=recipe,
+        workers=0,
+    )
     with pytest.raises(ConfigError) as info:
         compress_checkpoint(config)
     assert "matches no tensor" in str(info.value)
@@ -382,7 +420,10 @@ def test_nan_in_target_weight(llama_src, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(llama_src, broken)
     name = "model.layers.1.mlp.up_proj.weight"
-    shard = broken / json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][name]
+    shard = (
+        broken
+        / json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][name]
+    )
     data = bytearray(shard.read_bytes())
     (n,) = np.frombuffer(bytes(data[:8]), dtype="<u8")
     start, _ = json.loads(data[8 : 8 + int(n)])[name]["data_offsets"]
@@ -393,7 +434,9 @@ def test_nan_in_target_weight(llama_src, tmp_path):
 
     dest = tmp_path / "out"
     with pytest.raises(InputError) as info:
-        compress_checkpoint(build_config(str(broken), str(dest), preset="w4a16", workers=0, chunk_mb=1))
+        compress_checkpoint(
+            build_config(str(broken), str(dest), preset="w4a16", workers=0, chunk_mb=1)
+        )
     assert info.value.tensor == name
     assert name in str(info.value) and "NaN" in str(info.value)
     assert not dest.exists()

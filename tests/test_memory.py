@@ -28,7 +28,9 @@ def _peak_rss(args: list[str]) -> tuple[int, int, dict[int, int]]:
     """Run a command; return (exit code, largest single-process peak RSS, peak per pid)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     root = psutil.Process(proc.pid)
     peaks: dict[int, int] = {}
     deadline = time.monotonic() + 600
@@ -52,8 +54,13 @@ def _peak_rss(args: list[str]) -> tuple[int, int, dict[int, int]]:
 
 
 def test_peak_memory_does_not_grow_with_checkpoint_size(tmp_path):
-    base = {"hidden_size": 1024, "intermediate_size": 2048, "vocab_size": 1024,
-            "num_attention_heads": 8, "num_key_value_heads": 4}
+    base = {
+        "hidden_size": 1024,
+        "intermediate_size": 2048,
+        "vocab_size": 1024,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    }
     command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "compressor.cli"]
     results = {}
     for layers in (3, 6):
@@ -63,14 +70,27 @@ def test_peak_memory_does_not_grow_with_checkpoint_size(tmp_path):
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         dest = tmp_path / f"out{layers}"
         _, peak, peaks = _peak_rss(
-            [*command, "compress", str(src), str(dest), "--preset", "w4a16",
-             "--workers", "2", "--chunk-mb", "4", "--quiet"]
+            [
+                *command,
+                "compress",
+                str(src),
+                str(dest),
+                "--preset",
+                "w4a16",
+                "--workers",
+                "2",
+                "--chunk-mb",
+                "4",
+                "--quiet",
+            ]
         )
         assert (dest / "config.json").is_file()
         assert len(peaks) >= 3  # the client and two worker processes were sampled
         results[layers] = (size, peak)
-        print(f"{layers} layers: input {size / 2**20:.0f} MB, largest process peak RSS "
-              f"{peak / 2**20:.0f} MB over {len(peaks)} processes")
+        print(
+            f"{layers} layers: input {size / 2**20:.0f} MB, largest process peak RSS "
+            f"{peak / 2**20:.0f} MB over {len(peaks)} processes"
+        )
     (small_size, small_peak), (big_size, big_peak) = results[3], results[6]
     assert big_size > 1.8 * small_size
     assert big_peak <= 1.3 * small_peak + SLACK_BYTES, (small_peak, big_peak)

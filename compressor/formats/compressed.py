@@ -1,7 +1,8 @@
 """Reading compressed checkpoints back: scheme discovery, streaming decompression, inspection.
 
 Understands compressed-tensors `pack-quantized` checkpoints (ours and other tools', with exact,
-"re:" or "Linear" targets) and our `minmax-float-offset` layout (see `layout.py`).
+"re:" or "Linear" targets) and our `minmax-float-offset`, `sparse-bitmask` and `codebook` (NF4,
+k-means) layouts (see `layout.py`).
 Decompression streams row blocks, so memory stays bounded whatever the tensor size.
 """
 
@@ -14,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,7 +23,13 @@ import torch
 from compressor.errors import InputError, OutputError
 from compressor.formats import dtypes
 from compressor.formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from compressor.formats.layout import CT_FORMAT, MINMAX_FORMAT
+from compressor.formats.layout import (
+    CODEBOOK_FORMAT,
+    CT_FORMAT,
+    MINMAX_FORMAT,
+    CodebookArgs,
+    nf4_dequantize_rows,
+)
 from compressor.formats.safetensors_io import (
     SafetensorsWriter,
     TensorInfo,
@@ -44,6 +51,10 @@ __all__ = [
 _ROW_BLOCK = 1024  # multiple of 32: zero-point words never straddle two blocks
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_min", "weight_shape")
 _BITMASK_SUFFIXES = ("weight_bitmask", "weight_values", "weight_row_offsets", "weight_shape")
+_CODEBOOK_SUFFIXES = {  # the root part (what marks a module) → every part of the layout
+    "weight_nf4": ("weight_nf4", "weight_absmax", "weight_shape"),
+    "weight_indices": ("weight_indices", "weight_codebook", "weight_shape"),
+}
 
 
 @dataclass(frozen=True)
@@ -52,19 +63,25 @@ class CompressedModule:
 
     `args` is the quantization scheme, or None for a pruned weight in the bitmask layout.
     `root` is the part whose position in its shard the dense weight takes on decompression.
+    `weight_dtype` is the dense weight's dtype where no stored part carries it (codebooks).
     """
 
     module: str
-    args: QuantArgs | None
+    args: QuantArgs | CodebookArgs | None
     shape: tuple[int, int]
     parts: dict[str, tuple[str, TensorInfo]]  # suffix → (file, info)
+    weight_dtype: str | None = None
 
     @property
     def root(self) -> str:
+        if isinstance(self.args, CodebookArgs):
+            return "weight_nf4" if self.args.method == "nf4" else "weight_indices"
         return "weight_packed" if self.args is not None else "weight_bitmask"
 
     @property
     def dtype(self) -> str:
+        if self.weight_dtype is not None:
+            return self.weight_dtype
         key = "weight_scale" if self.args is not None else "weight_values"
         return self.parts[key][1].dtype
 
@@ -104,6 +121,7 @@ def quantized_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
     """Every packed weight of a checkpoint with the scheme its config group gives it."""
     qc = (checkpoint.config or {}).get("quantization_config")
     out = _bitmask_modules(checkpoint)
+    out.update(_codebook_modules(checkpoint, qc))
     packed = [
         n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")
     ]
@@ -155,6 +173,63 @@ def quantized_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
     return out
 
 
+def _codebook_modules(checkpoint: Checkpoint, qc: object) -> dict[str, CompressedModule]:
+    """NF4 and k-means weights (our `codebook` layout), with their config group's scheme."""
+    roots = [
+        (name.rsplit(".", 1)[0], name.rsplit(".", 1)[1])
+        for name in checkpoint.tensors
+        if name.rsplit(".", 1)[-1] in _CODEBOOK_SUFFIXES
+    ]
+    if not roots:
+        return {}
+    if not isinstance(qc, dict) or qc.get("format") != CODEBOOK_FORMAT:
+        raise InputError(
+            f"holds codebook weights ({roots[0][0]}.{roots[0][1]}) but config.json's "
+            f"quantization_config is not the checkpoint-compressor {CODEBOOK_FORMAT} block",
+            path=str(checkpoint.root),
+            hint="restore the config.json written with the checkpoint",
+        )
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+    out = {}
+    for module, root in roots:
+        where = f"{module}.{root}"
+        group = next((g for g in groups if module in (g.get("targets") or [])), None)
+        if group is None:
+            raise InputError(
+                "is codebook-quantized but no quantization config group targets it",
+                path=str(checkpoint.root),
+                tensor=where,
+            )
+        method: Literal["nf4", "kmeans"] = "nf4" if root == "weight_nf4" else "kmeans"
+        try:
+            if group.get("type") != method:
+                raise ValueError(f"its config group says type {group.get('type')!r}")
+            args = CodebookArgs(
+                method=method,
+                bits=int(group.get("num_bits", 4)),
+                iterations=int(group.get("iterations", 0)),
+                init=group.get("init", "uniform"),
+            )
+            dtypes.torch_dtype(str(group.get("dtype")))
+        except (ValueError, TypeError, KeyError) as e:
+            raise InputError(
+                f"has an unusable codebook config group: {e}",
+                path=str(checkpoint.root),
+                tensor=where,
+                hint="restore the config.json written with the checkpoint",
+            ) from e
+        parts = {}
+        for suffix in _CODEBOOK_SUFFIXES[root]:
+            found = checkpoint.tensors.get(f"{module}.{suffix}")
+            if found is None:
+                raise InputError(f"has no {suffix}", path=str(checkpoint.root), tensor=where)
+            parts[suffix] = found
+        file, info = parts["weight_shape"]
+        rows, cols = (int(v) for v in read_tensor(file, info).reshape(-1))
+        out[module] = CompressedModule(module, args, (rows, cols), parts, str(group["dtype"]))
+    return out
+
+
 def _bitmask_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
     """Pruned weights stored as values + bitmask (our `sparse-bitmask` layout)."""
     out = {}
@@ -187,6 +262,8 @@ def dequantize_module_rows(
     rows, cols = module.shape
     if args is None:
         return _unmask_rows(module, r0, r1, dtype)
+    if isinstance(args, CodebookArgs):
+        return _codebook_rows(module, args, r0, r1, dtype or dtypes.torch_dtype(module.dtype))
     scale_dtype = dtypes.torch_dtype(module.dtype)
     codes = unpack_rows(_read(module, "weight_packed", r0, r1), args.bits, cols)
     q = codes + quantized_range(args)[0]
@@ -213,6 +290,19 @@ def dequantize_module_rows(
             z = unpack_rows(words.T.contiguous(), args.bits, r1 - r0).T
             zero = z + quantized_range(args)[0]
     return dequantize(q, scale, zero, args, dtype or scale_dtype)
+
+
+def _codebook_rows(
+    module: CompressedModule, args: CodebookArgs, r0: int, r1: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows [r0, r1) of an NF4 or k-means weight (see layout.py)."""
+    cols = module.shape[1]
+    if args.method == "nf4":
+        codes = unpack_rows(_read(module, "weight_nf4", r0, r1), 4, cols).to(torch.uint8)
+        return nf4_dequantize_rows(codes, _read(module, "weight_absmax", r0, r1), dtype)
+    indices = unpack_rows(_read(module, "weight_indices", r0, r1), args.bits, cols)
+    codebook = _read(module, "weight_codebook", 0, args.levels).reshape(-1)
+    return codebook[indices.long()].to(dtype)
 
 
 def _unmask_rows(

@@ -10,10 +10,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from compressor.formats.layout import CT_FORMAT, MINMAX_FORMAT, SPARSE_BITMASK_FORMAT
+from compressor.formats.layout import (
+    CODEBOOK_FORMAT,
+    CT_FORMAT,
+    MINMAX_FORMAT,
+    SPARSE_BITMASK_FORMAT,
+    CodebookArgs,
+)
 from compressor.math.quant import QuantArgs
 
-__all__ = ["compressed_tensors_config", "minmax_config", "sparse_bitmask_config"]
+__all__ = [
+    "codebook_config",
+    "compressed_tensors_config",
+    "minmax_config",
+    "sparse_bitmask_config",
+]
 
 
 def _weights_args(args: QuantArgs) -> dict[str, Any]:
@@ -61,7 +72,8 @@ def compressed_tensors_config(
 
 def minmax_config(groups: Mapping[QuantArgs, Sequence[str]]) -> dict[str, Any]:
     """Our own block for the float-offset layout. Its `quant_method` is deliberately unknown to
-    transformers, which then refuses to load it instead of silently reading packed codes."""
+    transformers, so no loader reads the codes as one of its own formats (transformers 5 warns
+    and skips quantization, leaving the dense weights missing: decompress first)."""
     return {
         "quant_method": "checkpoint-compressor",
         "format": MINMAX_FORMAT,
@@ -86,6 +98,36 @@ def sparse_bitmask_config(modules: Sequence[str]) -> dict[str, Any]:
         "quant_method": "checkpoint-compressor",
         "format": SPARSE_BITMASK_FORMAT,
         "targets": sorted(modules),
+        "decompress_with": "compressor decompress SRC DST",
+    }
+
+
+def codebook_config(groups: Mapping[tuple[CodebookArgs, str], Sequence[str]]) -> dict[str, Any]:
+    """Our block for the codebook layouts (NF4, k-means; see layout.py).
+
+    `groups` maps (scheme, the weights' safetensors dtype) to module names: the dtype is what
+    decompression restores, since codes, absmax and codebook are stored in float32. As in the
+    minmax block, `quant_method` is unknown to transformers (see `minmax_config`).
+    """
+    config_groups = {}
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0].method, kv[0][0].bits, kv[0][1]))
+    for k, ((args, dtype), modules) in enumerate(ordered):
+        group: dict[str, Any] = {
+            "targets": sorted(modules),
+            "type": args.method,
+            "num_bits": args.bits,
+            "dtype": dtype,
+        }
+        if args.method == "nf4":
+            group["block_size"] = args.block_size
+        else:
+            group["iterations"] = args.iterations
+            group["init"] = args.init
+        config_groups[f"group_{k}"] = group
+    return {
+        "quant_method": "checkpoint-compressor",
+        "format": CODEBOOK_FORMAT,
+        "config_groups": config_groups,
         "decompress_with": "compressor decompress SRC DST",
     }
 

@@ -10,9 +10,10 @@ end]}`` with offsets relative to the start of the data buffer, plus an optional
 
 Reading: `read_header` validates the whole header against the file (the same rules as the
 reference reader, so every file we accept also loads in `safetensors`), then `read_rows`,
-`read_tensor` and `iter_byte_blocks` fetch only the bytes asked for with positioned reads. No
-function maps or reads a whole file, and any malformed or unreadable input surfaces as
-`InputError` naming the file, the tensor and what to do.
+`read_tensor` and `iter_byte_blocks` fetch only the bytes asked for with positioned reads. Paths
+may be fsspec URLs (``s3://bucket/model/model.safetensors``, see `storage`): each read is then
+one ranged request. No function maps or reads a whole file, and any malformed or unreadable
+input surfaces as `InputError` naming the file, the tensor and what to do.
 
 Writing: `SafetensorsWriter` lays the header out from declared (name, dtype, shape) entries, then
 streams each tensor's bytes in order into a temporary file in the destination directory, which is
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 from compressor.errors import InputError, OutputError
-from compressor.formats import dtypes
+from compressor.formats import dtypes, storage
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
@@ -200,12 +201,12 @@ def read_header(path: PathLike) -> SafetensorsHeader:
     p = os.fspath(path)
     try:
         # Refuse FIFOs and devices before opening: opening a FIFO blocks until a writer appears.
-        if not stat.S_ISREG(os.stat(p).st_mode):
+        if not storage.is_url(p) and not stat.S_ISREG(os.stat(storage.local_path(p)).st_mode):
             raise InputError(
                 "not a regular file", path=p, hint="pass the path of a .safetensors file"
             )
-        with open(p, "rb", buffering=0) as f:
-            file_size = os.fstat(f.fileno()).st_size
+        with storage.open_read(p) as f:
+            file_size = storage.file_size(f)
             prefix = bytearray(8)
             got = _read_exact(f, 0, memoryview(prefix))
             if got < 8:
@@ -430,7 +431,7 @@ def _read_into(path: PathLike, offset: int, out: np.ndarray, tensor: str) -> Non
     p = os.fspath(path)
     buf = out.reshape(-1).view(np.uint8).data
     try:
-        with open(p, "rb", buffering=0) as f:
+        with storage.open_read(p) as f:
             got = _read_exact(f, offset, buf)
     except OSError as e:
         raise InputError(
@@ -498,7 +499,7 @@ def iter_byte_blocks(
         raise ValueError(f"iter_byte_blocks: block_bytes must be positive, got {block_bytes}")
     p = os.fspath(path)
     try:
-        f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed by the `with` below, across yields
+        f = storage.open_read(p)  # closed by the `with` below, across yields
     except OSError as e:
         raise InputError(
             f"cannot read tensor data: {e.strerror or e}",

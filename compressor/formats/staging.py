@@ -13,6 +13,11 @@ so a rerun of the same job finds its finished chunks and a changed input starts 
 Each chunk of each array is written by exactly one task (chunks are aligned with the row blocks
 and zero-point words with 32-row multiples), so no two writers ever touch one Zarr chunk file.
 Arrays are uncompressed: weights barely compress and the codec would sit on the hot path.
+
+The root is a local directory or an fsspec URL (``s3://bucket/staging/<key>``): zarr then uses
+its fsspec store, and markers are single objects (a PUT is atomic, so a marker is either absent
+or complete there too). Local staging only works when every worker runs on this machine; a
+multi-node cluster needs shared storage or a URL (docs/operations.md, "The staging rule").
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from compressor.formats import dtypes
+from compressor.formats import dtypes, storage
 
 __all__ = ["Staging"]
 
@@ -33,8 +38,8 @@ __all__ = ["Staging"]
 class Staging:
     """Handle on a staging root; cheap to create, safe to send to workers (it is just a path)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path | storage.UrlPath) -> None:
+        self.root: Path | storage.UrlPath = storage.as_path(root)
 
     def __reduce__(self):
         return (Staging, (str(self.root),))
@@ -78,7 +83,7 @@ class Staging:
         return np.asarray(self.array(path)[row_start:row_stop])
 
     # -- completion markers --------------------------------------------------------------------
-    def _marker(self, stage: str, key: str, chunk: int) -> Path:
+    def _marker(self, stage: str, key: str, chunk: int) -> Path | storage.UrlPath:
         return self.root / "done" / stage / f"{key}.c{chunk:05d}.json"
 
     def mark_done(
@@ -86,6 +91,9 @@ class Staging:
     ) -> None:
         """Record a finished chunk, atomically: a marker is either absent or complete."""
         marker = self._marker(stage, key, chunk)
+        if not isinstance(marker, Path):  # one PUT: atomic on object stores
+            storage.write_text(str(marker), json.dumps(result or {}))
+            return
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(result or {}))
@@ -95,10 +103,14 @@ class Staging:
         """The recorded result of a finished chunk, or None if it must be (re)done."""
         marker = self._marker(stage, key, chunk)
         try:
+            if not isinstance(marker, Path):
+                return json.loads(storage.read_text(str(marker)))  # type: ignore[no-any-return]
             return json.loads(marker.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
     def count_done(self, stage: str) -> int:
         folder = self.root / "done" / stage
+        if not isinstance(folder, Path):
+            return sum(1 for f in storage.list_files(str(folder)) if f.endswith(".json"))
         return len(list(folder.glob("*.json"))) if folder.exists() else 0

@@ -14,11 +14,14 @@ and collects every problem it finds, each naming the file:
   shards come with an index;
 - `config.json` parses, and its `quantization_config` (absent for a dense output) too:
   compressed-tensors' own pydantic model (`QuantizationConfig.model_validate`) when that package
-  is installed, structural checks always (they also cover our `minmax-float-offset` and
-  `sparse-bitmask` blocks);
+  is installed, structural checks always (they also cover our `minmax-float-offset`,
+  `sparse-bitmask` and `codebook` blocks);
 - every packed module has its scale and shape (and zero point or minimum where its scheme needs
   one) with the dtypes and shapes its config group implies, no dense weight beside it, and every
   module a config group names is packed and none that `ignore` names is;
+- every codebook module (NF4: codes, absmax, shape; k-means: indices, codebook, shape) has the
+  dtypes and shapes its config group implies, a finite absmax/codebook, and is declared, and
+  every declared one exists;
 - every sparse-bitmask module has values, bitmask, row offsets and shape that agree with each
   other (bits kept per row = row offset steps, offsets end at the number of values) and is
   declared in `quantization_config`, and every declared one exists.
@@ -42,9 +45,11 @@ from compressor.errors import CompressorError, InputError
 from compressor.formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from compressor.formats.compressed import CompressedModule, quantized_modules
 from compressor.formats.layout import (
+    CODEBOOK_FORMAT,
     CT_FORMAT,
     MINMAX_FORMAT,
     SPARSE_BITMASK_FORMAT,
+    CodebookArgs,
     OutputSpec,
     bitmask_outputs,
     quantized_outputs,
@@ -273,11 +278,13 @@ def _check_quantization_config(result: VerifyResult) -> dict[str, Any] | None:
         errors = _structural_errors(qc, minmax=True)
     elif method == "checkpoint-compressor" and fmt == SPARSE_BITMASK_FORMAT:
         errors = [] if _names(qc.get("targets")) else ["targets must be a list of module names"]
+    elif method == "checkpoint-compressor" and fmt == CODEBOOK_FORMAT:
+        errors = _codebook_config_errors(qc)
     else:
         errors = [
             f"quant_method {method!r} with format {fmt!r} is not one this tool writes "
-            f"(compressed-tensors; checkpoint-compressor {MINMAX_FORMAT} or "
-            f"{SPARSE_BITMASK_FORMAT})"
+            f"(compressed-tensors; checkpoint-compressor {MINMAX_FORMAT}, "
+            f"{SPARSE_BITMASK_FORMAT} or {CODEBOOK_FORMAT})"
         ]
     for message in errors:
         result.add("config.json", f"quantization_config: {message}")
@@ -306,6 +313,32 @@ def _compressed_tensors_errors(qc: dict[str, Any]) -> list[str]:
         for item in e.errors():
             where = ".".join(str(p) for p in item["loc"]) or "(top level)"
             errors.append(f"compressed-tensors rejects {where}: {item['msg']}")
+    return errors
+
+
+def _codebook_config_errors(qc: dict[str, Any]) -> list[str]:
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        return ["config_groups must be a non-empty object"]
+    errors = []
+    for key, group in groups.items():
+        where = f"config_groups.{key}"
+        if not isinstance(group, dict):
+            errors.append(f"{where} must be an object")
+            continue
+        if not _names(group.get("targets")):
+            errors.append(f"{where}.targets must be a non-empty list of module names")
+        kind, bits = group.get("type"), group.get("num_bits")
+        if kind not in ("nf4", "kmeans"):
+            errors.append(f"{where}.type must be nf4 or kmeans, got {kind!r}")
+        elif kind == "nf4" and (bits != 4 or group.get("block_size") != 64):
+            errors.append(f"{where}: nf4 needs num_bits 4 and block_size 64")
+        elif kind == "kmeans" and (type(bits) is not int or not 2 <= bits <= 8):
+            errors.append(f"{where}.num_bits must be an integer from 2 to 8, got {bits!r}")
+        if group.get("dtype") not in ("BF16", "F16", "F32", "F64"):
+            errors.append(
+                f"{where}.dtype must be BF16, F16, F32 or F64, got {group.get('dtype')!r}"
+            )
     return errors
 
 
@@ -350,7 +383,9 @@ _OWNED = {  # part suffix → the suffixes, one of which must exist for the same
     ".weight_min": (".weight_packed",),
     ".weight_values": (".weight_bitmask",),
     ".weight_row_offsets": (".weight_bitmask",),
-    ".weight_shape": (".weight_packed", ".weight_bitmask"),
+    ".weight_absmax": (".weight_nf4",),
+    ".weight_codebook": (".weight_indices",),
+    ".weight_shape": (".weight_packed", ".weight_bitmask", ".weight_nf4", ".weight_indices"),
 }
 
 
@@ -397,6 +432,8 @@ def _check_modules(result: VerifyResult, checkpoint: Checkpoint, qc: dict[str, A
     for compressed in modules.values():
         if compressed.args is None:
             _check_bitmask(result, tensors, compressed, where)
+        elif isinstance(compressed.args, CodebookArgs):
+            _check_codebook(result, tensors, compressed, where)
         else:
             _check_packed(result, tensors, compressed, where)
         if f"{compressed.module}.weight" in tensors:
@@ -429,14 +466,20 @@ def _check_declared(
             f"holds {module}.weight_bitmask",
         )
     ignore = [p for p in qc.get("ignore", []) if p != "Linear"]
+    codebook = qc.get("format") == CODEBOOK_FORMAT
     for group in (qc.get("config_groups") or {}).values():
         for target in group["targets"]:
             exact = target != "Linear" and not target.startswith("re:")
             if exact and target not in modules and not any(_matches(p, target) for p in ignore):
+                part = (
+                    ("weight_nf4" if group.get("type") == "nf4" else "weight_indices")
+                    if codebook
+                    else "weight_packed"
+                )
                 result.add(
                     "config.json",
                     f"quantization_config targets module {target!r}, but no shard holds "
-                    f"{target}.weight_packed",
+                    f"{target}.{part}",
                 )
 
 
@@ -474,6 +517,27 @@ def _check_packed(
     scale_dtype = tensors[f"{m}.weight_scale"][1].dtype
     expected = quantized_outputs(f"{m}.weight", module.shape, scale_dtype, args)
     _check_expected(result, tensors, module, expected, args.describe(), where)
+
+
+def _check_codebook(
+    result: VerifyResult, tensors: dict[str, Any], module: CompressedModule, where: Any
+) -> None:
+    m, args = module.module, module.args
+    assert isinstance(args, CodebookArgs)
+    expected = quantized_outputs(f"{m}.weight", module.shape, module.dtype, args)
+    before = len(result.problems)
+    _check_expected(result, tensors, module, expected, args.describe(), where)
+    if len(result.problems) > before:
+        return
+    # NaN or inf in the absmax or the codebook would decompress to NaN weights.
+    name = f"{m}.weight_absmax" if args.method == "nf4" else f"{m}.weight_codebook"
+    file, info = tensors[name]
+    rows = info.shape[0]
+    for r0 in range(0, rows, 4096):
+        block = read_rows(file, info, r0, min(rows, r0 + 4096))
+        if not np.isfinite(block).all():
+            result.add(where(name), f"tensor {name!r} holds NaN or infinite values")
+            return
 
 
 def _check_bitmask(

@@ -1,5 +1,9 @@
 """Compress: per chunk, quantize and pack a row block and measure its error.
 
+Codebook schemes take the same path: NF4 is local to a row block (absmax per 64 values of a
+row); a k-means tensor arrives with its codebook, fitted by the stats stage, and each chunk
+assigns its weights to the nearest stored (float32) centroid and packs the indices.
+
 Stateless and deterministic: a job reads its block from staging, writes its own output chunks,
 records completion, and returns the block's error statistics, so Dask may run it anywhere and
 retry it freely. Uses CUDA when the worker has a GPU and the CPU otherwise, with the same code.
@@ -14,8 +18,10 @@ import numpy as np
 import torch
 
 from compressor.formats import dtypes
+from compressor.formats.layout import CodebookArgs, nf4_dequantize_rows, nf4_quantize_rows
 from compressor.formats.safetensors_io import read_rows
 from compressor.formats.staging import Staging
+from compressor.math.codebook import NF4_BLOCK, kmeans_assign
 from compressor.math.pack import pack_rows, packed_width
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
 from compressor.math.quant import (
@@ -51,6 +57,7 @@ class CompressJob:
     thresholds: TensorThresholds
     prune: ChunkPrune | None = None
     direct: bool = False  # read the row block from the source file, not from staging
+    codebook: tuple[float, ...] | None = None  # k-means: the tensor's stored (float32) centroids
 
 
 def _device() -> torch.device:
@@ -119,6 +126,8 @@ def compress_chunk(job: CompressJob) -> ErrorStats:
     if t.args is None:
         total = error_stats(x, pruned, removed)
         _store_pruned(staging, t, r0, job.chunk, pruned)
+    elif isinstance(t.args, CodebookArgs):
+        total = _codebook_chunk(staging, t, r0, x, t.args, job.codebook)
     else:
         total = _quantize_chunk(staging, t, r0, x, pruned, job.thresholds, removed)
     staging.mark_done(STAGE, t.key, job.chunk, asdict(total))
@@ -136,7 +145,7 @@ def _quantize_chunk(
 ) -> ErrorStats:
     """Quantize a chunk (already pruned) in row blocks, store its outputs, return its error."""
     args = t.args
-    assert args is not None
+    assert isinstance(args, QuantArgs)
     device = _device()
     step = GPU_BLOCK_ROWS if device.type == "cuda" else BLOCK_ROWS
     packed, scales, zeros, errors = [], [], [], []
@@ -160,6 +169,40 @@ def _quantize_chunk(
             words = pack_rows(z.T.contiguous(), args.bits).T.contiguous()
             staging.write_rows(f"out/{t.key}/zero", r0 * args.bits // 32, words.numpy())
     return replace(combine_errors(*errors), pruned=removed)
+
+
+def _codebook_chunk(
+    staging: Staging,
+    t: TensorPlan,
+    r0: int,
+    x: torch.Tensor,
+    args: CodebookArgs,
+    codebook: tuple[float, ...] | None,
+) -> ErrorStats:
+    """NF4 or k-means codes of a chunk, in row blocks; stores packed codes (and NF4's absmax)."""
+    device = _device()
+    step = GPU_BLOCK_ROWS if device.type == "cuda" else BLOCK_ROWS
+    centroids = None
+    if args.method == "kmeans":
+        if codebook is None or len(codebook) != args.levels:
+            raise ValueError(f"{t.name}: k-means compression needs its {args.levels} centroids")
+        centroids = torch.tensor(codebook, dtype=torch.float64, device=device)
+    packed, absmaxes, errors = [], [], []
+    for b0 in range(0, x.shape[0], step):
+        block = x[b0 : b0 + step].to(device)
+        if centroids is None:
+            codes, absmax = nf4_quantize_rows(block)
+            x_hat = nf4_dequantize_rows(codes, absmax, block.dtype)
+            absmaxes.append(absmax.cpu())
+        else:
+            codes = kmeans_assign(block, centroids)
+            x_hat = centroids[codes].to(block.dtype)
+        errors.append(error_stats(block, x_hat, count_zeros=False))
+        packed.append(pack_rows(codes, args.bits).cpu())
+    staging.write_rows(f"out/{t.key}/packed", r0, torch.cat(packed).numpy())
+    if absmaxes:
+        staging.write_rows(f"out/{t.key}/absmax", r0, torch.cat(absmaxes).numpy())
+    return combine_errors(*errors)
 
 
 def _store_pruned(staging: Staging, t: TensorPlan, r0: int, chunk: int, x: torch.Tensor) -> None:
@@ -196,6 +239,11 @@ def prepare_outputs(plan: Plan, staging: Staging) -> None:
         staging.create(
             f"out/{t.key}/packed", (rows, packed_width(cols, args.bits)), "I32", chunk_rows
         )
+        if isinstance(args, CodebookArgs):
+            if args.method == "nf4":
+                nblocks = -(-cols // NF4_BLOCK)
+                staging.create(f"out/{t.key}/absmax", (rows, nblocks), "F32", chunk_rows)
+            continue
         if args.strategy == "tensor":
             continue
         ngroups = args.groups_per_row(cols)
@@ -219,13 +267,22 @@ def compress(
     progress: Progress | None = None,
     prune: dict[tuple[str, int], ChunkPrune] | None = None,
     direct: bool = False,
+    codebooks: dict[str, tuple[float, ...]] | None = None,
 ) -> dict[str, ErrorStats]:
-    """Compress every staged chunk; `prune` holds each pruned chunk's decision (stats stage)."""
+    """Compress every staged chunk; `prune` holds each pruned chunk's decision and `codebooks`
+    each k-means tensor's stored centroids (both from the stats stage)."""
     prepare_outputs(plan, staging)
     decisions = prune or {}
+    books = codebooks or {}
     jobs = [
         CompressJob(
-            staging, t, k, fixed.get(t.name, TensorThresholds()), decisions.get((t.name, k)), direct
+            staging,
+            t,
+            k,
+            fixed.get(t.name, TensorThresholds()),
+            decisions.get((t.name, k)),
+            direct,
+            books.get(t.name),
         )
         for t in plan.staged
         for k in range(len(t.chunks))

@@ -7,7 +7,8 @@ A chunk whose completion marker exists is skipped on a rerun and returns its rec
 Tensors that are only copied are not staged: the write stage streams them from the source.
 
 Staging the inputs only pays when something must look at the data before compressing it: a
-per-tensor range (tensor strategy), pruning thresholds, an automatic budget, or demoting
+per-tensor range (tensor strategy), pruning thresholds, an automatic budget, k-means codebooks
+(fitted over several passes; their range seeds the initial centroids), or demoting
 non-finite tensors. Otherwise (`needs_ingest` is False: the usual channel/group presets) the
 compress stage reads its row block straight from the safetensors file — a positioned read costs
 a few ms per chunk against ~100 ms to write it to Zarr and read it back — and checks it for
@@ -62,7 +63,9 @@ def needs_ingest(plan: Plan) -> bool:
         config.skip_nonfinite
         or config.recipe.budget is not None
         or any(
-            t.prune is not None or (t.args is not None and t.args.strategy == "tensor")
+            t.prune is not None
+            or (t.args is not None and t.args.strategy == "tensor")
+            or (t.args is not None and t.args.method == "kmeans")  # Lloyd passes, stats stage
             for t in plan.staged
         )
     )

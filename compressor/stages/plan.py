@@ -17,9 +17,15 @@ from pathlib import Path
 
 from compressor.config import LINEAR, PruneConfig, QuantRule, RunConfig
 from compressor.errors import ConfigError, InputError, OutputError
-from compressor.formats import dtypes
+from compressor.formats import dtypes, storage
 from compressor.formats.checkpoint import Checkpoint, open_checkpoint
-from compressor.formats.layout import OutputSpec, bitmask_outputs, module_name, quantized_outputs
+from compressor.formats.layout import (
+    CodebookArgs,
+    OutputSpec,
+    bitmask_outputs,
+    module_name,
+    quantized_outputs,
+)
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math.quant import QuantArgs
 
@@ -64,7 +70,7 @@ class TensorPlan:
     name: str
     source: str
     info: TensorInfo
-    args: QuantArgs | None  # None: not quantized
+    args: QuantArgs | CodebookArgs | None  # None: not quantized
     chunks: tuple[tuple[int, int], ...] = ()
     note: str | None = None  # e.g. the group-size fallback, shown in the summary
     prune: PrunePlan | None = None  # None: not pruned
@@ -131,10 +137,12 @@ class Plan:
         return {t.name: t for t in self.tensors}
 
     @property
-    def staging_root(self) -> Path:
+    def staging_root(self) -> Path | storage.UrlPath:
+        """`<staging_dir>/<run key>`, by default `.<dest>.staging/<run key>` beside the
+        destination: a `Path` when local, a `storage.UrlPath` for an fsspec URL."""
         if self.config.staging_dir:
-            return Path(self.config.staging_dir) / self.run_key
-        dest = Path(self.config.destination)
+            return storage.as_path(self.config.staging_dir) / self.run_key
+        dest = storage.as_path(self.config.destination)
         return dest.parent / f".{dest.name}.staging" / self.run_key
 
     @property
@@ -199,13 +207,16 @@ def _rule_for(
 
 def _effective_args(
     rule: QuantRule, name: str, source: str, cols: int, strict: bool
-) -> tuple[QuantArgs, str | None]:
+) -> tuple[QuantArgs | CodebookArgs, str | None]:
     """The scheme actually used for a tensor with `cols` inputs, after group-size fallback.
 
     compressed-tensors (and so transformers and vLLM) refuses a group size that does not divide
-    the input dimension. The minmax layout is ours and allows a partial last group.
+    the input dimension. The minmax layout is ours and allows a partial last group; codebook
+    layouts take any width (NF4's last block of a row may be shorter).
     """
     args = rule.args()
+    if isinstance(args, CodebookArgs):
+        return args, None
     if args.strategy != "group" or args.method == "minmax" or cols % args.group_size == 0:
         return args, None
     if strict:
@@ -457,8 +468,26 @@ def _run_key(checkpoint: Checkpoint, config: RunConfig) -> str:
 
 
 def _check_destination(config: RunConfig) -> None:
-    source = Path(config.source).resolve()
-    dest = Path(config.destination).resolve()
+    if storage.is_url(config.source) or storage.is_url(config.destination):
+        src, dst = (
+            storage.local_path(config.source).rstrip("/"),
+            storage.local_path(config.destination).rstrip("/"),
+        )
+        if src == dst or dst.startswith(src + "/"):
+            raise OutputError(
+                "the destination lies inside the source checkpoint",
+                path=dst,
+                hint="choose a destination outside the input; the input is never modified",
+            )
+        if src.startswith(dst + "/"):
+            raise OutputError(
+                "the source checkpoint lies inside the destination",
+                path=dst,
+                hint="choose another destination",
+            )
+        return
+    source = Path(storage.local_path(config.source)).resolve()
+    dest = Path(storage.local_path(config.destination)).resolve()
     source_dir = source if source.is_dir() else source.parent
     if source.is_dir() and dest.is_relative_to(source):
         raise OutputError(
@@ -476,14 +505,15 @@ def _check_destination(config: RunConfig) -> None:
 
 def _already_published(config: RunConfig, run_key: str) -> bool:
     """True if the destination holds this run's output; an error if it holds something else."""
-    dest = Path(config.destination)
-    if not dest.exists():
+    dest = config.destination
+    if not storage.exists(dest):
         return False
     try:
-        published = json.loads((dest / "compression.json").read_text()).get("run_key")
+        published = storage.read_json(storage.join(dest, "compression.json")).get("run_key")
     except (OSError, ValueError, AttributeError):
         published = None
-    if published == run_key and (dest / "manifest.json").is_file():
+    # On an object store the manifest, uploaded last, is what marks a complete output.
+    if published == run_key and storage.isfile(storage.join(dest, "manifest.json")):
         return True
     if config.overwrite:
         return False

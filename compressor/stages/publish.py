@@ -8,6 +8,12 @@ complete; a failure here (a full disk) removes the temporary directory and repor
 A lock file beside the destination refuses a second concurrent run. After a successful rename,
 staging and temporary directories that earlier runs to this destination left under other run keys
 (their input or config changed since, so they can never be resumed into it) are removed.
+
+An fsspec URL destination (``s3://bucket/out``) has no rename: the partial prefix
+``.<name>.partial-<key>/`` beside it is completed the same way, then copied to the destination
+object by object with `manifest.json` last, and deleted. Only a destination holding
+manifest.json is complete; `compressor verify` and readers should trust nothing else. The lock
+is an object created with a conditional write where the backend supports one (S3), else none.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -23,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import OutputError
+from compressor.formats import storage
 from compressor.formats.checkpoint import INDEX_NAME
 from compressor.formats.verify import MANIFEST_NAME, REPORT_NAME
 from compressor.stages.plan import Plan
@@ -30,16 +38,22 @@ from compressor.stages.write import ShardResult
 
 __all__ = ["MANIFEST_NAME", "REPORT_NAME", "destination_lock", "partial_dir", "publish"]
 
+_log = logging.getLogger(__name__)
 
-def partial_dir(plan: Plan) -> Path:
-    dest = Path(plan.config.destination)
+
+def partial_dir(plan: Plan) -> Path | storage.UrlPath:
+    dest = storage.as_path(plan.config.destination)
     return dest.parent / f".{dest.name}.partial-{plan.run_key}"
 
 
 @contextlib.contextmanager
 def destination_lock(destination: str | Path) -> Iterator[None]:
     """Hold `.<dest>.lock` for the run; a live holder makes a second run fail at once."""
-    dest = Path(destination)
+    if storage.is_url(destination):
+        with _url_lock(str(destination)):
+            yield
+        return
+    dest = Path(storage.local_path(destination))
     dest.parent.mkdir(parents=True, exist_ok=True)
     lock = dest.parent / f".{dest.name}.lock"
     owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -65,6 +79,42 @@ def destination_lock(destination: str | Path) -> Iterator[None]:
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _url_lock(destination: str) -> Iterator[None]:
+    """The lock as an object created with a conditional write (S3 ``If-None-Match``). Where the
+    backend cannot create conditionally, runs go unlocked (documented): two concurrent runs to
+    one URL destination then race, and the last publish wins."""
+    dest = storage.UrlPath(destination)
+    lock = str(dest.parent / f".{dest.name}.lock")
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        created = storage.create_exclusive(lock, owner)
+    except OSError as e:
+        raise OutputError(
+            f"cannot write the destination lock: {e.strerror or e}",
+            path=lock,
+            hint="check the credentials, the endpoint and the bucket (docs/operations.md, Storage)",
+        ) from e
+    if created is False:
+        try:
+            holder = storage.read_text(lock).strip() or "another process"
+        except OSError:
+            holder = "another process"
+        raise OutputError(
+            f"another run ({holder}) is writing this destination",
+            path=destination,
+            hint=f"wait for it to finish; if it died, remove {lock}",
+        )
+    if created is None:
+        _log.warning("%s cannot be locked on this storage; do not run two jobs to it", destination)
+    try:
+        yield
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                storage.remove(lock)
 
 
 def _stale(lock: Path) -> bool:
@@ -98,16 +148,20 @@ def _write_json(path: Path, data: Any) -> None:
 
 def publish(
     plan: Plan,
-    directory: Path,
+    directory: Path | storage.UrlPath,
     shards: list[ShardResult],
     quantization_config: dict[str, Any] | None,
     report: dict[str, Any],
-) -> Path:
+) -> Path | storage.UrlPath:
     """Complete `directory` and rename it to the destination; return the destination."""
     try:
-        dest = _finish_and_rename(plan, directory, shards, quantization_config, report)
+        if isinstance(directory, storage.UrlPath):
+            _finish_and_copy(plan, str(directory), shards, quantization_config, report)
+            dest: Path | storage.UrlPath = storage.UrlPath(plan.config.destination)
+        else:
+            dest = _finish_and_rename(plan, directory, shards, quantization_config, report)
     except OSError as e:
-        shutil.rmtree(directory, ignore_errors=True)  # frees the space a full disk needs back
+        storage.remove(directory)  # frees the space a full disk needs back
         raise OutputError(
             f"cannot write the output: {e.strerror or e}",
             path=e.filename or str(directory),
@@ -138,7 +192,10 @@ def _finish_and_rename(
             continue
         target = directory / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source_root / rel, target)
+        if plan.checkpoint.url is not None:
+            storage.copy_file(storage.join(plan.checkpoint.url, rel), str(target))
+        else:
+            shutil.copy2(source_root / rel, target)
     config = dict(plan.checkpoint.config or {})
     if quantization_config is not None:  # None: the output is an ordinary dense model
         config["quantization_config"] = quantization_config
@@ -153,7 +210,7 @@ def _finish_and_rename(
         files[rel] = {"sha256": sha, "size": size}
     _write_json(directory / MANIFEST_NAME, {"version": 1, "files": files})
 
-    dest = Path(plan.config.destination)
+    dest = Path(storage.local_path(plan.config.destination))
     if dest.exists():
         if not plan.config.overwrite:  # checked in the plan; re-checked in case it appeared since
             raise OutputError(
@@ -174,16 +231,77 @@ def _finish_and_rename(
     return dest
 
 
+def _finish_and_copy(
+    plan: Plan,
+    directory: str,
+    shards: list[ShardResult],
+    quantization_config: dict[str, Any] | None,
+    report: dict[str, Any],
+) -> None:
+    """`_finish_and_rename` for an object store, which has no rename: complete the partial
+    prefix (the manifest last), then copy it to the destination file by file with the manifest
+    last, and delete the partial prefix. A destination without manifest.json is incomplete."""
+    written: dict[str, bytes] = {}
+    weight_map = {name: s.file_name for s in shards for name in s.tensor_names}
+    if len(shards) > 1:
+        total = sum(s.nbytes for s in shards)
+        written[INDEX_NAME] = _json_bytes(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        )
+    for rel in plan.checkpoint.extra_files:
+        if rel == "config.json":
+            continue
+        source = storage.join(plan.checkpoint.location, rel)
+        if storage.is_url(source):
+            written[rel] = storage.read_bytes(source)
+        else:
+            written[rel] = Path(source).read_bytes()
+    config = dict(plan.checkpoint.config or {})
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    written["config.json"] = _json_bytes(config)
+    written[REPORT_NAME] = _json_bytes(report)
+    for rel, data in written.items():
+        storage.write_bytes(storage.join(directory, rel), data)
+
+    files = {s.file_name: {"sha256": s.sha256, "size": s.nbytes} for s in shards}
+    for rel, data in written.items():
+        files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest = _json_bytes({"version": 1, "files": dict(sorted(files.items()))})
+    storage.write_bytes(storage.join(directory, MANIFEST_NAME), manifest)
+
+    dest = plan.config.destination
+    if storage.exists(dest):
+        if not plan.config.overwrite:
+            raise OutputError(
+                "the destination appeared during the run",
+                path=dest,
+                hint="pass --overwrite or choose another destination",
+            )
+        storage.remove(dest)  # no rename on object stores: the old output goes first
+    for rel in sorted(files):
+        storage.copy_file(storage.join(directory, rel), storage.join(dest, rel))
+    storage.copy_file(storage.join(directory, MANIFEST_NAME), storage.join(dest, MANIFEST_NAME))
+    storage.remove(directory)
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
 def _remove_stale_runs(plan: Plan) -> None:
     """Remove what runs to this destination under other run keys left behind (a crash, then a
     changed input or config). Staging is only touched in its default place beside the
     destination, which belongs to this destination alone; a `--staging` directory may be shared
     by several destinations, so stale keys there are left to the user. The destination lock,
     held during publish, guarantees that no other run to this destination is using them."""
-    dest = Path(plan.config.destination)
+    if storage.is_url(plan.config.destination):
+        _remove_stale_url_runs(plan)
+        return
+    dest = Path(storage.local_path(plan.config.destination))
     if not plan.config.staging_dir:
         staging_parent = plan.staging_root.parent
-        if staging_parent.is_dir():
+        if isinstance(staging_parent, Path) and staging_parent.is_dir():
             for entry in staging_parent.iterdir():
                 if entry.name != plan.run_key and entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
@@ -192,3 +310,17 @@ def _remove_stale_runs(plan: Plan) -> None:
         for entry in dest.parent.iterdir():
             if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _remove_stale_url_runs(plan: Plan) -> None:
+    """`_remove_stale_runs` for a URL destination (default staging is beside it, a URL too)."""
+    dest = storage.UrlPath(plan.config.destination)
+    if not plan.config.staging_dir:
+        staging_parent = str(plan.staging_root.parent)
+        for entry in storage.list_dir(staging_parent):
+            if entry != plan.run_key:
+                storage.remove(storage.join(staging_parent, entry))
+    prefix = f".{dest.name}.partial-"
+    for entry in storage.list_dir(str(dest.parent)):
+        if entry.startswith(prefix):
+            storage.remove(str(dest.parent / entry))

@@ -11,6 +11,12 @@ Passes over the staged chunks (each a map + tree reduction of small records, see
 With an automatic budget, one more map-reduce measures each target's squared error under every
 candidate scheme (`candidate_errors`), so the thresholds stage can choose schemes globally.
 
+k-means codebooks (`kmeans_codebooks`): per tensor, starting centroids from its ingest range
+(uniform cells, or quantiles of one histogram pass), then Lloyd iterations, each one map-reduce
+of exact per-centroid sums over all k-means tensors' chunks (`math/codebook.py`) and a tiny update
+on the client. The result is bit-identical to single-process k-means from the same start
+(`kmeans_reference`), whatever the chunking and the reduction tree.
+
 Scopes: one per tensor (`scope: tensor`, and every tensor named in a `schedule`), or one for all
 remaining targets (`scope: global`). Row and N:M structures decide locally and skip this stage.
 """
@@ -24,8 +30,18 @@ import numpy as np
 import torch
 
 from compressor.formats import dtypes
+from compressor.formats.layout import CodebookArgs
 from compressor.formats.safetensors_io import read_tensor
 from compressor.formats.staging import Staging
+from compressor.math.codebook import (
+    KMeansPartial,
+    combine_kmeans,
+    histogram_counts,
+    init_centroids,
+    kmeans_partial,
+    update_centroids,
+)
+from compressor.math.codebook import combine_histograms as combine_counts
 from compressor.math.prune import (
     Histogram,
     combine_histograms,
@@ -43,19 +59,23 @@ from compressor.math.quant import (
     qparams_from_range,
     quantize,
 )
-from compressor.math.stats import error_stats
+from compressor.math.stats import RangeStats, error_stats
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 
 __all__ = [
     "CandidateErrors",
     "ChunkPrune",
+    "Codebook",
     "ScopeThreshold",
     "applicable",
     "candidate_errors",
     "chunk_importance",
+    "kmeans_codebooks",
     "prune_thresholds",
 ]
+
+HISTOGRAM_BINS = 4096  # bins of the histogram that places k-means' starting centroids
 
 STAGE = "stats"
 
@@ -303,3 +323,120 @@ def candidate_errors(
         f"{STAGE}:budget",
         progress,
     )
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """One tensor's fitted k-means codebook and how the fit went (for the report).
+
+    `centroids`: the float64 result of Lloyd's algorithm; `stored`: the same rounded to float32,
+    as written (`<m>.weight_codebook`) and as compress assigns against. `sse` is the weighted
+    squared error of the last iteration's assignment (approximate, float64).
+    """
+
+    centroids: tuple[float, ...]
+    iterations: int  # Lloyd iterations run (fewer than asked when a fixed point came first)
+    converged: bool
+    sse: float
+
+    @property
+    def stored(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in torch.tensor(self.centroids).to(torch.float32).tolist())
+
+
+@dataclass(frozen=True)
+class _KMeansJob:
+    staging: Staging
+    tensor: TensorPlan
+    chunk: int
+    centroids: tuple[float, ...] = ()
+    lo: float = 0.0
+    hi: float = 0.0
+
+
+def _staged_chunk(job: _KMeansJob) -> torch.Tensor:
+    t = job.tensor
+    r0, r1 = t.chunks[job.chunk]
+    return dtypes.to_torch(job.staging.read_rows(f"in/{t.key}", r0, r1), t.info.dtype)
+
+
+def _kmeans_histogram_chunk(job: _KMeansJob) -> tuple[int, ...]:
+    return histogram_counts(_staged_chunk(job), job.lo, job.hi, HISTOGRAM_BINS)
+
+
+def _kmeans_chunk(job: _KMeansJob) -> KMeansPartial:
+    return kmeans_partial(_staged_chunk(job), job.centroids)
+
+
+def kmeans_codebooks(
+    plan: Plan,
+    staging: Staging,
+    ranges: dict[str, RangeStats],
+    executor: Executor,
+    progress: Progress | None = None,
+) -> dict[str, Codebook]:
+    """Fit every k-means target's codebook over its staged chunks (see the module docstring).
+
+    `ranges` are the tensors' ingest ranges (finite: non-finite targets were refused or demoted
+    before this stage). Each iteration is one map-reduce over the chunks of the tensors still
+    moving; a tensor whose centroids did not change has reached a fixed point of Lloyd's map,
+    so stopping there gives the same codebook as running all its iterations.
+    """
+    targets = [
+        t for t in plan.quantized if isinstance(t.args, CodebookArgs) and t.args.method == "kmeans"
+    ]
+    if not targets:
+        return {}
+    args = {t.name: t.args for t in targets if isinstance(t.args, CodebookArgs)}
+    bounds = {t.name: (ranges[t.name].min, ranges[t.name].max) for t in targets}
+    histograms: dict[str, tuple[int, ...]] = {}
+    by_histogram = [t for t in targets if args[t.name].init == "histogram"]
+    if by_histogram:
+        jobs = [
+            _KMeansJob(staging, t, k, (), *bounds[t.name])
+            for t in by_histogram
+            for k in range(len(t.chunks))
+        ]
+        histograms = executor.map_reduce(
+            _kmeans_histogram_chunk,
+            jobs,
+            lambda j: j.tensor.name,
+            combine_counts,
+            f"{STAGE}:kmeans-init",
+            progress,
+        )
+    centroids = {
+        t.name: init_centroids(*bounds[t.name], args[t.name].levels, histograms.get(t.name))
+        for t in targets
+    }
+    done = dict.fromkeys(centroids, 0)
+    sse = dict.fromkeys(centroids, math.nan)
+    converged: set[str] = set()
+    for step in range(max(a.iterations for a in args.values())):
+        moving = [t for t in targets if t.name not in converged and args[t.name].iterations > step]
+        if not moving:
+            break
+        jobs = [
+            _KMeansJob(staging, t, k, tuple(centroids[t.name].tolist()))
+            for t in moving
+            for k in range(len(t.chunks))
+        ]
+        partials = executor.map_reduce(
+            _kmeans_chunk,
+            jobs,
+            lambda j: j.tensor.name,
+            combine_kmeans,
+            f"{STAGE}:kmeans-{step + 1}",
+            progress,
+        )
+        for name, partial in partials.items():
+            new = update_centroids(partial, centroids[name])
+            done[name] += 1
+            sse[name] = partial.sse
+            if torch.equal(new, centroids[name]):
+                converged.add(name)
+            centroids[name] = new
+    return {
+        name: Codebook(tuple(c.tolist()), done[name], name in converged, sse[name])
+        for name, c in centroids.items()
+    }

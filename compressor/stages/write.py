@@ -3,16 +3,20 @@
 The header is computed from the planned shapes first, then bytes follow tensor by tensor and,
 within a tensor, chunk by chunk: memory stays at one chunk, not one shard. Copied tensors are
 streamed from the source file bit for bit. The file is written under a temporary name and
-renamed when complete; its sha256 goes into the manifest.
+renamed when complete; its sha256 goes into the manifest. For an fsspec URL destination the
+shard is written to a local temporary file the same way, then uploaded as one object.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from compressor.errors import OutputError
+from compressor.formats import storage
 from compressor.formats.layout import OutputSpec
 from compressor.formats.safetensors_io import SafetensorsWriter, iter_byte_blocks
 from compressor.formats.staging import Staging
@@ -74,7 +78,26 @@ def _blocks(job: WriteJob, spec: OutputSpec):
 
 
 def write_shard(job: WriteJob) -> ShardResult:
-    target = Path(job.directory) / job.shard.file_name
+    if storage.is_url(job.directory):
+        # Object stores take whole objects: stream the shard into a local temporary file (the
+        # writer stays bounded in memory), then upload it into the partial prefix.
+        with tempfile.TemporaryDirectory(prefix="compressor-shard-") as tmp:
+            result = _write_local(job, Path(tmp) / job.shard.file_name)
+            target = storage.join(job.directory, job.shard.file_name)
+            try:
+                storage.put_file(Path(tmp) / job.shard.file_name, target)
+            except OSError as e:
+                raise OutputError(
+                    f"cannot upload the shard: {e.strerror or e}",
+                    path=target,
+                    hint="check the credentials, the endpoint and the bucket, then rerun (finished "
+                    "chunks are kept in staging)",
+                ) from e
+            return result
+    return _write_local(job, Path(storage.local_path(job.directory)) / job.shard.file_name)
+
+
+def _write_local(job: WriteJob, target: Path) -> ShardResult:
     entries = [(e.name, e.dtype, e.shape) for e in job.shard.entries]
     with SafetensorsWriter(target, entries, metadata={"format": "pt"}) as writer:
         for spec in job.shard.entries:
@@ -92,7 +115,7 @@ def write(
     plan: Plan,
     staging: Staging,
     small: dict[str, np.ndarray],
-    directory: Path,
+    directory: Path | storage.UrlPath,
     executor: Executor,
     progress: Progress | None = None,
     shards: tuple[OutputShard, ...] | None = None,

@@ -37,7 +37,11 @@ def test_flow_compresses_and_publishes_artifacts(prefect_harness, llama_src: Pat
 
     dest = tmp_path / "flow-out"
     config = RunConfig(
-        source=str(llama_src), destination=str(dest), preset="w4a16", recipe=PRESETS["w4a16"], workers=0
+        source=str(llama_src),
+        destination=str(dest),
+        preset="w4a16",
+        recipe=PRESETS["w4a16"],
+        workers=0,
     )
     state = compress_checkpoint(config=config, return_state=True)
     assert state.is_completed(), state
@@ -51,7 +55,9 @@ def test_flow_compresses_and_publishes_artifacts(prefect_harness, llama_src: Pat
     written = json.loads((dest / "compression.json").read_text())
     assert written["totals"]["output_bytes"] == report["output_bytes"]
 
-    artifacts = _artifacts(state.state_details.flow_run_id, ["compression-summary", "compression-tensors"])
+    artifacts = _artifacts(
+        state.state_details.flow_run_id, ["compression-summary", "compression-tensors"]
+    )
     (summary,) = artifacts["compression-summary"]
     (table,) = artifacts["compression-tensors"]
     assert summary.type == "markdown" and str(dest.resolve()) in summary.data
