@@ -131,7 +131,7 @@ def _minmax_reference(x: np.ndarray, bits: int, group: int | None) -> np.ndarray
 def test_minmax_matches_numpy_reference(bits, strategy, compressed, ours_dense, llama_src):
     out, _ = compressed("minmax", bits=bits, strategy=strategy)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "checkpoint-compressor"
+    assert qc["tool"] == "checkpoint-compressor" and "quant_method" not in qc
     assert qc["format"] == "minmax-float-offset"
     (group,) = qc["config_groups"].values()
     assert group["num_bits"] == bits and group["strategy"] == strategy

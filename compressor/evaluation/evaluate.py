@@ -140,6 +140,8 @@ def _quant_method(config: dict[str, Any]) -> str | None:
         return None
     if not isinstance(qc, dict):
         return "unknown"
+    if qc.get("tool") == "checkpoint-compressor":  # our own layouts carry no quant_method
+        return "checkpoint-compressor"
     return str(qc.get("quant_method", "unknown"))
 
 

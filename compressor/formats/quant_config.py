@@ -19,9 +19,22 @@ from compressor.formats.layout import (
 )
 from compressor.math.quant import QuantArgs
 
+OUR_TOOL = "checkpoint-compressor"
+"""Marks our own layouts' blocks (`"tool": OUR_TOOL`). They carry no `quant_method` on purpose:
+transformers then refuses to load the checkpoint (ValueError) — with an unknown `quant_method`
+it would only warn and load randomly initialised weights."""
+
+
+def is_ours(quantization_config: object) -> bool:
+    """Whether a config.json `quantization_config` block is one of our own layouts."""
+    return isinstance(quantization_config, dict) and quantization_config.get("tool") == OUR_TOOL
+
+
 __all__ = [
+    "OUR_TOOL",
     "codebook_config",
     "compressed_tensors_config",
+    "is_ours",
     "minmax_config",
     "sparse_bitmask_config",
 ]
@@ -71,11 +84,11 @@ def compressed_tensors_config(
 
 
 def minmax_config(groups: Mapping[QuantArgs, Sequence[str]]) -> dict[str, Any]:
-    """Our own block for the float-offset layout. Its `quant_method` is deliberately unknown to
-    transformers, so no loader reads the codes as one of its own formats (transformers 5 warns
-    and skips quantization, leaving the dense weights missing: decompress first)."""
+    """Our own block for the float-offset layout, marked `"tool": OUR_TOOL` and without a
+    `quant_method`, so transformers refuses the checkpoint instead of misreading it (decompress
+    first)."""
     return {
-        "quant_method": "checkpoint-compressor",
+        "tool": OUR_TOOL,
         "format": MINMAX_FORMAT,
         "config_groups": {
             f"group_{k}": {
@@ -95,7 +108,7 @@ def minmax_config(groups: Mapping[QuantArgs, Sequence[str]]) -> dict[str, Any]:
 def sparse_bitmask_config(modules: Sequence[str]) -> dict[str, Any]:
     """Our block for pruned, unquantized weights stored as values + bitmask (see layout.py)."""
     return {
-        "quant_method": "checkpoint-compressor",
+        "tool": OUR_TOOL,
         "format": SPARSE_BITMASK_FORMAT,
         "targets": sorted(modules),
         "decompress_with": "compressor decompress SRC DST",
@@ -107,7 +120,7 @@ def codebook_config(groups: Mapping[tuple[CodebookArgs, str], Sequence[str]]) ->
 
     `groups` maps (scheme, the weights' safetensors dtype) to module names: the dtype is what
     decompression restores, since codes, absmax and codebook are stored in float32. As in the
-    minmax block, `quant_method` is unknown to transformers (see `minmax_config`).
+    minmax block, it has no `quant_method` (see `OUR_TOOL`).
     """
     config_groups = {}
     ordered = sorted(groups.items(), key=lambda kv: (kv[0][0].method, kv[0][0].bits, kv[0][1]))
@@ -125,7 +138,7 @@ def codebook_config(groups: Mapping[tuple[CodebookArgs, str], Sequence[str]]) ->
             group["init"] = args.init
         config_groups[f"group_{k}"] = group
     return {
-        "quant_method": "checkpoint-compressor",
+        "tool": OUR_TOOL,
         "format": CODEBOOK_FORMAT,
         "config_groups": config_groups,
         "decompress_with": "compressor decompress SRC DST",

@@ -54,6 +54,7 @@ from compressor.formats.layout import (
     bitmask_outputs,
     quantized_outputs,
 )
+from compressor.formats.quant_config import OUR_TOOL, is_ours
 from compressor.formats.safetensors_io import read_rows, read_tensor
 
 __all__ = ["MANIFEST_NAME", "REPORT_NAME", "Problem", "VerifyResult", "verify_checkpoint"]
@@ -272,13 +273,15 @@ def _check_quantization_config(result: VerifyResult) -> dict[str, Any] | None:
         result.add("config.json", "quantization_config is not an object")
         return None
     method, fmt = qc.get("quant_method"), qc.get("format")
+    if is_ours(qc):
+        method = OUR_TOOL
     if method == "compressed-tensors":
         errors = _compressed_tensors_errors(qc)
-    elif method == "checkpoint-compressor" and fmt == MINMAX_FORMAT:
+    elif method == OUR_TOOL and fmt == MINMAX_FORMAT:
         errors = _structural_errors(qc, minmax=True)
-    elif method == "checkpoint-compressor" and fmt == SPARSE_BITMASK_FORMAT:
+    elif method == OUR_TOOL and fmt == SPARSE_BITMASK_FORMAT:
         errors = [] if _names(qc.get("targets")) else ["targets must be a list of module names"]
-    elif method == "checkpoint-compressor" and fmt == CODEBOOK_FORMAT:
+    elif method == OUR_TOOL and fmt == CODEBOOK_FORMAT:
         errors = _codebook_config_errors(qc)
     else:
         errors = [

@@ -76,7 +76,7 @@ def test_evaluate_with_dense_loader(tiny_dir, tmp_path, text):
     ours.mkdir()
     (ours / "model.safetensors").write_bytes(b"\0" * 1000)  # stands for our own layout
     config = json.loads((tiny_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "checkpoint-compressor"}
+    config["quantization_config"] = {"tool": "checkpoint-compressor", "format": "codebook"}
     (ours / "config.json").write_text(json.dumps(config))
 
     calls: list[tuple[Path, Path]] = []

@@ -90,7 +90,11 @@ def test_nf4_rows_match_the_reference_for_any_width() -> None:
 def test_nf4_end_to_end(model: Path, tmp_path: Path) -> None:
     out = _compress(model, tmp_path / "nf4", preset="nf4")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "checkpoint-compressor" and qc["format"] == "codebook"
+    assert (
+        qc["tool"] == "checkpoint-compressor"
+        and "quant_method" not in qc
+        and qc["format"] == "codebook"
+    )
     assert qc["config_groups"]["group_0"]["type"] == "nf4"
     assert verify_checkpoint(out).ok, verify_checkpoint(out).problems
     stored = _tensors(out)
@@ -146,7 +150,7 @@ def test_kmeans_codebook_equals_single_process_kmeans(
     assert report["kmeans"]["model.layers.0.mlp.down_proj.weight"]["iterations"] == iterations
     assert verify_checkpoint(out).ok, verify_checkpoint(out).problems
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "checkpoint-compressor"
+    assert qc["tool"] == "checkpoint-compressor" and "quant_method" not in qc
     assert qc["config_groups"]["group_0"]["type"] == "kmeans"
     stored = _tensors(out)
     dense = _tensors(decompress_checkpoint(out, tmp_path / f"{case}-dense"))
@@ -170,18 +174,31 @@ def test_kmeans_codebook_equals_single_process_kmeans(
         assert torch.equal(dense[f"{m}.weight"], codebook[indices].to(w.dtype))
 
 
-def test_transformers_does_not_take_the_codebook_config_for_its_own(model: Path) -> None:
-    """Our quant_method is unknown to transformers, so it never reads the codes as one of its
-    formats. (transformers 5 then only warns and skips quantization: see the README.)"""
-    transformers = pytest.importorskip("transformers")
-    from transformers.quantizers.auto import AutoHfQuantizer
+def test_verify_names_codebook_config_problems(model: Path, tmp_path: Path) -> None:
+    out = _compress(model, tmp_path / "nf4", preset="nf4")
+    config = json.loads((out / "config.json").read_text())
+    group = config["quantization_config"]["config_groups"]["group_0"]
+    group["targets"] = [*group["targets"][1:], "model.layers.0.mlp.nothing"]
+    (out / "config.json").write_text(json.dumps(config))
+    problems = [p.message for p in verify_checkpoint(out).problems]
+    assert any("no quantization config group targets it" in p for p in problems), problems
+    group["targets"].append("model.layers.0.mlp.down_proj")
+    group["dtype"] = "I32"
+    (out / "config.json").write_text(json.dumps(config))
+    problems = [p.message for p in verify_checkpoint(out).problems]
+    assert any("dtype must be BF16" in p for p in problems), problems
 
-    for preset in ("nf4", "kmeans4"):
-        config = build_config(str(model), "unused", preset=preset, workers=0)
-        assert config.recipe.quantization[0].method in ("nf4", "kmeans")
-    qc = {"quant_method": "checkpoint-compressor", "format": "codebook"}
-    assert not AutoHfQuantizer.supports_quant_method(qc)
-    assert "checkpoint-compressor" not in transformers.quantizers.auto.AUTO_QUANTIZER_MAPPING
+
+def test_transformers_refuses_our_layouts(model: Path, tmp_path: Path) -> None:
+    """Our blocks carry no quant_method, so transformers refuses them instead of loading random
+    weights in place of the packed ones."""
+    from transformers import AutoModelForCausalLM
+
+    for preset in ("nf4", "minmax"):
+        out = tmp_path / preset
+        compress_checkpoint(build_config(str(model), str(out), preset=preset, workers=0))
+        with pytest.raises(ValueError, match="quant_method"):
+            AutoModelForCausalLM.from_pretrained(out)
 
 
 @pytest.mark.parametrize(
@@ -225,3 +242,16 @@ def test_serial_and_cluster_outputs_are_byte_identical(
     for name in [*files, "config.json"]:
         assert (serial / name).read_bytes() == (cluster / name).read_bytes(), name
     assert verify_checkpoint(cluster).ok
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_codebook_codes_on_cuda_match_the_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(256, 200, generator=g) * torch.rand(1, 200, generator=g) * 4).to(
+        torch.bfloat16
+    )
+    codes, absmax = nf4_quantize_rows(x)
+    cuda_codes, cuda_absmax = nf4_quantize_rows(x.cuda())
+    assert torch.equal(codes, cuda_codes.cpu()) and torch.equal(absmax, cuda_absmax.cpu())
+    centroids = init_centroids(float(x.min()), float(x.max()), 8).to(torch.float32).double()
+    assert torch.equal(kmeans_assign(x, centroids), kmeans_assign(x.cuda(), centroids).cpu())
