@@ -38,7 +38,7 @@ from compressor.stages import publish as publish_stage
 from compressor.stages import write as write_stage
 from compressor.stages.budget import choose_schemes
 from compressor.stages.executor import DaskExecutor, Executor, Progress, SerialExecutor
-from compressor.stages.plan import Plan, TensorPlan, _is_default_linear, lay_out_shards, make_plan
+from compressor.stages.plan import Plan, TensorPlan, is_default_linear, lay_out_shards, make_plan
 from compressor.stages.stats import (
     CandidateErrors,
     ChunkPrune,
@@ -388,7 +388,7 @@ class Pipeline:
         dense_linear = [
             module_name(t.name)
             for t in self.plan.tensors
-            if t.args is None and (_is_default_linear(t.name, t.info) or t.name == "lm_head.weight")
+            if t.args is None and (is_default_linear(t.name, t.info) or t.name == "lm_head.weight")
         ]
         config = compressed_tensors_config(groups, dense_linear)
         if bitmask:  # our extension, beside the compressed-tensors block; decompress reads it

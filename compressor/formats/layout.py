@@ -56,6 +56,7 @@ from typing import Literal
 
 import torch
 
+from compressor.formats.dtypes import itemsize
 from compressor.math.codebook import NF4_BLOCK, nf4_dequantize, nf4_quantize
 from compressor.math.pack import packed_width
 from compressor.math.quant import QuantArgs
@@ -176,8 +177,6 @@ class OutputSpec:
 
     @property
     def nbytes(self) -> int:
-        from compressor.formats.dtypes import itemsize
-
         n = itemsize(self.dtype)
         for d in self.shape:
             n *= d

@@ -34,6 +34,7 @@ __all__ = [
     "Plan",
     "PrunePlan",
     "TensorPlan",
+    "is_default_linear",
     "lay_out_shards",
     "make_plan",
     "matches",
@@ -184,7 +185,9 @@ def matches(patterns: list[str], tensor_name: str) -> bool:
     return False
 
 
-def _is_default_linear(name: str, info: TensorInfo) -> bool:
+def is_default_linear(name: str, info: TensorInfo) -> bool:
+    """What the "Linear" target means: a 2-D float `*.weight` that is not an embedding,
+    lm_head or norm."""
     return (
         name.endswith(".weight")
         and len(info.shape) == 2
@@ -200,7 +203,7 @@ def _rule_for(
         return None
     for k, rule in enumerate(rule_list):
         explicit = [t for t in rule.targets if t != LINEAR]
-        if (LINEAR in rule.targets and _is_default_linear(name, info)) or matches(explicit, name):
+        if (LINEAR in rule.targets and is_default_linear(name, info)) or matches(explicit, name):
             return k, rule
     return None
 
@@ -355,7 +358,7 @@ def _prune_for(
         return None
     explicit = [t for t in pruning.targets if t != LINEAR]
     if not (
-        (LINEAR in pruning.targets and _is_default_linear(name, info)) or matches(explicit, name)
+        (LINEAR in pruning.targets and is_default_linear(name, info)) or matches(explicit, name)
     ):
         return None
     scheduled = next((v for p, v in pruning.schedule.items() if matches([p], name)), None)

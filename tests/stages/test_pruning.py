@@ -15,7 +15,7 @@ from compressor.config import build_config
 from compressor.errors import ConfigError, InputError
 from compressor.formats.compressed import decompress_checkpoint
 from compressor.pipeline import compress_checkpoint
-from compressor.stages.plan import _is_default_linear
+from compressor.stages.plan import is_default_linear
 from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
 
 SHAPE = LlamaShape(hidden_size=256, intermediate_size=1536, num_hidden_layers=2, vocab_size=512)
@@ -184,6 +184,6 @@ def test_default_pruning_targets_are_the_linear_weights(model):
     chosen = [
         n
         for n, w in original.items()
-        if _is_default_linear(n, TensorInfo(n, "BF16", tuple(w.shape), 0, 0))
+        if is_default_linear(n, TensorInfo(n, "BF16", tuple(w.shape), 0, 0))
     ]
     assert sorted(chosen) == sorted(_targets(original))
