@@ -17,7 +17,7 @@ import torch
 
 from compressor.config import QuantRule, Recipe, RunConfig, build_config
 from compressor.errors import ConfigError, InputError, OutputError
-from compressor.formats.compressed import inspect_checkpoint
+from compressor.formats.compressed import decompress_checkpoint, inspect_checkpoint
 from compressor.formats.staging import Staging
 from compressor.pipeline import Pipeline, compress_checkpoint
 from compressor.stages.executor import SerialExecutor
@@ -480,3 +480,21 @@ def test_inspect_input_and_output(llama_src, compressed):
     asym_out, _ = compressed("w4a16-asym")
     schemes = {t["name"]: t["scheme"] for t in inspect_checkpoint(asym_out)["tensors"]}
     assert schemes["model.layers.0.mlp.down_proj.weight"] == "int4 asym g128"
+
+
+@pytest.mark.slow
+def test_transformers_loads_w4a16_asym_with_dequantize_on_load(llama_src, tmp_path):
+    """transformers 5.24's default path refuses packed asymmetric zero points (it initialises
+    them unpacked); `CompressedTensorsConfig(dequantize=True)` reads them, and gives our logits."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    out = tmp_path / "asym"
+    compress_checkpoint(build_config(str(llama_src), str(out), preset="w4a16-asym", workers=0))
+    dense = decompress_checkpoint(out, tmp_path / "dense")
+    ids = torch.tensor([[1, 5, 9, 100, 3, 77, 12]])
+    loaded = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    reference = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)

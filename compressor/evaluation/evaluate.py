@@ -82,7 +82,7 @@ class EvalReport:
 
     original_dir: str
     compressed_dir: str
-    compressed_loader: str  # "dense", "compressed-tensors" or "dense_loader"
+    compressed_loader: str  # "dense", "compressed-tensors[ (dequantize on load)]", "dense_loader…"
     device: str
     dtype: str
     window: int
@@ -153,7 +153,7 @@ def _load_model(path: Path, dtype: torch.dtype, device: str, **kwargs: Any):
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-        except (OSError, ValueError, ImportError) as exc:
+        except (OSError, ValueError, ImportError, RuntimeError) as exc:
             raise InputError(
                 f"transformers cannot load the checkpoint: {exc}", path=str(path)
             ) from exc
@@ -256,7 +256,29 @@ def evaluate(
                     "dense_loader returned a checkpoint that is still quantized",
                     path=str(load_dir),
                 )
-        comp, weights = run(load_dir, compare=True, **kwargs)
+        try:
+            comp, weights = run(load_dir, compare=True, **kwargs)
+        except InputError:
+            if loader != "compressed-tensors":
+                raise
+            # transformers 5.24's default (run-compressed) path initialises asymmetric zero
+            # points unpacked and refuses the packed ones compressed-tensors writes; its
+            # dequantize-on-load path reads them (but mishandles mixed group sizes, which the
+            # default path loads). One of the two loads every checkpoint we write.
+            from transformers import CompressedTensorsConfig
+
+            try:
+                loader = "compressed-tensors (dequantize on load)"
+                kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+                comp, weights = run(load_dir, compare=True, **kwargs)
+            except InputError:
+                if dense_loader is None:  # asymmetric and mixed group sizes: neither path loads
+                    raise
+                loader = "dense_loader (transformers could not load it)"
+                load_dir = Path(dense_loader(compressed_dir, Path(tmp)))
+                if not (load_dir / "config.json").is_file():
+                    load_dir = _with_original_config(load_dir, original_dir, Path(tmp) / "cfg")
+                comp, weights = run(load_dir, compare=True)
     assert weights is not None
 
     if orig.predicted != comp.predicted:  # same ids and windows: cannot happen
