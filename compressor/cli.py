@@ -191,6 +191,11 @@ def compress(
             **options,
         )
         use_prefect = prefect or bool(os.environ.get("PREFECT_API_URL"))
+        if use_prefect:
+            # The temporary local API migrates a fresh database on its first start, which takes
+            # longer than Prefect's 20 s default on a small machine.
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         with Progress(
             TextColumn("{task.description:>10}"),
             BarColumn(),
