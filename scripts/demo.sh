@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup-venv.sh eval
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.cache/prefect}"
+mkdir -p "$PREFECT_HOME"  # Prefect creates only the last level itself
 work="${DEMO_DIR:-$PWD/.cache/demo}"
 model="$(.venv/bin/compressor fetch smollm2)"
 .venv/bin/compressor compress "$model" "$work/SmolLM2-135M-Instruct-w4a16" --preset w4a16 \

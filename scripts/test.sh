@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup-venv.sh test,eval
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.cache/prefect}"
+mkdir -p "$PREFECT_HOME"  # Prefect creates only the last level itself
 .venv/bin/ruff check .
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
