@@ -68,7 +68,7 @@ from compressor.math.quant import (
     quantized_range,
 )
 
-__all__ = ["RoundingMode", "reconstruction_error", "search_qparams"]
+__all__ = ["RoundingMode", "quantize_rows", "reconstruction_error", "search_qparams"]
 
 RoundingMode = Literal["rtn", "mse", "hqq"]
 
@@ -408,3 +408,27 @@ def _snap(
     zero = torch.round(-o.squeeze(2) / scale.to(s.dtype))
     zero = torch.nan_to_num(zero, nan=0.0).clamp_(qmin, qmax)
     return scale, zero.to(torch.int8)
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    args: QuantArgs,
+    mode: RoundingMode = "rtn",
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Quantize a (rows, cols) block: integer codes q, scale, zero/offset, and x̂ in x's dtype.
+
+    Parameters come from `scale`/`zero` when given (the tensor strategy, fixed from the whole
+    tensor's range), else from the block's own groups by `mode`. The one place the compress
+    stage and the budget's error measurements quantize, so both see the same x̂.
+    """
+    work = x.to(compute_dtype(x.dtype, args.method))
+    if scale is None:
+        if mode != "rtn":
+            scale, zero = search_qparams(work, args, x.dtype, mode)
+        else:
+            mins, maxs = group_ranges(work, args)
+            scale, zero = qparams_from_range(mins, maxs, args, x.dtype)
+    q = quantize(work, scale, zero, args)
+    return q, scale, zero, dequantize(q, scale, zero, args, x.dtype)

@@ -26,14 +26,9 @@ from compressor.math.pack import pack_rows, packed_width
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
 from compressor.math.quant import (
     QuantArgs,
-    compute_dtype,
-    dequantize,
-    group_ranges,
-    qparams_from_range,
-    quantize,
     quantized_range,
 )
-from compressor.math.rounding import search_qparams
+from compressor.math.rounding import quantize_rows
 from compressor.math.stats import ErrorStats, combine_errors, error_stats, range_stats
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
@@ -69,21 +64,12 @@ def quantize_block(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Quantize a (rows, cols) block: unsigned codes, scale, zero/offset, and x̂ (x's dtype).
 
-    `rounding` other than "rtn" searches each group's parameters (`math.rounding`); the codes
-    and their format are the same either way.
+    Per-tensor parameters (`fixed`) apply as they are; otherwise `rounding` chooses each
+    group's (`math.rounding.quantize_rows`). Codes are offset to unsigned, as stored.
     """
-    work = x.to(compute_dtype(x.dtype, args.method))
-    if args.strategy == "tensor":
-        assert fixed.scale is not None
-        scale = fixed.scale.to(x.device)
-        zero = fixed.zero.to(x.device) if fixed.zero is not None else None
-    elif rounding != "rtn":
-        scale, zero = search_qparams(work, args, x.dtype, rounding)  # type: ignore[arg-type]
-    else:
-        mins, maxs = group_ranges(work, args)
-        scale, zero = qparams_from_range(mins, maxs, args, x.dtype)
-    q = quantize(work, scale, zero, args)
-    x_hat = dequantize(q, scale, zero, args, x.dtype)
+    scale = fixed.scale.to(x.device) if fixed.scale is not None else None
+    zero = fixed.zero.to(x.device) if fixed.zero is not None else None
+    q, scale, zero, x_hat = quantize_rows(x, args, rounding, scale, zero)  # type: ignore[arg-type]
     qmin, _ = quantized_range(args)
     codes = q - qmin  # compressed-tensors stores q + 2^(b-1); minmax codes are already ≥ 0
     return codes, scale, zero, x_hat

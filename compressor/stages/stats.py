@@ -51,14 +51,8 @@ from compressor.math.prune import (
     low_histogram,
     select,
 )
-from compressor.math.quant import (
-    QuantArgs,
-    compute_dtype,
-    dequantize,
-    group_ranges,
-    qparams_from_range,
-    quantize,
-)
+from compressor.math.quant import QuantArgs
+from compressor.math.rounding import quantize_rows
 from compressor.math.stats import RangeStats, error_stats
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
@@ -272,15 +266,13 @@ def _candidate_chunk(job: _CandidateJob) -> CandidateErrors:
         if args is None:
             errors.append(math.nan)
             continue
-        total = 0.0
-        for b0 in range(0, x.shape[0], 256):
-            block = x[b0 : b0 + 256]
-            work = block.to(compute_dtype(block.dtype, args.method))
-            mins, maxs = group_ranges(work, args)
-            scale, zero = qparams_from_range(mins, maxs, args, block.dtype)
-            x_hat = dequantize(quantize(work, scale, zero, args), scale, zero, args, block.dtype)
-            total += error_stats(block, x_hat).sq_error
-        errors.append(total)
+        blocks = (x[b0 : b0 + 64] for b0 in range(0, x.shape[0], 64))  # cache-sized, as compress
+        errors.append(
+            math.fsum(
+                error_stats(b, quantize_rows(b, args)[3], count_zeros=False).sq_error
+                for b in blocks
+            )
+        )
     signal = float(x.to(torch.float64).pow(2).sum())
     return CandidateErrors(tuple(errors), signal)
 
