@@ -134,18 +134,6 @@ def _stale(lock: Path) -> bool:
     return False
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
 def publish(
     plan: Plan,
     directory: Path | storage.UrlPath,
@@ -172,6 +160,42 @@ def publish(
     return dest
 
 
+def _metadata_files(
+    plan: Plan,
+    shards: list[ShardResult],
+    quantization_config: dict[str, Any] | None,
+    report: dict[str, Any],
+) -> dict[str, bytes]:
+    """Everything the output holds besides its shards: index, the input's other files (small:
+    tokenizer, generation config), config.json with the quantization block, and our report."""
+    files: dict[str, bytes] = {}
+    if len(shards) > 1:
+        weight_map = {name: s.file_name for s in shards for name in s.tensor_names}
+        total = sum(s.nbytes for s in shards)
+        files[INDEX_NAME] = _json_bytes(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        )
+    for rel in plan.checkpoint.extra_files:
+        if rel != "config.json":
+            source = storage.join(plan.checkpoint.location, rel)
+            is_url = storage.is_url(source)
+            files[rel] = storage.read_bytes(source) if is_url else Path(source).read_bytes()
+    config = dict(plan.checkpoint.config or {})
+    if quantization_config is not None:  # None: the output is an ordinary dense model
+        config["quantization_config"] = quantization_config
+    files["config.json"] = _json_bytes(config)
+    files[REPORT_NAME] = _json_bytes(report)
+    return files
+
+
+def _manifest(shards: list[ShardResult], files: dict[str, bytes]) -> bytes:
+    """sha256 and size of every output file: shards hashed as they were written, the rest here."""
+    entries = {s.file_name: {"sha256": s.sha256, "size": s.nbytes} for s in shards}
+    for rel, data in files.items():
+        entries[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return _json_bytes({"version": 1, "files": dict(sorted(entries.items()))})
+
+
 def _finish_and_rename(
     plan: Plan,
     directory: Path,
@@ -179,36 +203,12 @@ def _finish_and_rename(
     quantization_config: dict[str, Any] | None,
     report: dict[str, Any],
 ) -> Path:
-    source_root = plan.checkpoint.root
-    weight_map = {name: s.file_name for s in shards for name in s.tensor_names}
-    if len(shards) > 1:
-        total = sum(s.nbytes for s in shards)
-        _write_json(
-            directory / INDEX_NAME,
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-        )
-    for rel in plan.checkpoint.extra_files:
-        if rel == "config.json":
-            continue
+    files = _metadata_files(plan, shards, quantization_config, report)
+    for rel, data in files.items():
         target = directory / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if plan.checkpoint.url is not None:
-            storage.copy_file(storage.join(plan.checkpoint.url, rel), str(target))
-        else:
-            shutil.copy2(source_root / rel, target)
-    config = dict(plan.checkpoint.config or {})
-    if quantization_config is not None:  # None: the output is an ordinary dense model
-        config["quantization_config"] = quantization_config
-    _write_json(directory / "config.json", config)
-    _write_json(directory / REPORT_NAME, report)
-
-    hashed = {s.file_name: (s.sha256, s.nbytes) for s in shards}
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = str(path.relative_to(directory))
-        sha, size = hashed.get(rel) or (_sha256(path), path.stat().st_size)
-        files[rel] = {"sha256": sha, "size": size}
-    _write_json(directory / MANIFEST_NAME, {"version": 1, "files": files})
+        target.write_bytes(data)
+    (directory / MANIFEST_NAME).write_bytes(_manifest(shards, files))
 
     dest = Path(storage.local_path(plan.config.destination))
     if dest.exists():
@@ -241,34 +241,10 @@ def _finish_and_copy(
     """`_finish_and_rename` for an object store, which has no rename: complete the partial
     prefix (the manifest last), then copy it to the destination file by file with the manifest
     last, and delete the partial prefix. A destination without manifest.json is incomplete."""
-    written: dict[str, bytes] = {}
-    weight_map = {name: s.file_name for s in shards for name in s.tensor_names}
-    if len(shards) > 1:
-        total = sum(s.nbytes for s in shards)
-        written[INDEX_NAME] = _json_bytes(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        )
-    for rel in plan.checkpoint.extra_files:
-        if rel == "config.json":
-            continue
-        source = storage.join(plan.checkpoint.location, rel)
-        if storage.is_url(source):
-            written[rel] = storage.read_bytes(source)
-        else:
-            written[rel] = Path(source).read_bytes()
-    config = dict(plan.checkpoint.config or {})
-    if quantization_config is not None:
-        config["quantization_config"] = quantization_config
-    written["config.json"] = _json_bytes(config)
-    written[REPORT_NAME] = _json_bytes(report)
-    for rel, data in written.items():
+    files = _metadata_files(plan, shards, quantization_config, report)
+    for rel, data in files.items():
         storage.write_bytes(storage.join(directory, rel), data)
-
-    files = {s.file_name: {"sha256": s.sha256, "size": s.nbytes} for s in shards}
-    for rel, data in written.items():
-        files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    manifest = _json_bytes({"version": 1, "files": dict(sorted(files.items()))})
-    storage.write_bytes(storage.join(directory, MANIFEST_NAME), manifest)
+    storage.write_bytes(storage.join(directory, MANIFEST_NAME), _manifest(shards, files))
 
     dest = plan.config.destination
     if storage.exists(dest):
@@ -279,7 +255,7 @@ def _finish_and_copy(
                 hint="pass --overwrite or choose another destination",
             )
         storage.remove(dest)  # no rename on object stores: the old output goes first
-    for rel in sorted(files):
+    for rel in sorted([s.file_name for s in shards] + list(files)):
         storage.copy_file(storage.join(directory, rel), storage.join(dest, rel))
     storage.copy_file(storage.join(directory, MANIFEST_NAME), storage.join(dest, MANIFEST_NAME))
     storage.remove(directory)
