@@ -38,7 +38,14 @@ from compressor.stages import publish as publish_stage
 from compressor.stages import write as write_stage
 from compressor.stages.budget import choose_schemes
 from compressor.stages.executor import DaskExecutor, Executor, Progress, SerialExecutor
-from compressor.stages.plan import Plan, TensorPlan, is_default_linear, lay_out_shards, make_plan
+from compressor.stages.plan import (
+    OutputShard,
+    Plan,
+    TensorPlan,
+    is_default_linear,
+    lay_out_shards,
+    make_plan,
+)
 from compressor.stages.stats import (
     CandidateErrors,
     ChunkPrune,
@@ -175,6 +182,7 @@ class Pipeline:
         self.codebooks: dict[str, Codebook] = {}
         self.report: RunReport | None = None
         self.direct = False  # compress reads the source, not staged input
+        self.layout: tuple[OutputShard, ...] | None = None  # final shards, set by write()
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -398,7 +406,7 @@ class Pipeline:
     def _report(self) -> RunReport:
         plan = self.plan
         out_bytes_by_source: dict[str, int] = {}
-        for shard in getattr(self, "layout", plan.shards):
+        for shard in self.layout or plan.shards:
             for e in shard.entries:
                 out_bytes_by_source[e.source] = out_bytes_by_source.get(e.source, 0) + e.nbytes
         rows = []
