@@ -88,7 +88,10 @@ def compress(
         typer.Option(help="Automatic budget: relative error over all targets, e.g. 0.1."),
     ] = None,
     strict_groups: Annotated[bool, typer.Option(help="Refuse non-dividing group sizes.")] = False,
-    workers: Annotated[int | None, typer.Option(help="Local worker processes; 0 = serial.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local workers; 0 = serial.")] = None,
+    worker_kind: Annotated[
+        str, typer.Option(help="Local workers as threads | processes | auto (by the work).")
+    ] = "auto",
     scheduler: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
     staging: Annotated[
         str | None, typer.Option(help="Staging directory or fsspec URL (s3://bucket/staging).")
@@ -142,6 +145,7 @@ def compress(
 
     options: dict[str, Any] = {
         "workers": workers,
+        "worker_kind": worker_kind,
         "scheduler": scheduler,
         "staging_dir": str(staging) if staging else None,
         "strict_groups": strict_groups,

@@ -347,7 +347,13 @@ class RunConfig(_Frozen):
     chunk_mb: int = Field(defaults.CHUNK_MB, ge=1, description="Target input MB per chunk.")
     max_shard_mb: int = Field(defaults.MAX_SHARD_MB, ge=1, description="Output shard size in MB.")
     workers: int | None = Field(
-        None, ge=0, description="Local Dask worker processes (None: one per core; 0: serial)."
+        None, ge=0, description="Local Dask workers (None: one per core; 0: serial)."
+    )
+    worker_kind: Literal["auto", "threads", "processes"] = Field(
+        "auto",
+        description="What the local workers are: threads of this process or worker processes. "
+        "auto: threads when every chunk takes the fused CPU kernels (they release the GIL, and "
+        "threads start in milliseconds), processes otherwise (torch paths scale better).",
     )
     scheduler: str | None = Field(
         None, description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786."

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from compressor.formats.quant_config import (
 from compressor.formats.staging import Staging
 from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats, RangeStats
+from compressor.stages import assemble as assemble_stage
 from compressor.stages import compress as compress_stage
 from compressor.stages import ingest as ingest_stage
 from compressor.stages import publish as publish_stage
@@ -64,8 +66,10 @@ STAGES = ("plan", "ingest", "thresholds", "compress", "write", "publish")
 
 
 @contextlib.contextmanager
-def open_executor(config: RunConfig) -> Iterator[Executor]:
-    """Serial (workers=0), an existing cluster (scheduler), or an embedded LocalCluster."""
+def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor]:
+    """Serial (workers=0), an existing cluster (scheduler), or an embedded LocalCluster: of
+    worker processes, or with `threads` one worker of this process with a thread per core
+    (`Pipeline.threaded` chooses)."""
     if config.scheduler is None and config.workers == 0:
         yield SerialExecutor()
         return
@@ -81,6 +85,21 @@ def open_executor(config: RunConfig) -> Iterator[Executor]:
             yield DaskExecutor(client)
         return
     n = config.workers or os.cpu_count() or 1
+    if threads:
+        # Nothing to spawn or import: workers start in milliseconds, and the fused kernels
+        # release the GIL, so n threads scale like n processes (docs/benchmarks.md).
+        with (
+            LocalCluster(
+                n_workers=1,
+                threads_per_worker=n,
+                processes=False,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield DaskExecutor(client)
+        return
     # Processes with one thread each: the math holds the GIL in places, and a worker per core
     # is what scales. Everything on loopback; the scheduler's HTTP endpoint (health, and the
     # dashboard when bokeh is installed) on a free port, so it never clashes with another 8787.
@@ -182,6 +201,7 @@ class Pipeline:
         self.codebooks: dict[str, Codebook] = {}
         self.report: RunReport | None = None
         self.direct = False  # compress reads the source, not staged input
+        self.in_place = False  # compress writes into the shard files (stages/assemble.py)
         self.layout: tuple[OutputShard, ...] | None = None  # final shards, set by write()
 
     @contextlib.contextmanager
@@ -197,6 +217,16 @@ class Pipeline:
         if self.plan_ is None:
             raise RuntimeError("make_plan() must run first")
         return self.plan_
+
+    def threaded(self) -> bool:
+        """Whether an embedded cluster runs threads (config.worker_kind; auto: when every chunk
+        reads the source directly and takes the fused kernels, so nothing holds the GIL long)."""
+        kind = self.config.worker_kind
+        if kind != "auto":
+            return kind == "threads"
+        return not ingest_stage.needs_ingest(self.plan) and all(
+            compress_stage.takes_fused_kernels(t) for t in self.plan.staged
+        )
 
     # -- stages -------------------------------------------------------------------------------
     def make_plan(self) -> Plan:
@@ -245,16 +275,33 @@ class Pipeline:
 
     def compress(self, executor: Executor) -> None:
         with self._timed("compress"):
-            self.errors = compress_stage.compress(
-                self.plan,
-                self.staging,
-                self.fixed,
-                executor,
-                self.progress,
-                self.prune,
-                direct=self.direct,
-                codebooks={name: c.stored for name, c in self.codebooks.items()},
+            self.in_place = assemble_stage.assembles_in_place(
+                self.plan, self.staging, self.config.scheduler
             )
+            targets = None
+            if self.in_place:
+                targets = assemble_stage.prepare_shard_files(self.plan, self.staging)
+            with ThreadPoolExecutor(1, thread_name_prefix="copy") as pool:
+                # The copied tensors are pure I/O: with in-place assembly a client thread writes
+                # them into the shard files while the workers compress.
+                copying = (
+                    pool.submit(assemble_stage.copy_tensors, self.plan, self.staging)
+                    if self.in_place
+                    else None
+                )
+                self.errors = compress_stage.compress(
+                    self.plan,
+                    self.staging,
+                    self.fixed,
+                    executor,
+                    self.progress,
+                    self.prune,
+                    direct=self.direct,
+                    codebooks={name: c.stored for name, c in self.codebooks.items()},
+                    targets=targets,
+                )
+                if copying is not None:
+                    copying.result()  # its error, if any, is this stage's
 
     def write(self, executor: Executor) -> None:
         with self._timed("write"):
@@ -288,6 +335,7 @@ class Pipeline:
             executor,
             self.progress,
             self.layout,
+            in_place=self.in_place,
         )
 
     def publish(self) -> RunReport:
@@ -317,7 +365,7 @@ class Pipeline:
             return self.published_report()
         with publish_stage.destination_lock(self.config.destination):
             cluster_start = time.perf_counter()
-            with open_executor(self.config) as executor:
+            with open_executor(self.config, self.threaded()) as executor:
                 self.timings["cluster_start"] = round(time.perf_counter() - cluster_start, 3)
                 self.ingest(executor)
                 self.stats(executor)

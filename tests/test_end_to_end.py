@@ -20,6 +20,7 @@ from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats.compressed import decompress_checkpoint, inspect_checkpoint
 from compressor.formats.staging import Staging
 from compressor.pipeline import Pipeline, compress_checkpoint
+from compressor.stages.assemble import STAGE as ASSEMBLED
 from compressor.stages.executor import SerialExecutor
 from tests.conftest import (
     assert_same_tensors,
@@ -315,13 +316,13 @@ def test_resume_skips_finished_chunks(llama_src, tmp_path, monkeypatch):
         )
 
     calls: list[int] = []
-    real = compress_stage.quantize_block
+    real = compress_stage.quantize_rows_packed
 
     def counting(x, *args, **kwargs):
         calls.append(x.shape[0])
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(compress_stage, "quantize_block", counting)
+    monkeypatch.setattr(compress_stage, "quantize_rows_packed", counting)
 
     # A "crashed" run: plan, ingest, stats, thresholds and compress, but no write/publish.
     crashed = Pipeline(config("out"))
@@ -335,13 +336,13 @@ def test_resume_skips_finished_chunks(llama_src, tmp_path, monkeypatch):
     staging = Staging(plan.staging_root)
     # Channel/group presets skip staging the input (compress reads the source directly).
     assert crashed.direct and staging.count_done("ingest") == 0
-    assert staging.count_done("compress") == plan.chunk_count
+    assert staging.count_done(ASSEMBLED) == plan.chunk_count
     total_rows = sum(t.shape2d[0] for t in plan.quantized)
     assert sum(calls) == total_rows
     assert not (tmp_path / "out").exists()
 
     # Lose some finished chunks, as if the crash hit mid-stage: only those are recomputed.
-    lost = sorted((plan.staging_root / "done" / "compress").glob("*.json"))[::3]
+    lost = sorted((plan.staging_root / "done" / ASSEMBLED).glob("*.json"))[::3]
     lost_rows = 0
     by_key = {t.key: t for t in plan.quantized}
     for marker in lost:
@@ -352,7 +353,7 @@ def test_resume_skips_finished_chunks(llama_src, tmp_path, monkeypatch):
     calls.clear()
     resumed = compress_checkpoint(config("out"))
     assert sum(calls) == lost_rows > 0
-    assert staging.count_done("compress") == plan.chunk_count
+    assert staging.count_done(ASSEMBLED) == plan.chunk_count
     assert resumed.run_key == plan.run_key
 
     # The resumed output is byte-identical to a clean run's (apart from the run's own report).

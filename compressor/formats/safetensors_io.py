@@ -56,6 +56,7 @@ __all__ = [
     "SafetensorsWriter",
     "TensorInfo",
     "canonical_order",
+    "encode_header",
     "iter_byte_blocks",
     "read_header",
     "read_rows",
@@ -541,6 +542,15 @@ def canonical_order(entries: Sequence[Entry]) -> list[Entry]:
     # Rust compares names as UTF-8 bytes, which orders valid strings exactly as Python's
     # code-point comparison does.
     return sorted(entries, key=lambda e: (-dtypes.serialization_rank(e[1]), e[0]))
+
+
+def encode_header(
+    entries: Sequence[Entry], metadata: Mapping[str, str] | None = None, path: str = ""
+) -> tuple[bytes, list[TensorInfo]]:
+    """The first ``8 + N`` bytes of a file holding `entries` contiguously in the given order,
+    and where each tensor's data will be (absolute offsets): what `SafetensorsWriter` writes.
+    For files assembled out of order (pieces written at their offsets by several tasks)."""
+    return _encode_header(path, entries, metadata)
 
 
 def _encode_header(

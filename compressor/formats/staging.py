@@ -109,6 +109,15 @@ class Staging:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def forget(self, stage: str, key: str, chunks: int) -> None:
+        """Drop the markers of a tensor's chunks: their output is gone and must be redone."""
+        for chunk in range(chunks):
+            marker = self._marker(stage, key, chunk)
+            if isinstance(marker, Path):
+                marker.unlink(missing_ok=True)
+            else:
+                storage.remove(str(marker))
+
     def count_done(self, stage: str) -> int:
         folder = self.root / "done" / stage
         if not isinstance(folder, Path):

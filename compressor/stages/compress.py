@@ -13,6 +13,7 @@ Work proceeds in blocks of `BLOCK_ROWS` rows so temporaries stay cache-sized.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -21,21 +22,29 @@ from compressor.formats import dtypes
 from compressor.formats.layout import CodebookArgs, nf4_dequantize_rows, nf4_quantize_rows
 from compressor.formats.safetensors_io import read_rows
 from compressor.formats.staging import Staging
+from compressor.math import kernels
 from compressor.math.codebook import NF4_BLOCK, kmeans_assign
 from compressor.math.pack import pack_rows, packed_width
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
-from compressor.math.quant import (
-    QuantArgs,
-    quantized_range,
-)
-from compressor.math.rounding import quantize_rows
+from compressor.math.quant import QuantArgs, compute_dtype, qparams_from_range, quantized_range
+from compressor.math.rounding import RoundingMode, quantize_rows, search_qparams
 from compressor.math.stats import ErrorStats, combine_errors, error_stats, range_stats
+from compressor.stages import assemble
+from compressor.stages.assemble import RowTarget
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 from compressor.stages.stats import ChunkPrune, chunk_importance
 from compressor.stages.thresholds import TensorThresholds, nonfinite_error
 
-__all__ = ["CompressJob", "compress", "compress_chunk", "prepare_outputs"]
+__all__ = [
+    "CompressJob",
+    "PackedRows",
+    "compress",
+    "compress_chunk",
+    "prepare_outputs",
+    "quantize_rows_packed",
+    "takes_fused_kernels",
+]
 
 STAGE = "compress"
 # Rows per block of the quantize math: small blocks keep temporaries in cache on the CPU
@@ -53,6 +62,29 @@ class CompressJob:
     prune: ChunkPrune | None = None
     direct: bool = False  # read the row block from the source file, not from staging
     codebook: tuple[float, ...] | None = None  # k-means: the tensor's stored (float32) centroids
+    # Set when the shard files are assembled in place (`stages.assemble`): each output role's
+    # place in its shard file. None: outputs go to Zarr arrays in staging.
+    targets: dict[str, RowTarget] | None = None
+
+    @property
+    def stage(self) -> str:
+        """The marker stage: in-place chunks must not count as done for a Zarr run, or back."""
+        return STAGE if self.targets is None else assemble.STAGE
+
+
+class _Outputs:
+    """Where a chunk's output rows go: a staged Zarr array, or their place in the shard file."""
+
+    def __init__(self, job: CompressJob) -> None:
+        self.staging = job.staging
+        self.key = job.tensor.key
+        self.targets = job.targets
+
+    def put(self, role: str, first_row: int, values: np.ndarray) -> None:
+        if self.targets is None:
+            self.staging.write_rows(f"out/{self.key}/{role}", first_row, values)
+        else:
+            assemble.write_rows(self.targets[role], first_row, values)
 
 
 def _device() -> torch.device:
@@ -90,7 +122,7 @@ def prune_mask(
 
 def compress_chunk(job: CompressJob) -> ErrorStats:
     t, staging = job.tensor, job.staging
-    recorded = staging.done(STAGE, t.key, job.chunk)
+    recorded = staging.done(job.stage, t.key, job.chunk)
     if recorded is not None:
         return ErrorStats(**recorded)
     r0, r1 = t.chunks[job.chunk]
@@ -109,19 +141,133 @@ def compress_chunk(job: CompressJob) -> ErrorStats:
         mask = prune_mask(staging, t, job.chunk, x, job.prune)
         removed = int(mask.sum())
         pruned = x.masked_fill(mask, 0)  # a new tensor: the staged input stays as it was
+    out = _Outputs(job)
     if t.args is None:
         total = error_stats(x, pruned, removed)
-        _store_pruned(staging, t, r0, job.chunk, pruned)
+        _store_pruned(out, staging, t, r0, job.chunk, pruned)
     elif isinstance(t.args, CodebookArgs):
-        total = _codebook_chunk(staging, t, r0, x, t.args, job.codebook)
+        total = _codebook_chunk(out, t, r0, x, t.args, job.codebook)
     else:
-        total = _quantize_chunk(staging, t, r0, x, pruned, job.thresholds, removed)
-    staging.mark_done(STAGE, t.key, job.chunk, asdict(total))
+        total = _quantize_chunk(out, t, r0, x, pruned, job.thresholds, removed)
+    staging.mark_done(job.stage, t.key, job.chunk, asdict(total))
     return total
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """A quantized row block as stored: packed codes, scales, zero points, and its error."""
+
+    packed: torch.Tensor  # int32 (rows, ceil(cols·bits/32)), codes q − qmin
+    scale: torch.Tensor  # (rows, ngroups) in the weight dtype, or (1, 1) for the tensor strategy
+    zero: torch.Tensor | None  # int8 zero points / float offsets (minmax), None when symmetric
+    error: ErrorStats
+
+
+def _fused_kind(x: torch.Tensor, args: QuantArgs, fixed: TensorThresholds) -> int | None:
+    """The kernels' `kind` when the fused CPU path computes exactly what the torch path does."""
+    kind = {torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}.get(x.dtype)
+    if kind is None or x.device.type != "cpu" or args.method != "int":
+        return None
+    if fixed.scale is not None and fixed.scale.dtype != x.dtype:
+        return None
+    return kind
+
+
+def takes_fused_kernels(t: TensorPlan) -> bool:
+    """Whether every chunk of `t` runs the fused CPU kernels (which release the GIL)."""
+    args = t.args
+    return (
+        isinstance(args, QuantArgs)
+        and args.method == "int"
+        and args.strategy != "tensor"
+        and t.info.dtype in ("BF16", "F16")
+        and t.prune is None
+        and t.rounding == "rtn"
+    )
+
+
+def quantize_rows_packed(
+    x: torch.Tensor,
+    pruned: torch.Tensor,
+    args: QuantArgs,
+    fixed: TensorThresholds,
+    rounding: str = "rtn",
+) -> PackedRows:
+    """Quantize `pruned` (= `x` when nothing was pruned), pack it, and measure it against `x`.
+
+    On the CPU, integer schemes on 16-bit weights take the fused kernels (`math.kernels`: one
+    pass, same bits as the torch path); everything else runs the torch path in blocks of
+    `BLOCK_ROWS` (GPU: `GPU_BLOCK_ROWS`) rows so temporaries stay cache-sized.
+    """
+    kind = _fused_kind(x, args, fixed)
+    if kind is not None:
+        return _fused_rows(x, pruned, args, fixed, rounding, kind)
+    device = _device()
+    step = GPU_BLOCK_ROWS if device.type == "cuda" else BLOCK_ROWS
+    packed, scales, zeros, errors = [], [], [], []
+    for b0 in range(0, x.shape[0], step):
+        block = pruned[b0 : b0 + step].to(device)
+        codes, scale, zero, x_hat = quantize_block(block, args, fixed, rounding)
+        errors.append(error_stats(x[b0 : b0 + step].to(device), x_hat, count_zeros=False))
+        packed.append(pack_rows(codes, args.bits).cpu())
+        scales.append(scale.cpu())
+        if zero is not None:
+            zeros.append(zero.cpu())
+    if args.strategy == "tensor":  # one (1, 1) parameter set for every block
+        return PackedRows(
+            torch.cat(packed), scales[0], zeros[0] if zeros else None, combine_errors(*errors)
+        )
+    return PackedRows(
+        torch.cat(packed),
+        torch.cat(scales),
+        torch.cat(zeros) if zeros else None,
+        combine_errors(*errors),
+    )
+
+
+def _fused_rows(
+    x: torch.Tensor,
+    pruned: torch.Tensor,
+    args: QuantArgs,
+    fixed: TensorThresholds,
+    rounding: str,
+    kind: int,
+) -> PackedRows:
+    rows, cols = x.shape
+    raw = dtypes.to_raw(pruned.contiguous()).view(np.uint16)
+    group = args.group_size if args.strategy == "group" else cols
+    if fixed.scale is not None:
+        scale, zero = fixed.scale, fixed.zero
+    elif rounding == "rtn":
+        lo, hi = kernels.group_ranges_16(raw, kind, group)
+        scale, zero = qparams_from_range(torch.from_numpy(lo), torch.from_numpy(hi), args, x.dtype)
+    else:  # the search runs in torch, block by block; the kernels then apply its parameters
+        work = compute_dtype(x.dtype, args.method)
+        found = [
+            search_qparams(
+                pruned[b0 : b0 + BLOCK_ROWS].to(work), args, x.dtype, cast(RoundingMode, rounding)
+            )
+            for b0 in range(0, rows, BLOCK_ROWS)
+        ]
+        scale = torch.cat([s for s, _ in found])
+        zero = None if found[0][1] is None else torch.cat([z for _, z in found if z is not None])
+    ngroups = -(-cols // group)
+    packed, sq_error, sq_signal, max_abs = kernels.quantize_pack_16(
+        raw,
+        kind,
+        group,
+        scale.float().expand(rows, ngroups).contiguous().numpy(),
+        None if zero is None else zero.int().expand(rows, ngroups).numpy(),
+        quantized_range(args),
+        args.bits,
+        reference=None if pruned is x else dtypes.to_raw(x.contiguous()).view(np.uint16),
+    )
+    error = ErrorStats(x.numel(), sq_error, sq_signal, max_abs)
+    return PackedRows(torch.from_numpy(packed), scale, zero, error)
+
+
 def _quantize_chunk(
-    staging: Staging,
+    out: _Outputs,
     t: TensorPlan,
     r0: int,
     x: torch.Tensor,
@@ -129,36 +275,28 @@ def _quantize_chunk(
     fixed: TensorThresholds,
     removed: int,
 ) -> ErrorStats:
-    """Quantize a chunk (already pruned) in row blocks, store its outputs, return its error."""
+    """Quantize a chunk (already pruned), store its outputs, return its error."""
     args = t.args
     assert isinstance(args, QuantArgs)
-    device = _device()
-    step = GPU_BLOCK_ROWS if device.type == "cuda" else BLOCK_ROWS
-    packed, scales, zeros, errors = [], [], [], []
-    for b0 in range(0, x.shape[0], step):
-        block = pruned[b0 : b0 + step].to(device)
-        codes, scale, zero, x_hat = quantize_block(block, args, fixed, t.rounding)
-        errors.append(error_stats(x[b0 : b0 + step].to(device), x_hat, count_zeros=False))
-        packed.append(pack_rows(codes, args.bits).cpu())
-        scales.append(scale.cpu())
-        if zero is not None:
-            zeros.append(zero.cpu())
-    staging.write_rows(f"out/{t.key}/packed", r0, torch.cat(packed).numpy())
+    rows = quantize_rows_packed(x, pruned, args, fixed, t.rounding)
+    out.put("packed", r0, rows.packed.numpy())
     if args.strategy != "tensor":
-        staging.write_rows(f"out/{t.key}/scale", r0, dtypes.to_raw(torch.cat(scales)))
+        out.put("scale", r0, dtypes.to_raw(rows.scale))
         if args.method == "minmax":
-            staging.write_rows(f"out/{t.key}/min", r0, dtypes.to_raw(torch.cat(zeros)))
+            assert rows.zero is not None
+            out.put("min", r0, dtypes.to_raw(rows.zero))
         elif not args.symmetric:
+            assert rows.zero is not None
             # Zero points are packed along rows; chunks start at multiples of 32 rows, so this
             # chunk's words start at word r0·b/32 exactly.
-            z = torch.cat(zeros).to(torch.int16) - quantized_range(args)[0]
+            z = rows.zero.to(torch.int16) - quantized_range(args)[0]
             words = pack_rows(z.T.contiguous(), args.bits).T.contiguous()
-            staging.write_rows(f"out/{t.key}/zero", r0 * args.bits // 32, words.numpy())
-    return replace(combine_errors(*errors), pruned=removed)
+            out.put("zero", r0 * args.bits // 32, words.numpy())
+    return replace(rows.error, pruned=removed)
 
 
 def _codebook_chunk(
-    staging: Staging,
+    out: _Outputs,
     t: TensorPlan,
     r0: int,
     x: torch.Tensor,
@@ -185,17 +323,19 @@ def _codebook_chunk(
             x_hat = centroids[codes].to(block.dtype)
         errors.append(error_stats(block, x_hat, count_zeros=False))
         packed.append(pack_rows(codes, args.bits).cpu())
-    staging.write_rows(f"out/{t.key}/packed", r0, torch.cat(packed).numpy())
+    out.put("packed", r0, torch.cat(packed).numpy())
     if absmaxes:
-        staging.write_rows(f"out/{t.key}/absmax", r0, torch.cat(absmaxes).numpy())
+        out.put("absmax", r0, torch.cat(absmaxes).numpy())
     return combine_errors(*errors)
 
 
-def _store_pruned(staging: Staging, t: TensorPlan, r0: int, chunk: int, x: torch.Tensor) -> None:
+def _store_pruned(
+    out: _Outputs, staging: Staging, t: TensorPlan, r0: int, chunk: int, x: torch.Tensor
+) -> None:
     """A pruned, unquantized chunk: dense with zeros, or kept values + bitmask + row counts."""
     assert t.prune is not None
     if not t.prune.bitmask:
-        staging.write_rows(f"out/{t.key}/dense", r0, dtypes.to_raw(x))
+        out.put("dense", r0, dtypes.to_raw(x))
         return
     kept = x != 0
     bits = np.packbits(kept.numpy(), axis=1, bitorder="little")
@@ -254,10 +394,14 @@ def compress(
     prune: dict[tuple[str, int], ChunkPrune] | None = None,
     direct: bool = False,
     codebooks: dict[str, tuple[float, ...]] | None = None,
+    targets: dict[str, dict[str, RowTarget]] | None = None,
 ) -> dict[str, ErrorStats]:
     """Compress every staged chunk; `prune` holds each pruned chunk's decision and `codebooks`
-    each k-means tensor's stored centroids (both from the stats stage)."""
-    prepare_outputs(plan, staging)
+    each k-means tensor's stored centroids (both from the stats stage). `targets` (from
+    `assemble.prepare_shard_files`): write the outputs straight into the shard files instead of
+    Zarr arrays."""
+    if targets is None:
+        prepare_outputs(plan, staging)
     decisions = prune or {}
     books = codebooks or {}
     jobs = [
@@ -269,6 +413,7 @@ def compress(
             decisions.get((t.name, k)),
             direct,
             books.get(t.name),
+            None if targets is None else targets.get(t.name, {}),
         )
         for t in plan.staged
         for k in range(len(t.chunks))

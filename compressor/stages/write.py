@@ -5,10 +5,18 @@ within a tensor, chunk by chunk: memory stays at one chunk, not one shard. Copie
 streamed from the source file bit for bit. The file is written under a temporary name and
 renamed when complete; its sha256 goes into the manifest. For an fsspec URL destination the
 shard is written to a local temporary file the same way, then uploaded as one object.
+
+When compress assembled the shard files in place (`stages.assemble`), a job only finishes its
+file: the small and copied tensors go to their offsets, then fsync, sha256 (one read of the file)
+and a rename (or upload) into the output directory.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +28,7 @@ from compressor.formats import storage
 from compressor.formats.layout import OutputSpec
 from compressor.formats.safetensors_io import SafetensorsWriter, iter_byte_blocks
 from compressor.formats.staging import Staging
+from compressor.stages import assemble
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import OutputShard, Plan, TensorPlan
 
@@ -35,6 +44,7 @@ class WriteJob:
     tensors: dict[str, TensorPlan]  # the input tensors this shard's entries come from
     small: dict[str, np.ndarray]  # raw bytes of tiny outputs (shapes, per-tensor scales)
     directory: str
+    in_place: bool = False  # the shard file was assembled in staging by compress (`assemble`)
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,8 @@ def _blocks(job: WriteJob, spec: OutputSpec):
 
 
 def write_shard(job: WriteJob) -> ShardResult:
+    if job.in_place:
+        return _finish_in_place(job)
     if storage.is_url(job.directory):
         # Object stores take whole objects: stream the shard into a local temporary file (the
         # writer stays bounded in memory), then upload it into the partial prefix.
@@ -111,6 +123,89 @@ def _write_local(job: WriteJob, target: Path) -> ShardResult:
     )
 
 
+def _finish_in_place(job: WriteJob) -> ShardResult:
+    """Complete a shard that compress assembled in staging: write its small and copied tensors
+    at their offsets, fsync, hash, and move (or upload) it into the output directory."""
+    name = job.shard.file_name
+    staged = assemble.staged_shard(job.staging, name)
+    names = tuple(e.name for e in job.shard.entries)
+    is_url = storage.is_url(job.directory)
+    target = (
+        storage.join(job.directory, name)
+        if is_url
+        else str(Path(storage.local_path(job.directory)) / name)
+    )
+    if not staged.exists() and not is_url and Path(target).exists():  # a retry: already moved
+        return ShardResult(name, Path(target).stat().st_size, _sha256(Path(target)), names)
+    _check_complete(job, staged)
+    _, infos = assemble.shard_layout(job.shard)
+    try:
+        fd = os.open(staged, os.O_WRONLY)
+        try:
+            for spec, info in zip(job.shard.entries, infos, strict=True):
+                t = job.tensors[spec.source]
+                copied = job.staging.done(assemble.COPY_STAGE, t.key, 0) is not None
+                if spec.name in job.small or (spec.role == "copy" and not copied):
+                    blocks = _blocks(job, spec)
+                    assemble.copy_into(staged, info.start, blocks, info.nbytes, spec.name)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        digest = _sha256(staged)
+        size = staged.stat().st_size
+        if is_url:
+            storage.put_file(staged, target)
+        else:
+            _move(staged, Path(target))
+    except OSError as e:
+        raise OutputError(
+            f"cannot write the shard: {e.strerror or e}",
+            path=target,
+            hint="check the free space and permissions of the staging and output directories "
+            "(and for an object store the credentials), then rerun (finished chunks are kept)",
+        ) from e
+    return ShardResult(name, size, digest, names)
+
+
+def _check_complete(job: WriteJob, staged: Path) -> None:
+    """Every chunk of every tensor assembled into this shard is recorded as written."""
+    for source in sorted({e.source for e in job.shard.entries if e.role in assemble.ROW_ROLES}):
+        t = job.tensors[source]
+        missing = [
+            k for k in range(len(t.chunks)) if job.staging.done(assemble.STAGE, t.key, k) is None
+        ]
+        if missing or not staged.exists():
+            raise OutputError(
+                f"{len(missing)} chunk(s) of {source} were never written into the shard",
+                path=str(staged),
+                tensor=source,
+                hint="rerun the same command: unfinished chunks are compressed again",
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(8 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _move(staged: Path, target: Path) -> None:
+    """Rename into the output; copy when staging is on another file system."""
+    try:
+        os.replace(staged, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        shutil.copyfile(staged, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        staged.unlink()
+
+
 def write(
     plan: Plan,
     staging: Staging,
@@ -119,8 +214,10 @@ def write(
     executor: Executor,
     progress: Progress | None = None,
     shards: tuple[OutputShard, ...] | None = None,
+    in_place: bool = False,
 ) -> list[ShardResult]:
-    """Write every output shard (`shards`: the final layout, by default the plan's)."""
+    """Write every output shard (`shards`: the final layout, by default the plan's); `in_place`:
+    compress assembled the shard files in staging, and they only need finishing."""
     by_name = plan.by_name
     jobs = []
     for shard in shards if shards is not None else plan.shards:
@@ -133,6 +230,7 @@ def write(
                 {s: by_name[s] for s in sources},
                 {k: v for k, v in small.items() if k in names},
                 str(directory),
+                in_place,
             )
         )
     return executor.map(write_shard, jobs, STAGE, progress)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from compressor.config import build_config
 from compressor.formats.safetensors_io import read_header
 from compressor.formats.verify import verify_checkpoint
+from compressor.stages.assemble import STAGE as ASSEMBLED
 from compressor.stages.plan import make_plan
 from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
 from tests.reliability._util import (
@@ -109,10 +110,12 @@ def _double_in_place(src: Path, name: str) -> None:
 def test_worker_killed_mid_stage(big_src: Path, reference: Path, tmp_path: Path) -> None:
     total = _chunks(big_src, *OPTIONS)
     dest = tmp_path / "out"
-    proc = start_cli(compress_args(big_src, dest, "--workers", "2", *OPTIONS))
+    # Worker processes (the default for this preset is threads, which cannot die alone).
+    args = compress_args(big_src, dest, "--workers", "2", "--worker-kind", "processes", *OPTIONS)
+    proc = start_cli(args)
     try:
         wait_for(
-            lambda: len(markers(dest, "compress")) >= 2 or proc.poll() is not None,
+            lambda: len(markers(dest, ASSEMBLED)) >= 2 or proc.poll() is not None,
             timeout=300,
             what="the compress stage to start",
         )
@@ -121,7 +124,7 @@ def test_worker_killed_mid_stage(big_src: Path, reference: Path, tmp_path: Path)
         assert len(workers) == 2, workers
         victim = workers[0]
         victim.send_signal(signal.SIGKILL)
-        done_at_kill = len(markers(dest, "compress"))
+        done_at_kill = len(markers(dest, ASSEMBLED))
         _, err = proc.communicate(timeout=300)
     finally:
         _kill_group(proc)
@@ -142,7 +145,7 @@ def test_run_killed_then_resumed(big_src: Path, reference: Path, tmp_path: Path)
     proc = start_cli(args)
     try:
         wait_for(
-            lambda: len(markers(dest, "compress")) >= 3 or proc.poll() is not None,
+            lambda: len(markers(dest, ASSEMBLED)) >= 3 or proc.poll() is not None,
             timeout=300,
             what="the compress stage to be under way",
         )
@@ -156,12 +159,12 @@ def test_run_killed_then_resumed(big_src: Path, reference: Path, tmp_path: Path)
         _kill_group(proc)
     assert proc.returncode == -signal.SIGKILL
     assert not dest.exists()
-    compressed, ingested = markers(dest, "compress"), markers(dest, "ingest")
+    compressed, ingested = markers(dest, ASSEMBLED), markers(dest, "ingest")
     assert 0 < len(compressed) < total, (len(compressed), total)
 
     done = run_cli(args)
     assert done.returncode == 0, done.stderr
-    compressed_after, ingested_after = markers(dest, "compress"), markers(dest, "ingest")
+    compressed_after, ingested_after = markers(dest, ASSEMBLED), markers(dest, "ingest")
     assert len(compressed_after) == total
     assert len(ingested_after) in (0, total)  # channel/group presets skip ingest entirely
     # Finished chunks were not recomputed: their markers (written after the chunk's data) are
@@ -182,11 +185,12 @@ def test_sigterm_stops_cleanly_and_changed_input_restarts(
     src = tmp_path / "src"
     shutil.copytree(big_src, src)
     dest = tmp_path / "out"
-    args = compress_args(src, dest, "--workers", "2", *OPTIONS)
+    # Worker processes, so the test can check that none outlives the CLI.
+    args = compress_args(src, dest, "--workers", "2", "--worker-kind", "processes", *OPTIONS)
     proc = start_cli(args)
     try:
         wait_for(
-            lambda: len(markers(dest, "compress")) >= 2 or proc.poll() is not None,
+            lambda: len(markers(dest, ASSEMBLED)) >= 2 or proc.poll() is not None,
             timeout=300,
             what="the compress stage to start",
         )
@@ -208,7 +212,7 @@ def test_sigterm_stops_cleanly_and_changed_input_restarts(
     assert not dest.exists()
     assert leftovers(dest) == [".out.staging"]  # staging kept for a resume; no lock, no partial
     old_keys = {p.name for p in (tmp_path / ".out.staging").iterdir()}
-    assert len(old_keys) == 1 and markers(dest, "compress")
+    assert len(old_keys) == 1 and markers(dest, ASSEMBLED)
 
     # The input changes before the rerun: the fingerprint (shard mtime) changes, so the run key
     # and the staging store are new; the stale store must not be used, and is removed at the end.
@@ -234,7 +238,7 @@ def test_second_run_refused_then_sigint_stops(big_src: Path, tmp_path: Path) -> 
     try:
         wait_for(
             lambda: (
-                markers(dest, "ingest") or markers(dest, "compress") or first.poll() is not None
+                markers(dest, "ingest") or markers(dest, ASSEMBLED) or first.poll() is not None
             ),
             timeout=300,
             what="the first run to finish its first chunk",
@@ -314,7 +318,7 @@ def test_disk_full_on_destination(small_src: Path, tmp_path: Path) -> None:
     assert not [e for e in entries if e.startswith("f ")], entries  # no bytes left behind
     # Staging kept: every chunk is compressed and recorded, ready for a rerun.
     (key,) = list(staging.iterdir())
-    assert len(list((key / "done" / "compress").glob("*.json"))) == _chunks(small_src)
+    assert len(list((key / "done" / ASSEMBLED).glob("*.json"))) == _chunks(small_src)
 
 
 def test_file_size_limit_then_resume(small_src: Path, tmp_path: Path) -> None:
@@ -330,11 +334,11 @@ def test_file_size_limit_then_resume(small_src: Path, tmp_path: Path) -> None:
     assert failed.returncode == 3, message
     assert "File too large" in message and "fix:" in message, message
     assert not dest.exists()
-    compressed = markers(dest, "compress")
-    assert len(compressed) == _chunks(small_src)  # staging kept
+    # The shard files are reserved in full before compress: it fails before any chunk is done.
+    assert markers(dest, ASSEMBLED) == {}
 
     done = run_cli(args)
     assert done.returncode == 0, done.stderr
-    assert markers(dest, "compress") == compressed  # resumed: nothing recompressed
+    assert len(markers(dest, ASSEMBLED)) == _chunks(small_src)
     assert verify_checkpoint(dest).ok
     assert leftovers(dest) == [".out.staging"]  # --keep-staging; the failed run's .partial is gone

@@ -1,0 +1,218 @@
+"""In-place assembly: compress tasks write their outputs straight into the final shard files.
+
+Staging the outputs in Zarr and streaming them into safetensors files afterwards moves every
+output byte three more times (Zarr write, Zarr read, shard write) and costs more than the
+quantization itself once the math is fused (docs/benchmarks.md). But the size and offset of
+every output tensor follow from the plan's shard layout before compress starts. So the shard
+files are created up front in staging (`shards/<file>`: header written, space reserved), each
+compress chunk writes its rows at their final offsets (`pwrite`, no locking: chunks own disjoint
+byte ranges), and the write stage adds the small and copied tensors, fsyncs, hashes and moves
+each file into the output (`write.write_shard`).
+
+When (`assembles_in_place`): staging is a local directory, workers run on this machine (no
+`--scheduler`: workers on other hosts share staging over a network file system, where two hosts
+writing neighbouring bytes of one file can overwrite each other's cached pages), and every output
+size is known in advance (bitmask pruning counts its kept values only while compressing).
+Otherwise outputs are staged in Zarr as before.
+
+Resume: chunks record completion under their own marker stage (`STAGE`), after their bytes are
+written. A shard file created anew (first run, or lost since) forgets the markers of the tensors
+it holds, so no chunk counts as done unless its bytes are in the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressor.errors import OutputError
+from compressor.formats.safetensors_io import TensorInfo, encode_header, iter_byte_blocks
+from compressor.formats.staging import Staging
+from compressor.stages.plan import OutputShard, Plan
+
+__all__ = [
+    "COPY_STAGE",
+    "STAGE",
+    "RowTarget",
+    "assembles_in_place",
+    "copy_into",
+    "copy_tensors",
+    "prepare_shard_files",
+    "pwrite_all",
+    "shard_layout",
+    "staged_shard",
+    "write_rows",
+]
+
+STAGE = "assemble"  # completion markers of chunks written in place (not "compress": see above)
+COPY_STAGE = "assemble-copy"  # tensors copied into their shard file (one marker, "chunk" 0)
+SHARD_METADATA = {"format": "pt"}
+# Output tensors that compress writes row block by row block (the others are written whole by
+# the write stage: copies, and small tensors such as shapes or per-tensor scales).
+ROW_ROLES = frozenset({"packed", "scale", "zero", "min", "dense", "absmax"})
+
+
+@dataclass(frozen=True)
+class RowTarget:
+    """Where a row-major output tensor's data lies in a shard file being assembled."""
+
+    file: str
+    start: int  # absolute byte offset of row 0
+    row_bytes: int
+
+
+def assembles_in_place(plan: Plan, staging: Staging, scheduler: str | None) -> bool:
+    """Whether this run writes compress outputs straight into shard files (module docstring)."""
+    if scheduler is not None or not isinstance(staging.root, Path):
+        return False
+    return not any(t.prune is not None and t.prune.bitmask for t in plan.staged)
+
+
+def staged_shard(staging: Staging, file_name: str) -> Path:
+    assert isinstance(staging.root, Path)
+    return staging.root / "shards" / file_name
+
+
+def shard_layout(shard: OutputShard) -> tuple[bytes, list[TensorInfo]]:
+    """The shard file's header and where each of its entries lies (as the writer lays it out)."""
+    entries = [(e.name, e.dtype, e.shape) for e in shard.entries]
+    return encode_header(entries, SHARD_METADATA, shard.file_name)
+
+
+def prepare_shard_files(plan: Plan, staging: Staging) -> dict[str, dict[str, RowTarget]]:
+    """Create (or keep) every shard file; return each input tensor's targets by output role."""
+    targets: dict[str, dict[str, RowTarget]] = {}
+    by_name = plan.by_name
+    for shard in plan.shards:
+        header, infos = shard_layout(shard)
+        path = staged_shard(staging, shard.file_name)
+        size = infos[-1].end if infos else len(header)
+        if not _holds(path, header, size):
+            _create(path, header, size)
+            for source in {e.source for e in shard.entries}:
+                t = by_name[source]
+                staging.forget(STAGE, t.key, len(t.chunks))
+                staging.forget(COPY_STAGE, t.key, 1)
+        for spec, info in zip(shard.entries, infos, strict=True):
+            if spec.role in ROW_ROLES and spec.shape and spec.shape[0]:
+                row_bytes = info.nbytes // spec.shape[0]
+                targets.setdefault(spec.source, {})[spec.role] = RowTarget(
+                    str(path), info.start, row_bytes
+                )
+    return targets
+
+
+def copy_tensors(plan: Plan, staging: Staging) -> None:
+    """Copy the tensors kept as they are into their shard files (bit for bit from the source).
+
+    Pure I/O: the pipeline runs it in a thread of the client while the workers compress, so the
+    write stage that follows only has small tensors, fsync and the hash left. Each copy records
+    a marker (chunk 0); the write stage copies whatever has none.
+    """
+    by_name = plan.by_name
+    for shard in plan.shards:
+        _, infos = shard_layout(shard)
+        path = staged_shard(staging, shard.file_name)
+        for spec, info in zip(shard.entries, infos, strict=True):
+            t = by_name[spec.source]
+            if spec.role != "copy" or staging.done(COPY_STAGE, t.key, 0) is not None:
+                continue
+            copy_into(path, info.start, iter_byte_blocks(t.source, t.info), info.nbytes, spec.name)
+            staging.mark_done(COPY_STAGE, t.key, 0)
+
+
+def copy_into(path: Path, start: int, blocks: Iterable[Any], nbytes: int, tensor: str) -> None:
+    """Write byte blocks (bytes or numpy arrays) back to back from `start`; exactly `nbytes`."""
+    offset = start
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for block in blocks:
+                data = _bytes_of(block)
+                pwrite_all(fd, data, offset)
+                offset += data.nbytes
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OutputError(
+            f"cannot write into the output shard: {e.strerror or e}",
+            path=str(path),
+            tensor=tensor,
+            hint="check the staging directory's free space and permissions, then rerun",
+        ) from e
+    if offset - start != nbytes:
+        raise OutputError(
+            f"got {offset - start} bytes but the header declares {nbytes}",
+            path=str(path),
+            tensor=tensor,
+            hint="this is a bug in the stage producing this tensor; please report it",
+        )
+
+
+def _bytes_of(block: Any) -> memoryview:
+    if isinstance(block, np.ndarray):
+        return np.ascontiguousarray(block).data.cast("B")
+    return memoryview(block).cast("B")
+
+
+def _holds(path: Path, header: bytes, size: int) -> bool:
+    """Whether `path` is this shard's file from an earlier attempt (same header and size)."""
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size == size and f.read(len(header)) == header
+    except FileNotFoundError:
+        return False
+
+
+def _create(path: Path, header: bytes, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.new")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            # Reserve the space now: a full disk fails here, in the first seconds, not in the
+            # middle of compress with half the chunks written.
+            os.posix_fallocate(fd, 0, size)
+            pwrite_all(fd, memoryview(header), 0)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot create the output shard: {e.strerror or e}",
+            path=str(path),
+            hint="check that the staging directory is writable and has room for the output "
+            "(--staging-dir chooses another place)",
+        ) from e
+
+
+def write_rows(target: RowTarget, first_row: int, values: np.ndarray) -> None:
+    """Write `values` (C order, the tensor's storage dtype) as rows `first_row…` of the tensor."""
+    data = _bytes_of(values)
+    try:
+        fd = os.open(target.file, os.O_WRONLY)
+        try:
+            pwrite_all(fd, data, target.start + first_row * target.row_bytes)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OutputError(
+            f"cannot write into the output shard: {e.strerror or e}",
+            path=target.file,
+            hint="check the staging directory's free space and permissions, then rerun (finished "
+            "chunks are kept)",
+        ) from e
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (a regular file may take it in several pieces)."""
+    while data.nbytes:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n

@@ -1,0 +1,146 @@
+"""The fused CPU kernels equal the general torch path they replace.
+
+Reference: `quant.group_ranges` / `qparams_from_range` / `quantize` / `dequantize`, then
+`pack.pack_rows` and `stats.error_stats` (itself tested against float64 in test_stats.py): the
+packed words and the max error must be identical, the sums of squares equal to float64
+rounding (they are summed in another order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compressor.math.kernels import BF16, F16, group_ranges_16, quantize_pack_16
+from compressor.math.pack import pack_rows
+from compressor.math.quant import (
+    QuantArgs,
+    dequantize,
+    group_ranges,
+    qparams_from_range,
+    quantize,
+    quantized_range,
+)
+from compressor.math.stats import error_stats
+
+KINDS = {torch.bfloat16: BF16, torch.float16: F16}
+
+
+def _bits(x: torch.Tensor) -> np.ndarray:
+    return x.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def _weights(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Heavy tails and an outlier column, a row of zeros, and values across many binades.
+    x = torch.distributions.StudentT(3.0).sample((rows, cols)) * 0.02
+    x[:, cols // 3] *= 40
+    x[rows // 2] = 0
+    x = x * torch.exp2(torch.randint(-6, 3, (rows, 1), generator=g).float())
+    return x.to(dtype)
+
+
+def _reference(x: torch.Tensor, q_in: torch.Tensor, args: QuantArgs, fixed=None):
+    """The torch path: what `compress` did before the kernels."""
+    if fixed is None:
+        lo, hi = group_ranges(q_in.float(), args)
+        scale, zero = qparams_from_range(lo, hi, args, x.dtype)
+    else:
+        scale, zero = fixed
+    q = quantize(q_in, scale, zero, args)
+    x_hat = dequantize(q, scale, zero, args, x.dtype)
+    packed = pack_rows(q - quantized_range(args)[0], args.bits)
+    return scale, zero, packed, error_stats(x, x_hat, count_zeros=False)
+
+
+def _kernel(x: torch.Tensor, q_in: torch.Tensor, args: QuantArgs, scale, zero):
+    cols = x.shape[1]
+    group = args.group_size if args.strategy == "group" else cols
+    s = scale.float().expand(x.shape[0], -(-cols // group)).contiguous().numpy()
+    z = None if zero is None else zero.int().expand_as(scale).numpy()
+    return quantize_pack_16(
+        _bits(q_in), KINDS[x.dtype], group, s, z, quantized_range(args), args.bits, _bits(x)
+    )
+
+
+def _assert_same(ref, got) -> None:
+    _, _, packed, stats = ref
+    words, sq_error, sq_signal, max_abs = got
+    np.testing.assert_array_equal(words, packed.numpy())
+    assert max_abs == stats.max_abs_error
+    assert sq_error == pytest.approx(stats.sq_error, rel=1e-12, abs=1e-300)
+    assert sq_signal == pytest.approx(stats.sq_signal, rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(
+    "strategy,group,cols", [("group", 128, 512), ("group", 64, 200), ("channel", 0, 96)]
+)
+def test_quantize_pack_equals_torch_path(dtype, bits, symmetric, strategy, group, cols):
+    args = QuantArgs(bits=bits, symmetric=symmetric, strategy=strategy, group_size=group or 128)
+    x = _weights(37, cols, dtype, seed=bits)
+    ref = _reference(x, x, args)
+    lo, hi = group_ranges_16(_bits(x), KINDS[dtype], args.group_size or cols)
+    lo_t, hi_t = group_ranges(x.float(), args)
+    np.testing.assert_array_equal(lo, lo_t.numpy())
+    np.testing.assert_array_equal(hi, hi_t.numpy())
+    _assert_same(ref, _kernel(x, x, args, ref[0], ref[1]))
+
+
+def test_pruned_block_measures_against_the_unpruned_weights():
+    args = QuantArgs(bits=4, symmetric=False, strategy="group", group_size=128)
+    x = _weights(16, 256, torch.bfloat16, seed=3)
+    pruned = x.masked_fill(x.abs() < x.abs().median(), 0)
+    ref = _reference(x, pruned, args)
+    _assert_same(ref, _kernel(x, pruned, args, ref[0], ref[1]))
+
+
+def test_tensor_strategy_with_fixed_parameters():
+    args = QuantArgs(bits=8, symmetric=True, strategy="tensor")
+    x = _weights(8, 64, torch.bfloat16, seed=4)
+    scale = torch.tensor([[0.0123]], dtype=torch.bfloat16)
+    ref = _reference(x, x, args, fixed=(scale, None))
+    _assert_same(ref, _kernel(x, x, args, scale, None))
+
+
+def test_overflowing_reconstruction_matches():
+    """A product above the 16-bit maximum narrows to inf in both paths."""
+    args = QuantArgs(bits=4, symmetric=True, strategy="group", group_size=32)
+    x = torch.full((1, 32), 65000.0, dtype=torch.float16)
+    scale = torch.tensor([[9400.0]], dtype=torch.float16)  # 7 · 9400 > 65504
+    ref = _reference(x, x, args, fixed=(scale, None))
+    got = _kernel(x, x, args, scale, None)
+    np.testing.assert_array_equal(got[0], ref[2].numpy())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 300),
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    group=st.sampled_from([16, 32, 128]),
+    half=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(rows, cols, bits, symmetric, group, half, seed):
+    dtype = torch.float16 if half else torch.bfloat16
+    args = QuantArgs(bits=bits, symmetric=symmetric, strategy="group", group_size=group)
+    x = _weights(rows, cols, dtype, seed)
+    ref = _reference(x, x, args)
+    _assert_same(ref, _kernel(x, x, args, ref[0], ref[1]))
+
+
+def test_bad_arguments_are_refused():
+    raw = np.zeros((2, 8), np.uint16)
+    with pytest.raises(ValueError, match="uint16"):
+        group_ranges_16(raw.astype(np.int32), BF16, 8)
+    with pytest.raises(ValueError, match="kind"):
+        group_ranges_16(raw, 7, 8)
+    with pytest.raises(ValueError, match="scale"):
+        quantize_pack_16(raw, BF16, 8, np.ones((2, 2), np.float32), None, (-8, 7), 4)
