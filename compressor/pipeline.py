@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +227,12 @@ class Pipeline:
             compress_stage.takes_fused_kernels(t) for t in self.plan.staged
         )
 
+    def start_workers(self, executor: Executor) -> None:
+        """Start-up work in every worker before the first stage: imports and, when chunks take
+        the fused kernels, loading them (compiling them, the first time on a machine)."""
+        if any(compress_stage.takes_fused_kernels(t) for t in self.plan.staged):
+            executor.run_everywhere(compress_stage.warm_up)
+
     # -- stages -------------------------------------------------------------------------------
     def make_plan(self) -> Plan:
         with self._timed("plan"):
@@ -281,27 +286,17 @@ class Pipeline:
             targets = None
             if self.in_place:
                 targets = assemble_stage.prepare_shard_files(self.plan, self.staging)
-            with ThreadPoolExecutor(1, thread_name_prefix="copy") as pool:
-                # The copied tensors are pure I/O: with in-place assembly a client thread writes
-                # them into the shard files while the workers compress.
-                copying = (
-                    pool.submit(assemble_stage.copy_tensors, self.plan, self.staging)
-                    if self.in_place
-                    else None
-                )
-                self.errors = compress_stage.compress(
-                    self.plan,
-                    self.staging,
-                    self.fixed,
-                    executor,
-                    self.progress,
-                    self.prune,
-                    direct=self.direct,
-                    codebooks={name: c.stored for name, c in self.codebooks.items()},
-                    targets=targets,
-                )
-                if copying is not None:
-                    copying.result()  # its error, if any, is this stage's
+            self.errors = compress_stage.compress(
+                self.plan,
+                self.staging,
+                self.fixed,
+                executor,
+                self.progress,
+                self.prune,
+                direct=self.direct,
+                codebooks={name: c.stored for name, c in self.codebooks.items()},
+                targets=targets,
+            )
 
     def write(self, executor: Executor) -> None:
         with self._timed("write"):
@@ -366,6 +361,7 @@ class Pipeline:
         with publish_stage.destination_lock(self.config.destination):
             cluster_start = time.perf_counter()
             with open_executor(self.config, self.threaded()) as executor:
+                self.start_workers(executor)
                 self.timings["cluster_start"] = round(time.perf_counter() - cluster_start, 3)
                 self.ingest(executor)
                 self.stats(executor)

@@ -185,6 +185,7 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
         logger.info("up to date: %s already holds this output", report.destination)
         return report.to_dict()
     with destination_lock(config.destination), open_executor(config, pipe.threaded()) as executor:
+        pipe.start_workers(executor)
         ingest_task(pipe, executor)
         stats_task(pipe, executor)
         thresholds_task(pipe)

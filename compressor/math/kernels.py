@@ -40,7 +40,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-__all__ = ["BF16", "F16", "group_ranges_16", "quantize_pack_16"]
+__all__ = ["BF16", "F16", "group_ranges_16", "quantize_pack_16", "warm_up"]
 
 BF16 = 0  # `kind` of the 16-bit weights: bfloat16 bits
 F16 = 1  # IEEE half bits
@@ -124,19 +124,15 @@ def _narrow(v, kind):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _order_key(u, kind):
-    """16-bit float bits → an int32 that orders as the values do (±0 adjacent, not equal).
+def _order_key(v):
+    """16-bit float bits (as int16) → an int16 that orders as the values do (−0 just below +0).
 
-    Integer min/max reductions vectorise; float ones do not (LLVM keeps their NaN semantics).
+    Flipping the magnitude bits of negative values makes two's-complement order match float
+    order; the map is its own inverse. Integer min/max reductions vectorise (32 lanes), float
+    ones do not (LLVM keeps their NaN semantics). NaNs order beyond ±inf, so a group holding one
+    has a NaN minimum or maximum.
     """
-    v = np.int32(u)
-    return (v ^ np.int32(0x7FFF)) - np.int32(0x10000) if v >= 0x8000 else v
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _key_value(key, kind):
-    u = key if key >= 0 else (key + np.int32(0x10000)) ^ np.int32(0x7FFF)
-    return _widen(np.uint16(u), kind)
+    return np.int16(v ^ ((v >> np.int16(15)) & np.int16(0x7FFF)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,22 +141,22 @@ def _key_value(key, kind):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _group_ranges(raw, kind, g, mins, maxs):
-    rows, cols = raw.shape
+def _group_ranges(keys, kind, g, mins, maxs):
+    rows, cols = keys.shape
     for r in range(rows):
-        xr = raw[r]
+        xr = keys[r]
         for gi in range(mins.shape[1]):
             c0 = gi * g
             n = min(g, cols - c0)
             xg = xr[c0 : c0 + n]
-            lo = np.int32(0x7FFFFFFF)
-            hi = np.int32(-0x7FFFFFFF)
+            lo = np.int16(0x7FFF)
+            hi = np.int16(-0x8000)
             for k in range(n):
-                key = _order_key(xg[k], kind)
+                key = _order_key(xg[k])
                 lo = key if key < lo else lo
                 hi = key if key > hi else hi
-            mins[r, gi] = _key_value(lo, kind)
-            maxs[r, gi] = _key_value(hi, kind)
+            mins[r, gi] = _widen(np.uint16(_order_key(lo) & 0xFFFF), kind)
+            maxs[r, gi] = _widen(np.uint16(_order_key(hi) & 0xFFFF), kind)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -252,14 +248,15 @@ def group_ranges_16(raw: np.ndarray, kind: int, group: int) -> tuple[np.ndarray,
     """Per-group (min, max) of 16-bit weights: two float32 (rows, ceil(cols/group)) arrays.
 
     `group` = cols gives one range per row (the channel strategy). Exact: the values are widened,
-    never rounded.
+    never rounded. A group holding a NaN gets a NaN min or max, one holding ±inf an infinite
+    one, so `np.isfinite` of the ranges tells whether the block is finite.
     """
     _check_raw(raw, kind)
     rows, cols = raw.shape
     ngroups = -(-cols // group)
     mins = np.empty((rows, ngroups), np.float32)
     maxs = np.empty((rows, ngroups), np.float32)
-    _group_ranges(raw, kind, group, mins, maxs)
+    _group_ranges(raw.view(np.int16), kind, group, mins, maxs)
     return mins, maxs
 
 
@@ -300,3 +297,10 @@ def quantize_pack_16(
         raw, ref, kind, group, np.ascontiguousarray(scale), z, qmin, qmax, bits, packed
     )
     return packed, float(sq_error), float(sq_signal), float(max_abs)
+
+
+def warm_up() -> None:
+    """Compile or load every kernel now (each has one signature), on a tiny block."""
+    raw = np.zeros((1, 32), np.uint16)
+    group_ranges_16(raw, BF16, 32)
+    quantize_pack_16(raw, BF16, 32, np.ones((1, 1), np.float32), None, (-8, 7), 4)

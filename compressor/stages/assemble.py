@@ -22,26 +22,31 @@ it holds, so no chunk counts as done unless its bytes are in the file.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from compressor.errors import OutputError
+from compressor.formats import storage
 from compressor.formats.safetensors_io import TensorInfo, encode_header, iter_byte_blocks
 from compressor.formats.staging import Staging
-from compressor.stages.plan import OutputShard, Plan
+from compressor.stages.plan import OutputShard, Plan, TensorPlan
 
 __all__ = [
     "COPY_STAGE",
     "STAGE",
+    "CopyJob",
     "RowTarget",
     "assembles_in_place",
+    "copied",
     "copy_into",
-    "copy_tensors",
+    "copy_jobs",
+    "copy_part",
     "prepare_shard_files",
     "pwrite_all",
     "shard_layout",
@@ -50,7 +55,8 @@ __all__ = [
 ]
 
 STAGE = "assemble"  # completion markers of chunks written in place (not "compress": see above)
-COPY_STAGE = "assemble-copy"  # tensors copied into their shard file (one marker, "chunk" 0)
+COPY_STAGE = "assemble-copy"  # parts of copied tensors written into their shard file
+COPY_BLOCK = 32 * 2**20  # bytes per copy job
 SHARD_METADATA = {"format": "pt"}
 # Output tensors that compress writes row block by row block (the others are written whole by
 # the write stage: copies, and small tensors such as shapes or per-tensor scales).
@@ -97,7 +103,7 @@ def prepare_shard_files(plan: Plan, staging: Staging) -> dict[str, dict[str, Row
             for source in {e.source for e in shard.entries}:
                 t = by_name[source]
                 staging.forget(STAGE, t.key, len(t.chunks))
-                staging.forget(COPY_STAGE, t.key, 1)
+                staging.forget(COPY_STAGE, t.key, len(copy_parts(t.info.nbytes)))
         for spec, info in zip(shard.entries, infos, strict=True):
             if spec.role in ROW_ROLES and spec.shape and spec.shape[0]:
                 row_bytes = info.nbytes // spec.shape[0]
@@ -107,23 +113,95 @@ def prepare_shard_files(plan: Plan, staging: Staging) -> dict[str, dict[str, Row
     return targets
 
 
-def copy_tensors(plan: Plan, staging: Staging) -> None:
-    """Copy the tensors kept as they are into their shard files (bit for bit from the source).
+@dataclass(frozen=True)
+class CopyJob:
+    """Copy bytes [span) of a tensor kept as it is into its place in a shard file.
 
-    Pure I/O: the pipeline runs it in a thread of the client while the workers compress, so the
-    write stage that follows only has small tensors, fsync and the hash left. Each copy records
-    a marker (chunk 0); the write stage copies whatever has none.
+    Copies are pure I/O; as jobs of the compress stage they fill the workers' idle moments and
+    leave the write stage only the small tensors, fsync and the hash.
     """
+
+    staging: Staging
+    tensor: TensorPlan
+    part: int
+    span: tuple[int, int]  # byte range within the tensor's data
+    target: RowTarget  # the tensor's data in the shard file (row_bytes unused)
+
+
+def copy_jobs(plan: Plan, staging: Staging) -> list[CopyJob]:
+    """One job per `COPY_BLOCK` bytes of every copied tensor (prepare the shard files first)."""
     by_name = plan.by_name
+    jobs = []
     for shard in plan.shards:
         _, infos = shard_layout(shard)
-        path = staged_shard(staging, shard.file_name)
+        path = str(staged_shard(staging, shard.file_name))
         for spec, info in zip(shard.entries, infos, strict=True):
-            t = by_name[spec.source]
-            if spec.role != "copy" or staging.done(COPY_STAGE, t.key, 0) is not None:
+            if spec.role != "copy":
                 continue
-            copy_into(path, info.start, iter_byte_blocks(t.source, t.info), info.nbytes, spec.name)
-            staging.mark_done(COPY_STAGE, t.key, 0)
+            t = by_name[spec.source]
+            for part, span in enumerate(copy_parts(info.nbytes)):
+                jobs.append(CopyJob(staging, t, part, span, RowTarget(path, info.start, 0)))
+    return jobs
+
+
+def copy_parts(nbytes: int) -> list[tuple[int, int]]:
+    return [(a, min(a + COPY_BLOCK, nbytes)) for a in range(0, nbytes, COPY_BLOCK)]
+
+
+def copy_part(job: CopyJob) -> None:
+    """Run a `CopyJob` (idempotent; skipped when its marker says it was done)."""
+    t = job.tensor
+    if job.staging.done(COPY_STAGE, t.key, job.part) is not None:
+        return
+    a, b = job.span
+    if storage.is_url(t.source) or not _copy_in_kernel(t, job.target, a, b):
+        piece = replace(t.info, start=t.info.start + a, end=t.info.start + b)
+        copy_into(
+            Path(job.target.file),
+            job.target.start + a,
+            iter_byte_blocks(t.source, piece),
+            b - a,
+            t.name,
+        )
+    job.staging.mark_done(COPY_STAGE, t.key, job.part)
+
+
+def _copy_in_kernel(t: TensorPlan, target: RowTarget, a: int, b: int) -> bool:
+    """`copy_file_range` (no trip through user space; what `cp` uses): False where the file
+    systems or the kernel do not support it, and the caller copies through a buffer instead."""
+    try:
+        src = os.open(storage.local_path(t.source), os.O_RDONLY)
+    except OSError:
+        return False  # the buffered copy reports it, naming the file
+    try:
+        dst = os.open(target.file, os.O_WRONLY)
+        try:
+            done = a
+            while done < b:
+                n = os.copy_file_range(src, dst, b - done, t.info.start + done, target.start + done)
+                if n == 0:  # the source ended early: let the buffered copy say so
+                    return False
+                done += n
+            return True
+        finally:
+            os.close(dst)
+    except OSError as e:
+        if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+            return False
+        raise OutputError(
+            f"cannot copy into the output shard: {e.strerror or e}",
+            path=target.file,
+            tensor=t.name,
+            hint="check the staging directory's free space and permissions, then rerun",
+        ) from e
+    finally:
+        os.close(src)
+
+
+def copied(staging: Staging, t: TensorPlan) -> bool:
+    """Whether every part of copied tensor `t` is in its shard file."""
+    parts = len(copy_parts(t.info.nbytes))
+    return all(staging.done(COPY_STAGE, t.key, k) is not None for k in range(parts))
 
 
 def copy_into(path: Path, start: int, blocks: Iterable[Any], nbytes: int, tensor: str) -> None:

@@ -38,12 +38,14 @@ from compressor.stages.thresholds import TensorThresholds, nonfinite_error
 
 __all__ = [
     "CompressJob",
+    "NonFiniteWeights",
     "PackedRows",
     "compress",
     "compress_chunk",
     "prepare_outputs",
     "quantize_rows_packed",
     "takes_fused_kernels",
+    "warm_up",
 ]
 
 STAGE = "compress"
@@ -120,7 +122,10 @@ def prune_mask(
     return threshold_mask(imp, decision.t_bits, decision.quota)
 
 
-def compress_chunk(job: CompressJob) -> ErrorStats:
+def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
+    if isinstance(job, assemble.CopyJob):  # in-place assembly: a piece of a copied tensor
+        assemble.copy_part(job)
+        return ErrorStats(count=0, sq_error=0.0, sq_signal=0.0, max_abs_error=0.0)
     t, staging = job.tensor, job.staging
     recorded = staging.done(job.stage, t.key, job.chunk)
     if recorded is not None:
@@ -129,9 +134,12 @@ def compress_chunk(job: CompressJob) -> ErrorStats:
     dtype = t.info.dtype
     if job.direct:
         x = dtypes.to_torch(read_rows(t.source, t.info, r0, r1), dtype)
-        bad = range_stats(x).nonfinite  # ingest checks this when it runs; here it did not
-        if bad:
-            raise nonfinite_error(t.source, t.name, bad)
+        # Ingest checks for NaN/inf when it runs; here it did not. The fused kernels find them
+        # in their range pass (NonFiniteWeights below), every other path checks here.
+        if not (takes_fused_kernels(t) and _device().type == "cpu"):
+            bad = range_stats(x).nonfinite
+            if bad:
+                raise nonfinite_error(t.source, t.name, bad)
     else:
         x = dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), dtype)
     pruned = x
@@ -148,9 +156,20 @@ def compress_chunk(job: CompressJob) -> ErrorStats:
     elif isinstance(t.args, CodebookArgs):
         total = _codebook_chunk(out, t, r0, x, t.args, job.codebook)
     else:
-        total = _quantize_chunk(out, t, r0, x, pruned, job.thresholds, removed)
+        try:
+            total = _quantize_chunk(out, t, r0, x, pruned, job.thresholds, removed)
+        except NonFiniteWeights as e:
+            raise nonfinite_error(t.source, t.name, e.count) from None
     staging.mark_done(job.stage, t.key, job.chunk, asdict(total))
     return total
+
+
+class NonFiniteWeights(ValueError):
+    """The block holds NaN or infinite weights (found by the fused kernels' range pass)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} NaN or infinite weight(s)")
+        self.count = count
 
 
 @dataclass(frozen=True)
@@ -171,6 +190,13 @@ def _fused_kind(x: torch.Tensor, args: QuantArgs, fixed: TensorThresholds) -> in
     if fixed.scale is not None and fixed.scale.dtype != x.dtype:
         return None
     return kind
+
+
+def warm_up() -> None:
+    """Load (or compile, the first time on a machine) the fused kernels in this process, so the
+    cost shows as start-up, not inside the first chunks of the stage."""
+    if _device().type == "cpu":
+        kernels.warm_up()
 
 
 def takes_fused_kernels(t: TensorPlan) -> bool:
@@ -240,6 +266,8 @@ def _fused_rows(
         scale, zero = fixed.scale, fixed.zero
     elif rounding == "rtn":
         lo, hi = kernels.group_ranges_16(raw, kind, group)
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            raise NonFiniteWeights(int((~torch.isfinite(pruned)).sum()))
         scale, zero = qparams_from_range(torch.from_numpy(lo), torch.from_numpy(hi), args, x.dtype)
     else:  # the search runs in torch, block by block; the kernels then apply its parameters
         work = compute_dtype(x.dtype, args.method)
@@ -404,7 +432,7 @@ def compress(
         prepare_outputs(plan, staging)
     decisions = prune or {}
     books = codebooks or {}
-    jobs = [
+    jobs: list[CompressJob | assemble.CopyJob] = [
         CompressJob(
             staging,
             t,
@@ -418,6 +446,11 @@ def compress(
         for t in plan.staged
         for k in range(len(t.chunks))
     ]
-    return executor.map_reduce(
+    if targets is not None:
+        # Copied tensors are written into the shard files by the same workers, in between.
+        jobs.extend(assemble.copy_jobs(plan, staging))
+    errors = executor.map_reduce(
         compress_chunk, jobs, lambda j: j.tensor.name, combine_errors, STAGE, progress
     )
+    staged = {t.name for t in plan.staged}
+    return {name: e for name, e in errors.items() if name in staged}

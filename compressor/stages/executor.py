@@ -45,6 +45,9 @@ class Executor(Protocol):
         progress: Progress | None = None,
     ) -> dict[K, R]: ...
 
+    def run_everywhere(self, fn: Callable[[], object]) -> None:
+        """Run `fn` once in every worker (imports, compiled kernels: start-up work)."""
+
 
 class SerialExecutor:
     """Runs every job in this process, in order: the debugging path and the reference."""
@@ -57,6 +60,9 @@ class SerialExecutor:
             results.append(fn(job))
             progress(stage, k + 1, len(jobs))
         return results
+
+    def run_everywhere(self, fn):
+        fn()
 
     def map_reduce(self, fn, jobs, key_of, combine, stage, progress=None):
         parts: dict[Any, list] = defaultdict(list)
@@ -114,6 +120,9 @@ class DaskExecutor:
         except BaseException:
             self.client.cancel(futures)
             raise
+
+    def run_everywhere(self, fn):
+        self.client.run(fn)
 
     def map(self, fn, jobs, stage, progress=None):
         if not jobs:

@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,14 +145,17 @@ def _finish_in_place(job: WriteJob) -> ShardResult:
         try:
             for spec, info in zip(job.shard.entries, infos, strict=True):
                 t = job.tensors[spec.source]
-                copied = job.staging.done(assemble.COPY_STAGE, t.key, 0) is not None
-                if spec.name in job.small or (spec.role == "copy" and not copied):
+                missing = spec.role == "copy" and not assemble.copied(job.staging, t)
+                if spec.name in job.small or missing:
                     blocks = _blocks(job, spec)
                     assemble.copy_into(staged, info.start, blocks, info.nbytes, spec.name)
-            os.fsync(fd)
+            # The flush to disk waits on the device, the hash on the CPU: overlap them.
+            with ThreadPoolExecutor(1, thread_name_prefix="fsync") as pool:
+                flushed = pool.submit(os.fsync, fd)
+                digest = _sha256(staged)
+                flushed.result()
         finally:
             os.close(fd)
-        digest = _sha256(staged)
         size = staged.stat().st_size
         if is_url:
             storage.put_file(staged, target)

@@ -144,3 +144,14 @@ def test_bad_arguments_are_refused():
         group_ranges_16(raw, 7, 8)
     with pytest.raises(ValueError, match="scale"):
         quantize_pack_16(raw, BF16, 8, np.ones((2, 2), np.float32), None, (-8, 7), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), -float("nan"), float("inf"), -float("inf")])
+def test_ranges_reveal_non_finite_weights(dtype, bad):
+    """Any NaN or ±inf in a group makes its min or max non-finite (the compress stage's check)."""
+    x = _weights(4, 256, dtype, seed=5)
+    x[2, 130] = bad
+    lo, hi = group_ranges_16(_bits(x), KINDS[dtype], 128)
+    finite = np.isfinite(lo) & np.isfinite(hi)
+    assert not finite[2, 1] and finite.sum() == finite.size - 1

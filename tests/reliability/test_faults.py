@@ -237,9 +237,7 @@ def test_second_run_refused_then_sigint_stops(big_src: Path, tmp_path: Path) -> 
     first = start_cli(args)
     try:
         wait_for(
-            lambda: (
-                markers(dest, "ingest") or markers(dest, ASSEMBLED) or first.poll() is not None
-            ),
+            lambda: markers(dest, "ingest") or markers(dest, ASSEMBLED) or first.poll() is not None,
             timeout=300,
             what="the first run to finish its first chunk",
         )
