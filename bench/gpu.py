@@ -12,7 +12,9 @@ int4 symmetric, group 128 — the math of `compress_chunk`, without the Zarr sta
     math          ranges → scales → quantize → dequantize → error stats → pack, data resident on
                   the device, for each BLOCK_ROWS setting (0 = the whole chunk at once)
     math+h2d+d2h  the same with the input coming from host memory block by block and the outputs
-                  going back (what compress_chunk does today: `.to(device)` per block, `.cpu()`)
+                  going back (the torch path: `.to(device)` per block, `.cpu()`)
+    stage         `compress.quantize_rows_packed` on the host chunk, what compress_chunk runs:
+                  the fused numba kernels on a CPU, the torch path in GPU_BLOCK_ROWS blocks on CUDA
 
 On a CPU-only machine it runs the same code on the CPU (one torch thread, as a Dask worker has)
 with a smaller default size, so it always runs; the JSON says which device it measured.
@@ -72,6 +74,8 @@ def measure(
         quantized_range,
     )
     from compressor.math.stats import error_stats
+    from compressor.stages.compress import quantize_rows_packed, warm_up
+    from compressor.stages.thresholds import TensorThresholds
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -145,6 +149,10 @@ def measure(
             entry["math+h2d+d2h_GB_per_cpu_s"] = round(nbytes / CPU_TIMES[0] / 1e9, 3)
         rows_out[key] = entry
     result["by_block_rows"] = rows_out
+    warm_up()
+    t = _best(lambda: quantize_rows_packed(host, host, args, TensorThresholds()), device, repeats)
+    result["stage_GBps"] = round(nbytes / t / 1e9, 3)
+    result["stage_vs_copy"] = round(result["stage_GBps"] / result["copy_GBps"], 4)
     return result
 
 
