@@ -40,7 +40,14 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-__all__ = ["BF16", "F16", "group_ranges_16", "quantize_pack_16", "warm_up"]
+__all__ = [
+    "BF16",
+    "F16",
+    "group_ranges_16",
+    "quantize_pack_16",
+    "quantize_pack_rtn_16",
+    "warm_up",
+]
 
 BF16 = 0  # `kind` of the 16-bit weights: bfloat16 bits
 F16 = 1  # IEEE half bits
@@ -159,13 +166,60 @@ def _group_ranges(keys, kind, g, mins, maxs):
             maxs[r, gi] = _widen(np.uint16(_order_key(hi) & 0xFFFF), kind)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bits16(v, kind):
+    """The 16-bit pattern of a float32 that holds a 16-bit value exactly."""
+    if kind == BF16:
+        return np.uint16(_f32_as_u32(v) >> np.uint32(16))
+    return _f32_to_f16(v)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _round_to(x, kind):
+    """float64 → the nearest 16-bit value, rounded once (as `quant.round_to`): to float32 by
+    rounding to odd, which keeps what the second rounding to nearest even needs."""
+    y = np.float32(x)
+    back = np.float64(y)
+    if back != x:
+        bits = np.int32(_f32_as_u32(y))
+        if abs(back) > abs(x):
+            bits -= np.int32(1)
+        y = _u32_as_f32(np.uint32(bits | np.int32(1)))
+    return _narrow(y, kind)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rtn_params(lo, hi, kind, symmetric, qmin, qmax):
+    """Scale (a 16-bit value, as float32) and zero point of a group with range [lo, hi]:
+    `quant.qparams_from_range` for int schemes, in the same float64 steps."""
+    lo = min(lo, 0.0)
+    hi = max(hi, 0.0)
+    levels = np.float64(qmax - qmin)
+    if symmetric:
+        s = _round_to(max(abs(lo), hi) / (levels / 2.0), kind)
+    else:
+        s = _round_to((hi - lo) / levels, kind)
+    if s == 0:
+        s = np.float32(1.0)
+    z = 0
+    if not symmetric:
+        zf = np.rint(qmin - lo / np.float64(s))
+        zf = min(max(zf, np.float64(qmin)), np.float64(qmax))
+        z = int(zf) if zf == zf else 0  # NaN (a non-finite group) is reported, not used
+    return s, z
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _quantize_pack(raw, ref, kind, g, scale, zero, qmin, qmax, bits, out):
+def _quantize_pack(raw, keys, ref, kind, g, rtn, symmetric, scale, zero, qmin, qmax, bits, out):
+    """With `rtn`, each group's scale and zero are computed from its range and stored into
+    `scale` (16-bit patterns, uint16) and `zero` (int8); otherwise they are read (float32,
+    int32). Returns (sq_error, sq_signal, max |x − x̂|, groups whose range is not finite)."""
     rows, cols = raw.shape
     ngroups = scale.shape[1]
     sq_error = 0.0
     sq_signal = 0.0
     max_key = np.int64(0)  # bits of the largest |x − x̂| (non-negative doubles order as ints)
+    nonfinite = 0
     codes = np.empty(cols, np.uint8)
     out_bytes = out.view(np.uint8)
     fmin = np.float32(qmin)
@@ -173,13 +227,31 @@ def _quantize_pack(raw, ref, kind, g, scale, zero, qmin, qmax, bits, out):
     offset = np.float32(-qmin)  # stored codes are unsigned: q − qmin
     for r in range(rows):
         xr = raw[r]
+        kr = keys[r]
         rr = ref[r]
         for gi in range(ngroups):
-            s = scale[r, gi]
-            z = np.float32(zero[r, gi])
             c0 = gi * g
             n = min(g, cols - c0)
             xg = xr[c0 : c0 + n]
+            if rtn:
+                kg = kr[c0 : c0 + n]
+                lo_key = np.int16(0x7FFF)
+                hi_key = np.int16(-0x8000)
+                for k in range(n):
+                    key = _order_key(kg[k])
+                    lo_key = key if key < lo_key else lo_key
+                    hi_key = key if key > hi_key else hi_key
+                lo = _widen(np.uint16(_order_key(lo_key) & 0xFFFF), kind)
+                hi = _widen(np.uint16(_order_key(hi_key) & 0xFFFF), kind)
+                if not (np.isfinite(lo) and np.isfinite(hi)):
+                    nonfinite += 1
+                s, zi = _rtn_params(np.float64(lo), np.float64(hi), kind, symmetric, qmin, qmax)
+                scale[r, gi] = _bits16(s, kind)
+                zero[r, gi] = zi
+                z = np.float32(zi)
+            else:
+                s = np.float32(scale[r, gi])
+                z = np.float32(zero[r, gi])
             rg = rr[c0 : c0 + n]
             cg = codes[c0 : c0 + n]
             e_acc = 0.0
@@ -200,7 +272,7 @@ def _quantize_pack(raw, ref, kind, g, scale, zero, qmin, qmax, bits, out):
             sq_signal += s_acc
             max_key = m if m > max_key else max_key
         _pack_row(codes, bits, out[r], out_bytes[r])
-    return sq_error, sq_signal, _i64_as_f64(max_key)
+    return sq_error, sq_signal, _i64_as_f64(max_key), nonfinite
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -270,7 +342,7 @@ def quantize_pack_16(
     bits: int,
     reference: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, float, float]:
-    """Quantize, pack and measure a block in one pass.
+    """Quantize, pack and measure a block in one pass, with given parameters.
 
     `raw` (rows, cols) uint16 holds the weights to quantize; `reference` (same shape, default
     `raw`) the weights the error is measured against (the unpruned ones when pruning zeroed some).
@@ -278,25 +350,68 @@ def quantize_pack_16(
     (symmetric), `qrange` = (qmin, qmax). Returns `(packed, sq_error, sq_signal, max_abs_error)`
     with `packed` int32 (rows, ceil(cols·bits/32)) holding the codes q − qmin.
     """
-    _check_raw(raw, kind)
-    rows, cols = raw.shape
-    ref = raw if reference is None else reference
-    if ref.shape != raw.shape or ref.dtype != raw.dtype or not ref.flags.c_contiguous:
-        raise ValueError("the reference must be C-ordered uint16 bits of the block's shape")
+    rows, cols = _check_block(raw, kind, bits, reference)
     ngroups = -(-cols // group)
     if scale.shape != (rows, ngroups) or scale.dtype != np.float32:
         raise ValueError(f"scale must be float32 of shape {(rows, ngroups)}, got {scale.shape}")
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
     z = np.zeros((rows, ngroups), np.int32) if zero is None else zero.astype(np.int32)
     if z.shape != (rows, ngroups):
         raise ValueError(f"zero must have shape {(rows, ngroups)}, got {z.shape}")
     packed = np.zeros((rows, -(-cols * bits // 32)), np.int32)
     qmin, qmax = qrange
-    sq_error, sq_signal, max_abs = _quantize_pack(
-        raw, ref, kind, group, np.ascontiguousarray(scale), z, qmin, qmax, bits, packed
-    )
+    ref = raw if reference is None else reference
+    sq_error, sq_signal, max_abs, _ = _quantize_pack(
+        raw, raw.view(np.int16), ref, kind, group, False, False,
+        np.ascontiguousarray(scale), z, qmin, qmax, bits, packed,
+    )  # fmt: skip
     return packed, float(sq_error), float(sq_signal), float(max_abs)
+
+
+def quantize_pack_rtn_16(
+    raw: np.ndarray,
+    kind: int,
+    group: int,
+    symmetric: bool,
+    qrange: tuple[int, int],
+    bits: int,
+    reference: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[float, float, float], int]:
+    """`quantize_pack_16` with round-to-nearest parameters computed in the same pass, from each
+    group's range, exactly as `quant.group_ranges` + `quant.qparams_from_range` (int schemes).
+
+    Returns `(packed, scale, zero, (sq_error, sq_signal, max_abs_error), nonfinite)`: `scale`
+    the 16-bit patterns of the scales (uint16, (rows, ngroups)), `zero` int8 zero points (None
+    when symmetric), `nonfinite` the number of groups holding NaN or ±inf (whose figures are
+    meaningless: the caller refuses the block).
+    """
+    rows, cols = _check_block(raw, kind, bits, reference)
+    ngroups = -(-cols // group)
+    scale = np.empty((rows, ngroups), np.uint16)
+    zero = np.zeros((rows, ngroups), np.int8)
+    packed = np.zeros((rows, -(-cols * bits // 32)), np.int32)
+    qmin, qmax = qrange
+    ref = raw if reference is None else reference
+    sq_error, sq_signal, max_abs, nonfinite = _quantize_pack(
+        raw, raw.view(np.int16), ref, kind, group, True, symmetric,
+        scale, zero, qmin, qmax, bits, packed,
+    )  # fmt: skip
+    stats = (float(sq_error), float(sq_signal), float(max_abs))
+    return packed, scale, None if symmetric else zero, stats, int(nonfinite)
+
+
+def _check_block(
+    raw: np.ndarray, kind: int, bits: int, reference: np.ndarray | None
+) -> tuple[int, int]:
+    _check_raw(raw, kind)
+    if reference is not None and (
+        reference.shape != raw.shape
+        or reference.dtype != raw.dtype
+        or not reference.flags.c_contiguous
+    ):
+        raise ValueError("the reference must be C-ordered uint16 bits of the block's shape")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return raw.shape[0], raw.shape[1]
 
 
 def warm_up() -> None:
@@ -304,3 +419,4 @@ def warm_up() -> None:
     raw = np.zeros((1, 32), np.uint16)
     group_ranges_16(raw, BF16, 32)
     quantize_pack_16(raw, BF16, 32, np.ones((1, 1), np.float32), None, (-8, 7), 4)
+    quantize_pack_rtn_16(raw, BF16, 32, True, (-8, 7), 4)

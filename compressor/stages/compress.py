@@ -26,7 +26,7 @@ from compressor.math import kernels
 from compressor.math.codebook import NF4_BLOCK, kmeans_assign
 from compressor.math.pack import pack_rows, packed_width
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
-from compressor.math.quant import QuantArgs, compute_dtype, qparams_from_range, quantized_range
+from compressor.math.quant import QuantArgs, compute_dtype, quantized_range
 from compressor.math.rounding import RoundingMode, quantize_rows, search_qparams
 from compressor.math.stats import ErrorStats, combine_errors, error_stats, range_stats
 from compressor.stages import assemble
@@ -261,35 +261,46 @@ def _fused_rows(
 ) -> PackedRows:
     rows, cols = x.shape
     raw = dtypes.to_raw(pruned.contiguous()).view(np.uint16)
+    reference = None if pruned is x else dtypes.to_raw(x.contiguous()).view(np.uint16)
     group = args.group_size if args.strategy == "group" else cols
-    if fixed.scale is not None:
-        scale, zero = fixed.scale, fixed.zero
-    elif rounding == "rtn":
-        lo, hi = kernels.group_ranges_16(raw, kind, group)
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+    qrange = quantized_range(args)
+    if fixed.scale is None and rounding == "rtn":  # parameters from each group's range, same pass
+        packed, bits16, zeros, (sq_error, sq_signal, max_abs), bad = kernels.quantize_pack_rtn_16(
+            raw, kind, group, args.symmetric, qrange, args.bits, reference
+        )
+        if bad:
             raise NonFiniteWeights(int((~torch.isfinite(pruned)).sum()))
-        scale, zero = qparams_from_range(torch.from_numpy(lo), torch.from_numpy(hi), args, x.dtype)
-    else:  # the search runs in torch, block by block; the kernels then apply its parameters
-        work = compute_dtype(x.dtype, args.method)
-        found = [
-            search_qparams(
-                pruned[b0 : b0 + BLOCK_ROWS].to(work), args, x.dtype, cast(RoundingMode, rounding)
+        scale = torch.from_numpy(bits16.view(np.int16)).view(x.dtype)
+        zero = None if zeros is None else torch.from_numpy(zeros)
+    else:
+        if fixed.scale is not None:
+            scale, zero = fixed.scale, fixed.zero
+        else:  # the search runs in torch, block by block; the kernel then applies its parameters
+            work = compute_dtype(x.dtype, args.method)
+            found = [
+                search_qparams(
+                    pruned[b0 : b0 + BLOCK_ROWS].to(work),
+                    args,
+                    x.dtype,
+                    cast(RoundingMode, rounding),
+                )
+                for b0 in range(0, rows, BLOCK_ROWS)
+            ]
+            scale = torch.cat([s for s, _ in found])
+            zero = (
+                None if found[0][1] is None else torch.cat([z for _, z in found if z is not None])
             )
-            for b0 in range(0, rows, BLOCK_ROWS)
-        ]
-        scale = torch.cat([s for s, _ in found])
-        zero = None if found[0][1] is None else torch.cat([z for _, z in found if z is not None])
-    ngroups = -(-cols // group)
-    packed, sq_error, sq_signal, max_abs = kernels.quantize_pack_16(
-        raw,
-        kind,
-        group,
-        scale.float().expand(rows, ngroups).contiguous().numpy(),
-        None if zero is None else zero.int().expand(rows, ngroups).numpy(),
-        quantized_range(args),
-        args.bits,
-        reference=None if pruned is x else dtypes.to_raw(x.contiguous()).view(np.uint16),
-    )
+        ngroups = -(-cols // group)
+        packed, sq_error, sq_signal, max_abs = kernels.quantize_pack_16(
+            raw,
+            kind,
+            group,
+            scale.float().expand(rows, ngroups).contiguous().numpy(),
+            None if zero is None else zero.int().expand(rows, ngroups).numpy(),
+            qrange,
+            args.bits,
+            reference,
+        )
     error = ErrorStats(x.numel(), sq_error, sq_signal, max_abs)
     return PackedRows(torch.from_numpy(packed), scale, zero, error)
 

@@ -14,7 +14,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compressor.math.kernels import BF16, F16, group_ranges_16, quantize_pack_16
+from compressor.math.kernels import (
+    BF16,
+    F16,
+    group_ranges_16,
+    quantize_pack_16,
+    quantize_pack_rtn_16,
+)
 from compressor.math.pack import pack_rows
 from compressor.math.quant import (
     QuantArgs,
@@ -66,6 +72,22 @@ def _kernel(x: torch.Tensor, q_in: torch.Tensor, args: QuantArgs, scale, zero):
     )
 
 
+def _assert_same_rtn(x: torch.Tensor, args: QuantArgs, ref) -> None:
+    """The one-pass variant computes the same parameters as `qparams_from_range`, bit for bit."""
+    cols = x.shape[1]
+    group = args.group_size if args.strategy == "group" else cols
+    packed, scale, zero, (sq_error, sq_signal, max_abs), nonfinite = quantize_pack_rtn_16(
+        _bits(x), KINDS[x.dtype], group, args.symmetric, quantized_range(args), args.bits
+    )
+    assert nonfinite == 0
+    np.testing.assert_array_equal(scale, _bits(ref[0]))
+    if args.symmetric:
+        assert zero is None and ref[1] is None
+    else:
+        np.testing.assert_array_equal(zero, ref[1].numpy())
+    _assert_same(ref, (packed, sq_error, sq_signal, max_abs))
+
+
 def _assert_same(ref, got) -> None:
     _, _, packed, stats = ref
     words, sq_error, sq_signal, max_abs = got
@@ -90,6 +112,7 @@ def test_quantize_pack_equals_torch_path(dtype, bits, symmetric, strategy, group
     np.testing.assert_array_equal(lo, lo_t.numpy())
     np.testing.assert_array_equal(hi, hi_t.numpy())
     _assert_same(ref, _kernel(x, x, args, ref[0], ref[1]))
+    _assert_same_rtn(x, args, ref)
 
 
 def test_pruned_block_measures_against_the_unpruned_weights():
@@ -134,6 +157,7 @@ def test_random_shapes(rows, cols, bits, symmetric, group, half, seed):
     x = _weights(rows, cols, dtype, seed)
     ref = _reference(x, x, args)
     _assert_same(ref, _kernel(x, x, args, ref[0], ref[1]))
+    _assert_same_rtn(x, args, ref)
 
 
 def test_bad_arguments_are_refused():
@@ -155,3 +179,29 @@ def test_ranges_reveal_non_finite_weights(dtype, bad):
     lo, hi = group_ranges_16(_bits(x), KINDS[dtype], 128)
     finite = np.isfinite(lo) & np.isfinite(hi)
     assert not finite[2, 1] and finite.sum() == finite.size - 1
+    *_, nonfinite = quantize_pack_rtn_16(_bits(x), KINDS[dtype], 128, False, (-8, 7), 4)
+    assert nonfinite == 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    half=st.booleans(),
+)
+def test_random_bit_patterns(seed, bits, symmetric, half):
+    """Every finite 16-bit value is fair game: subnormals, ±0, the largest magnitudes, groups
+    spanning many binades. Scales, zero points, codes and error figures still match."""
+    dtype = torch.float16 if half else torch.bfloat16
+    patterns = np.random.default_rng(seed).integers(0, 2**16, size=(6, 96), dtype=np.uint16)
+    x = torch.from_numpy(patterns.view(np.int16)).view(dtype).clone()
+    x[~torch.isfinite(x)] = 0
+    args = QuantArgs(bits=bits, symmetric=symmetric, strategy="group", group_size=32)
+    ref = _reference(x, x, args)
+    if not np.isfinite(ref[3].sq_error):  # overflowing reconstructions: only codes must match
+        words, *_ = _kernel(x, x, args, ref[0], ref[1])
+        np.testing.assert_array_equal(words, ref[2].numpy())
+        return
+    _assert_same(ref, _kernel(x, x, args, ref[0], ref[1]))
+    _assert_same_rtn(x, args, ref)
