@@ -183,9 +183,10 @@ class PackedRows:
 
 
 def _fused_kind(x: torch.Tensor, args: QuantArgs, fixed: TensorThresholds) -> int | None:
-    """The kernels' `kind` when the fused CPU path computes exactly what the torch path does."""
+    """The kernels' `kind` when the fused CPU path computes exactly what the torch path does,
+    and the work stays on the CPU (a GPU worker moves its blocks to the device instead)."""
     kind = {torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}.get(x.dtype)
-    if kind is None or x.device.type != "cpu" or args.method != "int":
+    if kind is None or x.device.type != "cpu" or _device().type != "cpu" or args.method != "int":
         return None
     if fixed.scale is not None and fixed.scale.dtype != x.dtype:
         return None
