@@ -60,36 +60,23 @@ _FASTMATH = {"reassoc"}
 # --------------------------------------------------------------------------------------------
 
 
-@intrinsic
-def _u32_as_f32(typingctx, x):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+def _bitcast(source: types.Type, target: types.Type, llvm_target: ir.Type) -> object:
+    """An intrinsic reinterpreting a value's bits as another type of the same width."""
 
-    return types.float32(types.uint32), codegen
+    @intrinsic
+    def cast(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_target)
 
+        return target(source), codegen
 
-@intrinsic
-def _f32_as_u32(typingctx, x):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
+    return cast
 
 
-@intrinsic
-def _f64_as_i64(typingctx, x):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def _i64_as_f64(typingctx, x):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
+_u32_as_f32 = _bitcast(types.uint32, types.float32, ir.FloatType())
+_f32_as_u32 = _bitcast(types.float32, types.uint32, ir.IntType(32))
+_f64_as_i64 = _bitcast(types.float64, types.int64, ir.IntType(64))
+_i64_as_f64 = _bitcast(types.int64, types.float64, ir.DoubleType())
 
 
 @intrinsic
