@@ -169,6 +169,8 @@ def copy_part(job: CopyJob) -> None:
 def _copy_in_kernel(t: TensorPlan, target: RowTarget, a: int, b: int) -> bool:
     """`copy_file_range` (no trip through user space; what `cp` uses): False where the file
     systems or the kernel do not support it, and the caller copies through a buffer instead."""
+    if not hasattr(os, "copy_file_range"):  # Linux only
+        return False
     try:
         src = os.open(storage.local_path(t.source), os.O_RDONLY)
     except OSError:
@@ -255,7 +257,10 @@ def _create(path: Path, header: bytes, size: int) -> None:
         try:
             # Reserve the space now: a full disk fails here, in the first seconds, not in the
             # middle of compress with half the chunks written.
-            os.posix_fallocate(fd, 0, size)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:  # macOS: no reservation, only the size (a full disk then fails in pwrite)
+                os.ftruncate(fd, size)
             pwrite_all(fd, memoryview(header), 0)
         finally:
             os.close(fd)
