@@ -34,6 +34,9 @@ the torch path, which is already one fused kernel launch per op there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -53,6 +56,21 @@ BF16 = 0  # `kind` of the 16-bit weights: bfloat16 bits
 F16 = 1  # IEEE half bits
 
 _FASTMATH = {"reassoc"}
+
+
+def _jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """`numba.njit(nogil=True)` with the on-disk cache where there is a writable place for it
+    (beside this file, NUMBA_CACHE_DIR or the user's cache directory). numba refuses to define
+    a cached function when there is none (read-only install, no home); then every process
+    compiles the kernels itself (~3 s) instead of failing to import."""
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:
+            return numba.njit(cache=False, nogil=True, **options)(fn)
+
+    return decorate
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +113,7 @@ def _f32_to_f16(typingctx, x):
     return types.uint16(types.float32), codegen
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@_jit(inline="always")
 def _widen(u, kind):
     """16-bit weight bits → float32 (exact)."""
     if kind == BF16:
@@ -103,7 +121,7 @@ def _widen(u, kind):
     return _f16_to_f32(u)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@_jit(inline="always")
 def _narrow(v, kind):
     """float32 → the nearest 16-bit value (ties to even), returned widened to float32.
 
@@ -117,7 +135,7 @@ def _narrow(v, kind):
     return _f16_to_f32(_f32_to_f16(v))
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@_jit(inline="always")
 def _order_key(v):
     """16-bit float bits (as int16) → an int16 that orders as the values do (−0 just below +0).
 
@@ -134,7 +152,7 @@ def _order_key(v):
 # --------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@_jit(fastmath=_FASTMATH)
 def _group_ranges(keys, kind, g, mins, maxs):
     rows, cols = keys.shape
     for r in range(rows):
@@ -153,7 +171,7 @@ def _group_ranges(keys, kind, g, mins, maxs):
             maxs[r, gi] = _widen(np.uint16(_order_key(hi) & 0xFFFF), kind)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@_jit(inline="always")
 def _bits16(v, kind):
     """The 16-bit pattern of a float32 that holds a 16-bit value exactly."""
     if kind == BF16:
@@ -161,7 +179,7 @@ def _bits16(v, kind):
     return _f32_to_f16(v)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@_jit(inline="always")
 def _round_to(x, kind):
     """float64 → the nearest 16-bit value, rounded once (as `quant.round_to`): to float32 by
     rounding to odd, which keeps what the second rounding to nearest even needs."""
@@ -175,7 +193,7 @@ def _round_to(x, kind):
     return _narrow(y, kind)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@_jit(inline="always")
 def _rtn_params(lo, hi, kind, symmetric, qmin, qmax):
     """Scale (a 16-bit value, as float32) and zero point of a group with range [lo, hi]:
     `quant.qparams_from_range` for int schemes, in the same float64 steps."""
@@ -196,7 +214,7 @@ def _rtn_params(lo, hi, kind, symmetric, qmin, qmax):
     return s, z
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@_jit(fastmath=_FASTMATH)
 def _quantize_pack(raw, keys, ref, kind, g, rtn, symmetric, scale, zero, qmin, qmax, bits, out):
     """With `rtn`, each group's scale and zero are computed from its range and stored into
     `scale` (16-bit patterns, uint16) and `zero` (int8); otherwise they are read (float32,
@@ -262,7 +280,7 @@ def _quantize_pack(raw, keys, ref, kind, g, rtn, symmetric, scale, zero, qmin, q
     return sq_error, sq_signal, _i64_as_f64(max_key), nonfinite
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@_jit(inline="always")
 def _pack_row(codes, bits, words, word_bytes):
     """LSB-first bit stream of `bits`-bit codes into int32 words (tail bits stay 0)."""
     n = codes.shape[0]

@@ -205,3 +205,17 @@ def test_random_bit_patterns(seed, bits, symmetric, half):
         return
     _assert_same(ref, _kernel(x, x, args, ref[0], ref[1]))
     _assert_same_rtn(x, args, ref)
+
+
+def test_kernels_compile_where_no_cache_can_be_written():
+    """Functions numba cannot cache (here: source without a file, as in a read-only install
+    with no writable cache directory) are still compiled, not refused at import."""
+    from compressor.math.kernels import _jit
+
+    namespace: dict[str, object] = {}
+    exec("def double(x):\n    return 2 * x\n", namespace)
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        import numba
+
+        numba.njit(cache=True)(namespace["double"])
+    assert _jit()(namespace["double"])(21) == 42
