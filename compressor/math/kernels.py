@@ -160,15 +160,22 @@ def _group_ranges(keys, kind, g, mins, maxs):
         for gi in range(mins.shape[1]):
             c0 = gi * g
             n = min(g, cols - c0)
-            xg = xr[c0 : c0 + n]
-            lo = np.int16(0x7FFF)
-            hi = np.int16(-0x8000)
-            for k in range(n):
-                key = _order_key(xg[k])
-                lo = key if key < lo else lo
-                hi = key if key > hi else hi
-            mins[r, gi] = _widen(np.uint16(_order_key(lo) & 0xFFFF), kind)
-            maxs[r, gi] = _widen(np.uint16(_order_key(hi) & 0xFFFF), kind)
+            mins[r, gi], maxs[r, gi] = _range_of(xr[c0 : c0 + n], kind)
+
+
+@_jit(inline="always", fastmath=_FASTMATH)
+def _range_of(keys, kind):
+    """(min, max) of a group of 16-bit float bits (int16), widened to float32."""
+    lo = np.int16(0x7FFF)
+    hi = np.int16(-0x8000)
+    for k in range(keys.shape[0]):
+        key = _order_key(keys[k])
+        lo = key if key < lo else lo
+        hi = key if key > hi else hi
+    return (
+        _widen(np.uint16(_order_key(lo) & 0xFFFF), kind),
+        _widen(np.uint16(_order_key(hi) & 0xFFFF), kind),
+    )
 
 
 @_jit(inline="always")
@@ -239,15 +246,7 @@ def _quantize_pack(raw, keys, ref, kind, g, rtn, symmetric, scale, zero, qmin, q
             n = min(g, cols - c0)
             xg = xr[c0 : c0 + n]
             if rtn:
-                kg = kr[c0 : c0 + n]
-                lo_key = np.int16(0x7FFF)
-                hi_key = np.int16(-0x8000)
-                for k in range(n):
-                    key = _order_key(kg[k])
-                    lo_key = key if key < lo_key else lo_key
-                    hi_key = key if key > hi_key else hi_key
-                lo = _widen(np.uint16(_order_key(lo_key) & 0xFFFF), kind)
-                hi = _widen(np.uint16(_order_key(hi_key) & 0xFFFF), kind)
+                lo, hi = _range_of(kr[c0 : c0 + n], kind)
                 if not (np.isfinite(lo) and np.isfinite(hi)):
                     nonfinite += 1
                 s, zi = _rtn_params(np.float64(lo), np.float64(hi), kind, symmetric, qmin, qmax)
