@@ -155,21 +155,10 @@ def quantized_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
                 path=str(checkpoint.root),
                 tensor=f"{module}.weight_packed",
             )
-        parts = {
-            suffix: checkpoint.tensors[f"{module}.{suffix}"]
-            for suffix in _SUFFIXES
-            if f"{module}.{suffix}" in checkpoint.tensors
-        }
-        for required in ("weight_scale", "weight_shape"):
-            if required not in parts:
-                raise InputError(
-                    f"has no {required}",
-                    path=str(checkpoint.root),
-                    tensor=f"{module}.weight_packed",
-                )
-        file, info = parts["weight_shape"]
-        rows, cols = (int(v) for v in read_tensor(file, info).reshape(-1))
-        out[module] = CompressedModule(module, _args_from_group(group, minmax), (rows, cols), parts)
+        parts, shape = _module_parts(
+            checkpoint, module, _SUFFIXES, ("weight_scale", "weight_shape"), "weight_packed"
+        )
+        out[module] = CompressedModule(module, _args_from_group(group, minmax), shape, parts)
     return out
 
 
@@ -218,15 +207,9 @@ def _codebook_modules(checkpoint: Checkpoint, qc: object) -> dict[str, Compresse
                 tensor=where,
                 hint="restore the config.json written with the checkpoint",
             ) from e
-        parts = {}
-        for suffix in _CODEBOOK_SUFFIXES[root]:
-            found = checkpoint.tensors.get(f"{module}.{suffix}")
-            if found is None:
-                raise InputError(f"has no {suffix}", path=str(checkpoint.root), tensor=where)
-            parts[suffix] = found
-        file, info = parts["weight_shape"]
-        rows, cols = (int(v) for v in read_tensor(file, info).reshape(-1))
-        out[module] = CompressedModule(module, args, (rows, cols), parts, str(group["dtype"]))
+        suffixes = _CODEBOOK_SUFFIXES[root]
+        parts, shape = _module_parts(checkpoint, module, suffixes, suffixes, root)
+        out[module] = CompressedModule(module, args, shape, parts, str(group["dtype"]))
     return out
 
 
@@ -237,16 +220,35 @@ def _bitmask_modules(checkpoint: Checkpoint) -> dict[str, CompressedModule]:
         if not name.endswith(".weight_bitmask"):
             continue
         module = name.removesuffix(".weight_bitmask")
-        parts = {}
-        for suffix in _BITMASK_SUFFIXES:
-            found = checkpoint.tensors.get(f"{module}.{suffix}")
-            if found is None:
-                raise InputError(f"has no {suffix}", path=str(checkpoint.root), tensor=name)
-            parts[suffix] = found
-        file, info = parts["weight_shape"]
-        rows, cols = (int(v) for v in read_tensor(file, info).reshape(-1))
-        out[module] = CompressedModule(module, None, (rows, cols), parts)
+        parts, shape = _module_parts(
+            checkpoint, module, _BITMASK_SUFFIXES, _BITMASK_SUFFIXES, "weight_bitmask"
+        )
+        out[module] = CompressedModule(module, None, shape, parts)
     return out
+
+
+def _module_parts(
+    checkpoint: Checkpoint,
+    module: str,
+    suffixes: tuple[str, ...],
+    required: tuple[str, ...],
+    main: str,
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """A compressed module's stored tensors (those of `suffixes` present) and its dense shape;
+    a missing `required` one is an error naming `<module>.<main>`."""
+    parts = {
+        suffix: checkpoint.tensors[f"{module}.{suffix}"]
+        for suffix in suffixes
+        if f"{module}.{suffix}" in checkpoint.tensors
+    }
+    for suffix in required:
+        if suffix not in parts:
+            raise InputError(
+                f"has no {suffix}", path=str(checkpoint.root), tensor=f"{module}.{main}"
+            )
+    file, info = parts["weight_shape"]
+    rows, cols = (int(v) for v in read_tensor(file, info).reshape(-1))
+    return parts, (rows, cols)
 
 
 def _read(module: CompressedModule, suffix: str, r0: int, r1: int) -> torch.Tensor:
