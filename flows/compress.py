@@ -184,14 +184,17 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
         report = pipe.published_report()
         logger.info("up to date: %s already holds this output", report.destination)
         return report.to_dict()
-    with destination_lock(config.destination), open_executor(config, pipe.threaded()) as executor:
-        pipe.start_workers(executor)
-        ingest_task(pipe, executor)
-        stats_task(pipe, executor)
-        thresholds_task(pipe)
-        compress_task(pipe, executor)
-        write_task(pipe, executor)
-    result = publish_task(pipe)
+    # Publish inside the lock, as `Pipeline.run` does: it removes stale runs' partial outputs
+    # and staging, which only the lock holder may do.
+    with destination_lock(config.destination):
+        with open_executor(config, pipe.threaded()) as executor:
+            pipe.start_workers(executor)
+            ingest_task(pipe, executor)
+            stats_task(pipe, executor)
+            thresholds_task(pipe)
+            compress_task(pipe, executor)
+            write_task(pipe, executor)
+        result = publish_task(pipe)
     logger.info("published %s (×%.2f)", result["destination"], result["ratio"])
     if config.evaluate:
         result["evaluation"] = evaluate_task(config)
