@@ -423,12 +423,13 @@ def quantize_rows(
     tensor's range), else from the block's own groups by `mode`. The one place the compress
     stage and the budget's error measurements quantize, so both see the same x̂.
     """
-    work = x.to(compute_dtype(x.dtype, args.method))
+    # `x` as it is, not a copy in the work dtype: the search reconstructs x̂ in x's dtype (what
+    # is stored), and `quantize` makes its own work-dtype copy.
     if scale is None:
         if mode != "rtn":
-            scale, zero = search_qparams(work, args, x.dtype, mode)
+            scale, zero = search_qparams(x, args, x.dtype, mode)
         else:
-            mins, maxs = group_ranges(work, args)
+            mins, maxs = group_ranges(x, args)
             scale, zero = qparams_from_range(mins, maxs, args, x.dtype)
-    q = quantize(work, scale, zero, args)
+    q = quantize(x, scale, zero, args)
     return q, scale, zero, dequantize(q, scale, zero, args, x.dtype)

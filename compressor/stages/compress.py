@@ -26,7 +26,7 @@ from compressor.math import kernels
 from compressor.math.codebook import NF4_BLOCK, kmeans_assign
 from compressor.math.pack import pack_rows, packed_width
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
-from compressor.math.quant import QuantArgs, compute_dtype, quantized_range
+from compressor.math.quant import QuantArgs, quantized_range
 from compressor.math.rounding import RoundingMode, quantize_rows, search_qparams
 from compressor.math.stats import ErrorStats, combine_errors, error_stats, range_stats
 from compressor.stages import assemble
@@ -277,10 +277,9 @@ def _fused_rows(
         if fixed.scale is not None:
             scale, zero = fixed.scale, fixed.zero
         else:  # the search runs in torch, block by block; the kernel then applies its parameters
-            work = compute_dtype(x.dtype, args.method)
             found = [
                 search_qparams(
-                    pruned[b0 : b0 + BLOCK_ROWS].to(work),
+                    pruned[b0 : b0 + BLOCK_ROWS],
                     args,
                     x.dtype,
                     cast(RoundingMode, rounding),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ from compressor.math.prune import (
     select,
 )
 from compressor.math.quant import QuantArgs
-from compressor.math.rounding import quantize_rows
+from compressor.math.rounding import RoundingMode, quantize_rows
 from compressor.math.stats import RangeStats, error_stats
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
@@ -267,13 +268,14 @@ def _candidate_chunk(job: _CandidateJob) -> CandidateErrors:
             errors.append(math.nan)
             continue
         blocks = (x[b0 : b0 + 64] for b0 in range(0, x.shape[0], 64))  # cache-sized, as compress
+        rounding = cast(RoundingMode, t.rounding)  # the scales compress will choose
         errors.append(
             math.fsum(
-                error_stats(b, quantize_rows(b, args)[3], count_zeros=False).sq_error
+                error_stats(b, quantize_rows(b, args, rounding)[3], count_zeros=False).sq_error
                 for b in blocks
             )
         )
-    signal = float(x.to(torch.float64).pow(2).sum())
+    signal = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
     return CandidateErrors(tuple(errors), signal)
 
 
