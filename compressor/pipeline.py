@@ -61,8 +61,6 @@ from compressor.stages.write import ShardResult
 
 __all__ = ["Pipeline", "RunReport", "compress_checkpoint", "open_executor"]
 
-STAGES = ("plan", "ingest", "thresholds", "compress", "write", "publish")
-
 
 @contextlib.contextmanager
 def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor]:

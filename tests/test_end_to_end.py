@@ -499,3 +499,23 @@ def test_transformers_loads_w4a16_asym_with_dequantize_on_load(llama_src, tmp_pa
     reference = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+
+# -- worker kind ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "preset,options,threads",
+    [
+        ("w4a16", {}, True),  # every chunk takes the fused kernels, read straight from the source
+        ("w8a16", {}, True),
+        ("w4a16", {"rounding": "mse"}, False),  # the search runs in torch
+        ("nf4", {}, False),
+        ("w4a16", {"pruning": {"sparsity": 0.5}}, False),  # staged input, torch importance
+        ("w4a16", {"worker_kind": "threads", "rounding": "mse"}, True),  # asked for
+        ("w4a16", {"worker_kind": "processes"}, False),
+    ],
+)
+def test_auto_worker_kind_follows_the_work(llama_src, tmp_path, preset, options, threads):
+    config = build_config(str(llama_src), str(tmp_path / "out"), preset=preset, **options)
+    pipe = Pipeline(config)
+    pipe.make_plan()
+    assert pipe.threaded() is threads

@@ -113,13 +113,6 @@ def compute_dtype(dtype: torch.dtype, method: Method = "int") -> torch.dtype:
     return torch.float32
 
 
-def _grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """View (rows, cols) as (rows, ngroups, g); only when g divides cols (the fast path)."""
-    rows, cols = x.shape
-    g = _effective_group(cols, args)
-    return x.view(rows, cols // g, g)
-
-
 def _effective_group(cols: int, args: QuantArgs) -> int:
     return args.group_size if args.strategy == "group" else cols
 

@@ -30,6 +30,10 @@ def test_fused_path_equals_torch_path(monkeypatch, dtype, args, rounding, tensor
     fixed = TensorThresholds()
     if tensor_scale is not None:
         fixed = TensorThresholds(scale=torch.tensor([[tensor_scale]], dtype=dtype))
+    # The fused path is CPU work: pin the device, so a GPU machine does not take the torch
+    # path twice and compare it with itself.
+    monkeypatch.setattr(compress_stage, "_device", lambda: torch.device("cpu"))
+    assert compress_stage._fused_kind(x, args, fixed) is not None
     fused = quantize_rows_packed(x, q_in, args, fixed, rounding)
     monkeypatch.setattr(compress_stage, "_fused_kind", lambda *a: None)
     torch_path = quantize_rows_packed(x, q_in, args, fixed, rounding)
