@@ -276,3 +276,20 @@ def test_runs_on_cuda_and_keeps_the_invariant(method, symmetric):
             group_errors(x, s, z, args, None)
             <= group_errors(x, *rtn(x, args), args, None) * (1 + 1e-12)
         )
+
+
+@pytest.mark.parametrize("mode", ["mse", "hqq"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantize_rows_search_never_worse_than_rtn_for_minmax(mode, bits):
+    """Through `quantize_rows` (what compress and the budget call): the search must rank x̂ as
+    stored (rounded to bf16), not a float64 copy of it, or some groups end above RTN."""
+    args = QuantArgs(bits=bits, method="minmax", symmetric=False, strategy="group", group_size=32)
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.distributions.StudentT(3.0).sample((32, 256)) * 0.02).to(torch.bfloat16)
+        x = x * torch.exp2(torch.randint(-4, 4, (32, 1), generator=g).float()).to(torch.bfloat16)
+        _, scale, zero, _ = rounding.quantize_rows(x, args, mode)
+        _, rtn_scale, rtn_zero, _ = rounding.quantize_rows(x, args, "rtn")
+        chosen = reconstruction_error(x, scale, zero, args)
+        rtn = reconstruction_error(x, rtn_scale, rtn_zero, args)
+        assert bool((chosen <= rtn).all()), (seed, int((chosen > rtn).sum()))
