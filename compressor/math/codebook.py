@@ -182,8 +182,11 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor | Sequence[float]) ->
     within a factor 2 (Sterbenz), and otherwise far larger than |err| ≤ 2^-53·|s|).
     Duplicate centroid values resolve to their lowest index. O(n log k) time, O(n) memory.
     """
-    v = _as_values(x)
-    c = _as_centroids(centroids, v.device)
+    return _assign(_as_values(x), _as_centroids(centroids, x.device)).view(x.shape)
+
+
+def _assign(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`kmeans_assign` on values and centroids already checked and converted (flat indices)."""
     order = torch.argsort(c, stable=True)  # equal values keep index order: first = lowest index
     sc = c[order]
     first = torch.ones_like(sc, dtype=torch.bool)
@@ -200,7 +203,7 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor | Sequence[float]) ->
     d = 2 * v - s
     lo_i, hi_i = ui[lo_pos], ui[hi_pos]
     take_hi = (d > err) | ((d == err) & (hi_i < lo_i))
-    return torch.where(take_hi, hi_i, lo_i).view(x.shape)
+    return torch.where(take_hi, hi_i, lo_i)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def kmeans_partial(
     v = _as_values(x)
     c = _as_centroids(centroids, v.device)
     k = c.numel()
-    idx = kmeans_assign(x, c).reshape(-1)
+    idx = _assign(v, c).reshape(-1)  # v and c are checked and converted once, here
     diff = v - c[idx]
     if importance is None:
         sums, sum_exp = _exact_segment_sums(v, idx, k)
