@@ -5,7 +5,8 @@ every step as its own pass over a float32 copy of the block, and on a CPU that c
 weight. These numba kernels do the same IEEE operations per weight in one loop that LLVM
 vectorises, and never materialise x̂ or the integer codes:
 
-    group_ranges_16   per-group min and max of 16-bit weights (rows, ngroups), float32 (exact)
+    quantize_pack_rtn_16  round-to-nearest scales and zero points from each group's range (the
+                      float64 steps of `quant.qparams_from_range`), then as quantize_pack_16
     quantize_pack_16  codes q = clamp(rint(x / s) + z, qmin, qmax), packed LSB-first into int32
                       words (compressed-tensors' layout, as `pack.pack_rows`), and the error
                       figures of x̂ = to16((q − z)·s) against the reference weights
@@ -46,7 +47,6 @@ from numba.extending import intrinsic
 __all__ = [
     "BF16",
     "F16",
-    "group_ranges_16",
     "quantize_pack_16",
     "quantize_pack_rtn_16",
     "warm_up",
@@ -150,17 +150,6 @@ def _order_key(v):
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-
-
-@_jit(fastmath=_FASTMATH)
-def _group_ranges(keys, kind, g, mins, maxs):
-    rows, cols = keys.shape
-    for r in range(rows):
-        xr = keys[r]
-        for gi in range(mins.shape[1]):
-            c0 = gi * g
-            n = min(g, cols - c0)
-            mins[r, gi], maxs[r, gi] = _range_of(xr[c0 : c0 + n], kind)
 
 
 @_jit(inline="always", fastmath=_FASTMATH)
@@ -320,22 +309,6 @@ def _check_raw(raw: np.ndarray, kind: int) -> None:
         raise ValueError(f"kind must be BF16 ({BF16}) or F16 ({F16}), got {kind}")
 
 
-def group_ranges_16(raw: np.ndarray, kind: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group (min, max) of 16-bit weights: two float32 (rows, ceil(cols/group)) arrays.
-
-    `group` = cols gives one range per row (the channel strategy). Exact: the values are widened,
-    never rounded. A group holding a NaN gets a NaN min or max, one holding ±inf an infinite
-    one, so `np.isfinite` of the ranges tells whether the block is finite.
-    """
-    _check_raw(raw, kind)
-    rows, cols = raw.shape
-    ngroups = -(-cols // group)
-    mins = np.empty((rows, ngroups), np.float32)
-    maxs = np.empty((rows, ngroups), np.float32)
-    _group_ranges(raw.view(np.int16), kind, group, mins, maxs)
-    return mins, maxs
-
-
 def quantize_pack_16(
     raw: np.ndarray,
     kind: int,
@@ -421,6 +394,5 @@ def _check_block(
 def warm_up() -> None:
     """Compile or load every kernel now (each has one signature), on a tiny block."""
     raw = np.zeros((1, 32), np.uint16)
-    group_ranges_16(raw, BF16, 32)
     quantize_pack_16(raw, BF16, 32, np.ones((1, 1), np.float32), None, (-8, 7), 4)
     quantize_pack_rtn_16(raw, BF16, 32, True, (-8, 7), 4)
