@@ -198,3 +198,71 @@ def test_recipe_mixed_precision(llama_src, tmp_path):
 
     ours = load_dir(decompress_checkpoint(dest, tmp_path / "ours"))
     assert_same_tensors(load_dir(ct_decompress(dest, tmp_path / "ct")), ours)
+
+
+# -- every compress option reaches the config -------------------------------------------------
+class _Captured(Exception):
+    def __init__(self, config: object) -> None:
+        self.config = config
+
+
+def _config_of(monkeypatch, *args: str | Path):
+    """The RunConfig `compressor compress ARGS` builds (the pipeline is replaced by a catcher)."""
+    from typer.testing import CliRunner
+
+    import compressor.pipeline
+    from compressor.cli import app
+
+    def capture(config, progress=None):
+        raise _Captured(config)
+
+    monkeypatch.setattr(compressor.pipeline, "compress_checkpoint", capture)
+    result = CliRunner().invoke(app, ["compress", *map(str, args)])
+    assert isinstance(result.exception, _Captured), result.output
+    return result.exception.config
+
+
+def test_every_compress_option_reaches_the_config(monkeypatch, llama_src, tmp_path):
+    config = _config_of(
+        monkeypatch, llama_src, tmp_path / "out",
+        "--preset", "w4a16", "--bits", "3", "--strategy", "group", "--group-size", "64",
+        "--rounding", "mse", "--target-bits", "4.25",
+        "--sparsity", "0.3", "--sparsity-scope", "global", "--importance", "magnitude",
+        "--structure", "row", "--normalize-importance",
+        "--workers", "1", "--worker-kind", "processes", "--staging", tmp_path / "stg",
+        "--chunk-mb", "3", "--max-shard-mb", "7", "--strict-groups", "--overwrite",
+        "--keep-staging", "--skip-nonfinite", "--evaluate", "--eval-tokens", "64",
+    )  # fmt: skip
+    (rule,) = config.recipe.quantization
+    assert (rule.bits, rule.strategy, rule.group_size, rule.rounding) == (3, "group", 64, "mse")
+    p = config.recipe.pruning
+    assert (p.sparsity, p.scope, p.importance, p.structure, p.normalize) == (
+        0.3, "global", "magnitude", "row", True,
+    )  # fmt: skip
+    assert config.recipe.budget.target_bits == 4.25 and config.recipe.budget.max_error is None
+    assert (config.workers, config.worker_kind, config.staging_dir) == (
+        1, "processes", str(tmp_path / "stg"),
+    )  # fmt: skip
+    assert (config.chunk_mb, config.max_shard_mb, config.eval_tokens) == (3, 7, 64)
+    assert config.strict_groups and config.overwrite and config.keep_staging
+    assert config.skip_nonfinite and config.evaluate
+
+
+def test_side_inputs_sparse_format_and_error_budget_reach_the_config(
+    monkeypatch, llama_src, tmp_path
+):
+    config = _config_of(
+        monkeypatch, llama_src, tmp_path / "out", "--preset", "dense",
+        "--importance", "gradient", "--gradients", llama_src, "--sparse-format", "bitmask",
+        "--structure", "2:4", "--max-error", "0.1",
+    )  # fmt: skip
+    p = config.recipe.pruning
+    assert (p.importance, p.gradients, p.sparse_format, p.structure) == (
+        "gradient", str(llama_src), "bitmask", "2:4",
+    )  # fmt: skip
+    assert config.recipe.budget.max_error == 0.1 and config.recipe.budget.target_bits is None
+    config = _config_of(
+        monkeypatch, llama_src, tmp_path / "out", "--importance", "activation",
+        "--activations", tmp_path / "norms.safetensors",
+    )  # fmt: skip
+    assert config.recipe.pruning.activations == str(tmp_path / "norms.safetensors")
