@@ -33,7 +33,7 @@ from compressor.stages import assemble
 from compressor.stages.assemble import RowTarget
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
-from compressor.stages.stats import ChunkPrune, chunk_importance
+from compressor.stages.stats import ChunkPrune, chunk_importance, staged_rows
 from compressor.stages.thresholds import TensorThresholds, nonfinite_error
 
 __all__ = [
@@ -141,7 +141,7 @@ def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
             if bad:
                 raise nonfinite_error(t.source, t.name, bad)
     else:
-        x = dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), dtype)
+        x = staged_rows(staging, t, job.chunk)
     pruned = x
     removed = 0
     if t.prune is not None:

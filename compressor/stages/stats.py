@@ -68,6 +68,7 @@ __all__ = [
     "chunk_importance",
     "kmeans_codebooks",
     "prune_thresholds",
+    "staged_rows",
 ]
 
 HISTOGRAM_BINS = 4096  # bins of the histogram that places k-means' starting centroids
@@ -107,6 +108,12 @@ class _Job:
     param: int = 0  # the selected high bin (pass 2) or t_bits (pass 3)
 
 
+def staged_rows(staging: Staging, t: TensorPlan, chunk: int) -> torch.Tensor:
+    """The staged input rows of chunk `chunk` of `t`, as a tensor of its dtype."""
+    r0, r1 = t.chunks[chunk]
+    return dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), t.info.dtype)
+
+
 def chunk_importance(
     staging: Staging,
     t: TensorPlan,
@@ -118,7 +125,7 @@ def chunk_importance(
     assert t.prune is not None
     r0, r1 = t.chunks[chunk]
     if w is None:
-        w = dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), t.info.dtype)
+        w = staged_rows(staging, t, chunk)
     grad = act = None
     if t.prune.importance == "gradient":
         assert t.prune.gradient is not None
@@ -260,8 +267,7 @@ class CandidateErrors:
 
 def _candidate_chunk(job: _CandidateJob) -> CandidateErrors:
     t = job.tensor
-    r0, r1 = t.chunks[job.chunk]
-    x = dtypes.to_torch(job.staging.read_rows(f"in/{t.key}", r0, r1), t.info.dtype)
+    x = staged_rows(job.staging, t, job.chunk)
     errors = []
     for args in job.candidates:
         if args is None:
@@ -348,18 +354,14 @@ class _KMeansJob:
     hi: float = 0.0
 
 
-def _staged_chunk(job: _KMeansJob) -> torch.Tensor:
-    t = job.tensor
-    r0, r1 = t.chunks[job.chunk]
-    return dtypes.to_torch(job.staging.read_rows(f"in/{t.key}", r0, r1), t.info.dtype)
-
-
 def _kmeans_histogram_chunk(job: _KMeansJob) -> tuple[int, ...]:
-    return histogram_counts(_staged_chunk(job), job.lo, job.hi, HISTOGRAM_BINS)
+    return histogram_counts(
+        staged_rows(job.staging, job.tensor, job.chunk), job.lo, job.hi, HISTOGRAM_BINS
+    )
 
 
 def _kmeans_chunk(job: _KMeansJob) -> KMeansPartial:
-    return kmeans_partial(_staged_chunk(job), job.centroids)
+    return kmeans_partial(staged_rows(job.staging, job.tensor, job.chunk), job.centroids)
 
 
 def kmeans_codebooks(
