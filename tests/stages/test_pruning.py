@@ -187,3 +187,46 @@ def test_default_pruning_targets_are_the_linear_weights(model):
         if is_default_linear(n, TensorInfo(n, "BF16", tuple(w.shape), 0, 0))
     ]
     assert sorted(chosen) == sorted(_targets(original))
+
+
+def test_row_structure_prunes_the_same_count_in_every_row(model, tmp_path):
+    """structure="row": floor(s·cols) weights per output row, the least important of that row."""
+    out = _run(model, tmp_path / "row", sparsity=0.25, structure="row")
+    original, pruned = _load(model), _load(out)
+    for n in _targets(original):
+        w, p = original[n].float().abs().numpy(), pruned[n].float().numpy()
+        k = int(np.floor(0.25 * w.shape[1]))
+        assert ((p == 0) & (w != 0)).sum(axis=1).max() <= k
+        assert ((p == 0).sum(axis=1) >= k).all(), n
+        gone, kept = np.where(p == 0, w, -np.inf), np.where(p != 0, w, np.inf)
+        assert (gone.max(axis=1) <= kept.min(axis=1)).all(), n  # within each row
+
+
+def test_normalized_global_scope_ranks_by_relative_magnitude(model, tmp_path):
+    """normalize=True: importance |w| / mean|w| per tensor, then one global threshold."""
+    out = _run(model, tmp_path / "norm", sparsity=0.5, scope="global", normalize=True)
+    original, pruned = _load(model), _load(out)
+    names = _targets(original)
+    rel = {n: original[n].float().abs().double().numpy() for n in names}
+    rel = {n: a / a.mean() for n, a in rel.items()}
+    total = sum(a.size for a in rel.values())
+    removed = sum(int((pruned[n].float().numpy() == 0).sum()) for n in names)
+    assert abs(removed - int(np.floor(0.5 * total))) <= 1
+    pruned_max = max(float(rel[n][pruned[n].float().numpy() == 0].max()) for n in names)
+    kept_min = min(float(rel[n][pruned[n].float().numpy() != 0].min()) for n in names)
+    assert kept_min >= pruned_max * (1 - 1e-6)
+    # Tensors of larger magnitude lose no larger share than plain |w| would make them lose.
+    shares = {n: float((pruned[n].float().numpy() == 0).mean()) for n in names}
+    assert max(shares.values()) - min(shares.values()) < 0.2
+
+
+def test_schedule_gives_matching_tensors_their_own_sparsity(model, tmp_path):
+    out = _run(model, tmp_path / "sched", sparsity=0.5, schedule={"re:.*down_proj.*": 0.75})
+    original, pruned = _load(model), _load(out)
+    report = json.loads((out / "compression.json").read_text())
+    for n in _targets(original):
+        share = float((pruned[n].float().numpy() == 0).mean())
+        expected = 0.75 if "down_proj" in n else 0.5
+        assert abs(share - expected) < 0.01, (n, share)
+    scoped = [s for s in report["pruning_scopes"] if "down_proj" in json.dumps(s)]
+    assert scoped, report["pruning_scopes"]
