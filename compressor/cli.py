@@ -492,18 +492,35 @@ def serve(
 @app.command()
 def verify(
     path: Annotated[Path, typer.Argument(help="Compressed checkpoint directory.")],
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="Also prove the output was made from this input: every file the run read must "
+            "be there with the sha256 that manifest.json records."
+        ),
+    ] = None,
 ) -> None:
     """Check a compressed checkpoint: sha256 and size of every file in manifest.json, no
-    unlisted files, index ↔ shards ↔ headers, quantization_config, and packed modules' parts."""
+    unlisted files, index ↔ shards ↔ headers, quantization_config, and packed modules' parts;
+    with --source, that it was made from exactly that input."""
 
     from compressor.formats.verify import verify_checkpoint
 
     try:
-        result = verify_checkpoint(path)
+        result = verify_checkpoint(path, source)
     except CompressorError as e:
         _fail(e)
     for problem in result.problems:
         console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False)
+    if not result.ok and result.source_mismatches == len(result.problems):
+        console.print(
+            f"{len(result.problems)} problem(s): this output was not made from {source}\n"
+            "  fix: pass the input it was made from (manifest.json's source.location records "
+            "where that was)",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(1)
     if not result.ok:
         console.print(
             f"{len(result.problems)} problem(s): this checkpoint was damaged or modified after it "
@@ -515,7 +532,8 @@ def verify(
         raise typer.Exit(1)
     out.print(
         f"ok: {result.files} files match manifest.json; {result.tensors} tensors, "
-        f"{result.modules} compressed modules consistent",
+        f"{result.modules} compressed modules consistent"
+        + (f"; made from {source}: {result.source_files} input files match" if source else ""),
         markup=False,
         highlight=False,
     )

@@ -392,9 +392,17 @@ class RunConfig(_Frozen):
         return data
 
     def output_affecting(self) -> dict[str, Any]:
-        """The fields that change the output bytes (hashed into the staging key)."""
+        """The fields that change the output bytes (hashed into the staging key): the recipe,
+        how shards are laid out, chunking (error figures and k-means sums follow the chunks)."""
         return self.model_dump(
-            include={"version", "recipe", "strict_groups", "chunk_mb", "skip_nonfinite"}
+            include={
+                "version",
+                "recipe",
+                "strict_groups",
+                "chunk_mb",
+                "max_shard_mb",
+                "skip_nonfinite",
+            }
         )
 
 

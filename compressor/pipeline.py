@@ -34,6 +34,7 @@ from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats, RangeStats
 from compressor.stages import assemble as assemble_stage
 from compressor.stages import compress as compress_stage
+from compressor.stages import digest as digest_stage
 from compressor.stages import ingest as ingest_stage
 from compressor.stages import publish as publish_stage
 from compressor.stages import write as write_stage
@@ -200,6 +201,7 @@ class Pipeline:
         self.direct = False  # compress reads the source, not staged input
         self.in_place = False  # compress writes into the shard files (stages/assemble.py)
         self.layout: tuple[OutputShard, ...] | None = None  # final shards, set by write()
+        self.source_digests: dict[str, str] = {}  # sha256 of every source file, by name
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -295,6 +297,10 @@ class Pipeline:
                 codebooks={name: c.stored for name, c in self.codebooks.items()},
                 targets=targets,
             )
+        with self._timed("digest"):  # after the chunks, so it reads what they left in the cache
+            self.source_digests = digest_stage.digest_sources(
+                self.plan.sources, self.staging, executor, self.progress
+            )
 
     def write(self, executor: Executor) -> None:
         with self._timed("write"):
@@ -340,6 +346,7 @@ class Pipeline:
                 self.shards,
                 self._quantization_config(),
                 self._report_json(self.report),
+                self.source_digests,
             )
             if not self.config.keep_staging:
                 with contextlib.suppress(OSError):

@@ -44,6 +44,7 @@ import numpy as np
 from compressor.errors import CompressorError, InputError
 from compressor.formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from compressor.formats.compressed import CompressedModule, quantized_modules
+from compressor.formats.identity import checkpoint_files, sha256_of, stamp_of
 from compressor.formats.layout import (
     CODEBOOK_FORMAT,
     CT_FORMAT,
@@ -82,6 +83,8 @@ class VerifyResult:
     files: int = 0  # files whose size and sha256 matched the manifest
     tensors: int = 0
     modules: int = 0  # compressed (packed or bitmask) modules whose parts were checked
+    source_files: int = 0  # input files whose size and sha256 matched the manifest's record
+    source_mismatches: int = 0  # problems that say the output was not made from `source`
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -93,11 +96,15 @@ class VerifyResult:
         self.problems.append(Problem(str(path), message))
 
 
-def verify_checkpoint(path: str | Path) -> VerifyResult:
+def verify_checkpoint(path: str | Path, source: str | Path | None = None) -> VerifyResult:
     """Check a published checkpoint directory; the result lists every problem found.
 
+    With `source`, also prove that the output was made from exactly that input: every file the
+    run read (shards, index, config.json, carried-over files) must be in SRC with the size and
+    sha256 that the manifest's "source" section records, and SRC must hold no other such file.
+
     Raises:
-        InputError: `path` is not a directory (nothing to verify).
+        InputError: `path` is not a directory (nothing to verify), or `source` cannot be opened.
     """
     root = Path(path)
     if not root.is_dir():
@@ -113,6 +120,8 @@ def verify_checkpoint(path: str | Path) -> VerifyResult:
     if checkpoint is not None and qc is not None:
         _check_modules(result, checkpoint, qc)
     _check_report(result)
+    if source is not None:
+        _check_source(result, str(source))
     return result
 
 
@@ -578,6 +587,71 @@ def _check_bitmask(
                 f"many values rows {r0}..{r1 - 1} keep",
             )
             return
+
+
+# -- the source it was made from ---------------------------------------------------------------
+_SIDE_PREFIXES = ("gradients/", "activations/")  # side inputs of pruning: not part of SRC
+
+
+def _check_source(result: VerifyResult, source: str) -> None:
+    before = len(result.problems)
+    _compare_source(result, source)
+    result.source_mismatches = len(result.problems) - before
+
+
+def _compare_source(result: VerifyResult, source: str) -> None:
+    recorded = _recorded_source(result)
+    if recorded is None:
+        return
+    checkpoint = open_checkpoint(source)
+    present = dict(checkpoint_files(checkpoint, source))
+    expected = {n: e for n, e in recorded.items() if not n.startswith(_SIDE_PREFIXES)}
+    for name in sorted(set(present) - set(expected)):
+        result.add(
+            MANIFEST_NAME,
+            f"the source holds {name!r}, which is not among the files this output was made from",
+        )
+    for name, entry in sorted(expected.items()):
+        location = present.get(name)
+        if location is None:
+            result.add(MANIFEST_NAME, f"was made from {name!r}, which the source does not hold")
+            continue
+        try:
+            size, _ = stamp_of(location)
+            digest = sha256_of(location) if size == entry["size"] else ""
+        except OSError as e:
+            result.add(MANIFEST_NAME, f"cannot read the source's {name!r}: {e.strerror or e}")
+            continue
+        if digest != entry["sha256"]:
+            result.add(
+                MANIFEST_NAME,
+                f"was made from another {name!r}: the source's file has "
+                + (f"sha256 {digest[:12]}…" if digest else f"{size} bytes")
+                + f", the output was made from sha256 {entry['sha256'][:12]}… "
+                f"({entry['size']} bytes)",
+            )
+            continue
+        result.source_files += 1
+
+
+def _recorded_source(result: VerifyResult) -> dict[str, dict[str, Any]] | None:
+    try:
+        data = json.loads((result.root / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # already reported by the manifest check
+    source = data.get("source") if isinstance(data, dict) else None
+    files = source.get("files") if isinstance(source, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("size")) is int
+        for e in files.values()
+    ):
+        result.add(
+            MANIFEST_NAME,
+            "records no source digests, so the input it was made from cannot be checked "
+            "(written by an older version: recompress to get them)",
+        )
+        return None
+    return files
 
 
 # -- compression.json -------------------------------------------------------------------------

@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from compressor import __version__
 from compressor.config import LINEAR, PruneConfig, QuantRule, RunConfig
 from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats import dtypes, storage
 from compressor.formats.checkpoint import Checkpoint, open_checkpoint
+from compressor.formats.identity import SourceFile, checkpoint_files, source_file
 from compressor.formats.layout import (
     CodebookArgs,
     OutputSpec,
@@ -114,6 +116,9 @@ class Plan:
     # The destination already holds the output of this exact input and config: nothing to do.
     # This is what makes a scheduled deployment's rerun idempotent.
     up_to_date: bool = False
+    # Every file the output depends on, stamped at plan time (formats/identity.py): checked
+    # again before publishing, digested during the run, recorded in the manifest.
+    sources: tuple[SourceFile, ...] = ()
 
     @property
     def quantized(self) -> tuple[TensorPlan, ...]:
@@ -319,9 +324,12 @@ def make_plan(config: RunConfig) -> Plan:
                 "ones keep the pack-quantized layout with their zeros"
             )
     shards = lay_out_shards(tensors, config.max_shard_mb * 2**20)
-    run_key = _run_key(checkpoint, config)
+    sources = source_files(checkpoint, config.source, sides, pruning)
+    run_key = _run_key(checkpoint, config, sources)
     up_to_date = _already_published(config, run_key)
-    return Plan(config, checkpoint, tuple(tensors), shards, run_key, tuple(notes), up_to_date)
+    return Plan(
+        config, checkpoint, tuple(tensors), shards, run_key, tuple(notes), up_to_date, sources
+    )
 
 
 @dataclass(frozen=True)
@@ -463,9 +471,49 @@ def lay_out_shards(
     return tuple(OutputShard(name, tuple(g)) for name, g in zip(names, groups, strict=True))
 
 
-def _run_key(checkpoint: Checkpoint, config: RunConfig) -> str:
+def source_files(
+    checkpoint: Checkpoint,
+    source: str,
+    sides: _SideInputs | None = None,
+    pruning: PruneConfig | None = None,
+) -> tuple[SourceFile, ...]:
+    """Every file of `checkpoint` that a run reads (shards, index, config.json and the files it
+    carries over), then those of the side inputs, each stamped now.
+
+    Raises:
+        InputError: a file vanished or cannot be stat'ed since the checkpoint was opened.
+    """
+    found = checkpoint_files(checkpoint, source)
+    if sides is not None and pruning is not None:
+        if sides.gradients is not None and pruning.gradients:
+            found += checkpoint_files(sides.gradients, pruning.gradients, "gradients/", False)
+        if sides.activations is not None and pruning.activations:
+            found += checkpoint_files(sides.activations, pruning.activations, "activations/", False)
+    files = []
+    for name, location in found:
+        try:
+            files.append(source_file(name, location))
+        except OSError as e:
+            raise InputError(
+                f"cannot be read: {e.strerror or e}",
+                path=location,
+                hint="check that the input is complete and readable, then rerun",
+            ) from e
+    return tuple(files)
+
+
+def _run_key(checkpoint: Checkpoint, config: RunConfig, sources: tuple[SourceFile, ...]) -> str:
+    """Staging and idempotence key: the input's headers and the stamps of every file the output
+    depends on (a rewritten file never resumes another input's chunks), the tool version (the
+    bytes it writes) and every option that changes the output bytes."""
     payload = json.dumps(
-        {"input": checkpoint.fingerprint(), "config": config.output_affecting()}, sort_keys=True
+        {
+            "input": checkpoint.fingerprint(),
+            "sources": [[f.name, f.size, f.stamp] for f in sources],
+            "tool": __version__,
+            "config": config.output_affecting(),
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -33,6 +33,7 @@ from compressor.errors import OutputError
 from compressor.formats import storage
 from compressor.formats.checkpoint import INDEX_NAME
 from compressor.formats.verify import MANIFEST_NAME, REPORT_NAME
+from compressor.stages.digest import SourceChanged, check_unchanged
 from compressor.stages.plan import Plan
 from compressor.stages.write import ShardResult
 
@@ -140,14 +141,23 @@ def publish(
     shards: list[ShardResult],
     quantization_config: dict[str, Any] | None,
     report: dict[str, Any],
+    source_digests: dict[str, str] | None = None,
 ) -> Path | storage.UrlPath:
-    """Complete `directory` and rename it to the destination; return the destination."""
+    """Complete `directory` and rename it to the destination; return the destination.
+
+    `source_digests` (sha256 by source file name, from the digest stage) go into the manifest.
+    Just before the rename, every source file's stamp is checked against the plan's: an input
+    written during the run raises `digest.SourceChanged` and nothing is published."""
+    digests = source_digests or {}
     try:
         if isinstance(directory, storage.UrlPath):
-            _finish_and_copy(plan, str(directory), shards, quantization_config, report)
+            _finish_and_copy(plan, str(directory), shards, quantization_config, report, digests)
             dest: Path | storage.UrlPath = storage.UrlPath(plan.config.destination)
         else:
-            dest = _finish_and_rename(plan, directory, shards, quantization_config, report)
+            dest = _finish_and_rename(plan, directory, shards, quantization_config, report, digests)
+    except SourceChanged:
+        storage.remove(directory)  # an output of mixed inputs must not linger either
+        raise
     except OSError as e:
         storage.remove(directory)  # frees the space a full disk needs back
         raise OutputError(
@@ -188,12 +198,25 @@ def _metadata_files(
     return files
 
 
-def _manifest(shards: list[ShardResult], files: dict[str, bytes]) -> bytes:
-    """sha256 and size of every output file: shards hashed as they were written, the rest here."""
+def _manifest(
+    plan: Plan, shards: list[ShardResult], files: dict[str, bytes], digests: dict[str, str]
+) -> bytes:
+    """sha256 and size of every output file (shards hashed as they were written, the rest
+    here), and under "source" those of every input file the output was made from."""
     entries = {s.file_name: {"sha256": s.sha256, "size": s.nbytes} for s in shards}
     for rel, data in files.items():
         entries[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    return _json_bytes({"version": 1, "files": dict(sorted(entries.items()))})
+    manifest: dict[str, Any] = {"version": 1, "files": dict(sorted(entries.items()))}
+    if digests:
+        manifest["source"] = {
+            "location": _shown(plan.checkpoint.location),
+            "files": {
+                f.name: {"sha256": digests[f.name], "size": f.size}
+                for f in plan.sources
+                if f.name in digests
+            },
+        }
+    return _json_bytes(manifest)
 
 
 def _finish_and_rename(
@@ -202,13 +225,15 @@ def _finish_and_rename(
     shards: list[ShardResult],
     quantization_config: dict[str, Any] | None,
     report: dict[str, Any],
+    digests: dict[str, str],
 ) -> Path:
     files = _metadata_files(plan, shards, quantization_config, report)
     for rel, data in files.items():
         target = directory / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    (directory / MANIFEST_NAME).write_bytes(_manifest(shards, files))
+    (directory / MANIFEST_NAME).write_bytes(_manifest(plan, shards, files, digests))
+    check_unchanged(plan.sources)  # last: after the input's files were copied
 
     dest = Path(storage.local_path(plan.config.destination))
     if dest.exists():
@@ -237,6 +262,7 @@ def _finish_and_copy(
     shards: list[ShardResult],
     quantization_config: dict[str, Any] | None,
     report: dict[str, Any],
+    digests: dict[str, str],
 ) -> None:
     """`_finish_and_rename` for an object store, which has no rename: complete the partial
     prefix (the manifest last), then copy it to the destination file by file with the manifest
@@ -244,7 +270,10 @@ def _finish_and_copy(
     files = _metadata_files(plan, shards, quantization_config, report)
     for rel, data in files.items():
         storage.write_bytes(storage.join(directory, rel), data)
-    storage.write_bytes(storage.join(directory, MANIFEST_NAME), _manifest(shards, files))
+    storage.write_bytes(
+        storage.join(directory, MANIFEST_NAME), _manifest(plan, shards, files, digests)
+    )
+    check_unchanged(plan.sources)
 
     dest = plan.config.destination
     if storage.exists(dest):
@@ -259,6 +288,10 @@ def _finish_and_copy(
         storage.copy_file(storage.join(directory, rel), storage.join(dest, rel))
     storage.copy_file(storage.join(directory, MANIFEST_NAME), storage.join(dest, MANIFEST_NAME))
     storage.remove(directory)
+
+
+def _shown(location: str) -> str:
+    return location if storage.is_url(location) else str(Path(location).resolve())
 
 
 def _json_bytes(data: Any) -> bytes:
