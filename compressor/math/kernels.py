@@ -7,9 +7,11 @@ vectorises, and never materialise x̂ or the integer codes:
 
     quantize_pack_rtn_16  round-to-nearest scales and zero points from each group's range (the
                       float64 steps of `quant.qparams_from_range`), then as quantize_pack_16
-    quantize_pack_16  codes q = clamp(rint(x / s) + z, qmin, qmax), packed LSB-first into int32
+    quantize_pack_16  codes q = clamp(rint(x / s) + z, lo, hi), packed LSB-first into int32
                       words (compressed-tensors' layout, as `pack.pack_rows`), and the error
-                      figures of x̂ = to16((q − z)·s) against the reference weights
+                      figures of x̂ = to16((q − z)·s) against the reference weights; [lo, hi]
+                      is [qmin, qmax] narrowed, per group, to the codes whose x̂ is finite
+                      (`quant.finite_code_bounds`)
 
 Contract (pinned by tests/math/test_kernels.py against the torch path, bit for bit on the packed
 words and the max error; sums of squares to float64 rounding):
@@ -210,6 +212,28 @@ def _rtn_params(lo, hi, kind, symmetric, qmin, qmax):
     return s, z
 
 
+# `quant.finite_limit`: the smallest magnitude that narrows to ±inf (max + half an ulp).
+_LIMIT_F16 = 65520.0
+_LIMIT_BF16 = 2.0**127 * (2.0 - 2.0**-8)
+
+
+@_jit(inline="always")
+def _finite_codes(s, z, kind, fmin, fmax):
+    """The group's code range whose x̂ = to16((q − z)·s) is finite: `quant.finite_code_bounds`
+    for int schemes (|q − z|·s below the 16-bit limit; exact in float64), as float32."""
+    limit = _LIMIT_F16 if kind == F16 else _LIMIT_BF16
+    sd = np.float64(s)
+    levels = np.float64(fmax) - np.float64(fmin)
+    k = np.floor(limit / sd)
+    if not k < levels:  # also a NaN scale (a non-finite group, refused by the caller)
+        k = levels
+    if k * sd >= limit:
+        k -= 1.0
+    lo = max(np.float64(fmin), np.float64(z) - k)
+    hi = min(np.float64(fmax), np.float64(z) + k)
+    return np.float32(lo), np.float32(hi)
+
+
 @_jit(fastmath=_FASTMATH)
 def _quantize_pack(raw, keys, ref, kind, g, rtn, symmetric, scale, zero, qmin, qmax, bits, out):
     """With `rtn`, each group's scale and zero are computed from its range and stored into
@@ -245,6 +269,7 @@ def _quantize_pack(raw, keys, ref, kind, g, rtn, symmetric, scale, zero, qmin, q
             else:
                 s = np.float32(scale[r, gi])
                 z = np.float32(zero[r, gi])
+            glo, ghi = _finite_codes(s, z, kind, fmin, fmax)
             rg = rr[c0 : c0 + n]
             cg = codes[c0 : c0 + n]
             e_acc = 0.0
@@ -252,8 +277,8 @@ def _quantize_pack(raw, keys, ref, kind, g, rtn, symmetric, scale, zero, qmin, q
             m = np.int64(0)
             for k in range(n):
                 y = np.rint(_widen(xg[k], kind) / s) + z
-                y = fmin if y < fmin else y
-                y = fmax if y > fmax else y
+                y = glo if y < glo else y
+                y = ghi if y > ghi else y
                 x_ref = np.float64(_widen(rg[k], kind))
                 d = np.float64(_narrow((y - z) * s, kind)) - x_ref
                 e_acc += d * d

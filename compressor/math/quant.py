@@ -24,9 +24,15 @@ rounded to the output dtype), so the integers written are exactly the ones that 
 x̂ on decompression. Scales are computed in float64 and rounded once to the stored dtype. int
 schemes quantize in float32 for 16-bit inputs (exact: quotients of two values with ≤ 11
 significant bits never land on a false .5 tie) and float64 otherwise; minmax always uses float64
-(see `compute_dtype`). Known limit, shared with compressed-tensors: a symmetric code of
-−2^(b−1) reconstructs slightly beyond absmax, which overflows float16 for weights within 1 % of
-its maximum (65504).
+(see `compute_dtype`).
+
+Finite reconstruction: a code can decode slightly beyond the group's range (a symmetric code of
+−2^(b−1) reaches absmax·2^b/(2^b−1); rounding the scale up widens every code's reach), which
+overflows float16 for weights within a few % of its maximum (65504): compressed-tensors' own
+formulas give x̂ = ±inf there. `quantize` therefore keeps each group's codes inside
+`finite_code_bounds`, the codes whose x̂ is finite in the scale's dtype (one code nearer the zero
+point than plain rounding, for the few weights concerned). The format and the decoder are
+unchanged: any compressed-tensors loader decodes these codes to the same finite values.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ __all__ = [
     "QuantArgs",
     "compute_dtype",
     "dequantize",
+    "finite_code_bounds",
+    "finite_limit",
     "group_count",
     "group_ranges",
     "qparams_from_range",
@@ -238,7 +246,53 @@ def quantize(
         else:
             y.add_(_expand(zero.to(work), cols, args))
     y.clamp_(qmin, qmax)
+    bounds = finite_code_bounds(scale, zero, args)
+    if bounds is not None:
+        lo, hi = (_expand(b.to(work), cols, args) for b in bounds)
+        y = torch.minimum(torch.maximum(y, lo), hi)
     return y.to(torch.int16)
+
+
+def finite_limit(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to ±inf in `dtype` (max + half an ulp; inf for
+    float64): a value is finite once rounded to `dtype` iff its magnitude is below this."""
+    if dtype == torch.float64:
+        return math.inf
+    info = torch.finfo(dtype)
+    return info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
+
+
+def finite_code_bounds(
+    scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-group inclusive code range `(lo, hi)` (float64, the shape of `scale`) whose x̂ is
+    finite in the scale's dtype, or None when that is all of `quantized_range` (the usual case).
+
+    int: x̂ = (q − z)·s, finite iff |q − z|·s < `finite_limit` (the product of an 8-bit integer
+    and a stored scale is exact in float64, so the test is exact). minmax: x̂ = m + q·s ≥ m can
+    only overflow upwards; the bound is checked with the same float64 operations `dequantize`
+    does. Groups with a non-finite scale are left at the full range (they are refused upstream).
+    """
+    limit = finite_limit(scale.dtype)
+    qmin, qmax = quantized_range(args)
+    s = scale.to(torch.float64)
+    if args.method == "minmax":
+        assert zero is not None
+        m = zero.to(torch.float64)
+        hi = torch.nan_to_num(torch.floor((limit - m) / s), nan=qmax).clamp_(qmin, qmax)
+        hi = torch.where(m + hi * s >= limit, hi - 1, hi)
+        if bool((hi >= qmax).all()):
+            return None
+        return torch.full_like(hi, qmin), hi
+    levels = float(qmax - qmin)
+    k = torch.nan_to_num(torch.floor(limit / s), nan=levels).clamp_(0, levels)
+    k = torch.where(k * s >= limit, k - 1, k)
+    z = torch.zeros_like(s) if zero is None else zero.to(torch.float64)
+    lo = torch.clamp(z - k, min=qmin)
+    hi = torch.clamp(z + k, max=qmax)
+    if bool((lo <= qmin).all() and (hi >= qmax).all()):
+        return None
+    return lo, hi
 
 
 def dequantize(

@@ -8,6 +8,8 @@ rounding (they are summed in another order).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -126,14 +128,33 @@ def test_tensor_strategy_with_fixed_parameters():
     _assert_same(ref, _kernel(x, x, args, scale, None))
 
 
-def test_overflowing_reconstruction_matches():
-    """A product above the 16-bit maximum narrows to inf in both paths."""
+def test_codes_that_would_overflow_are_kept_finite_in_both_paths():
+    """A code whose (q − z)·s exceeds the 16-bit maximum moves toward the zero point, in the
+    kernel as in `quantize`: same words, finite error figures."""
     args = QuantArgs(bits=4, symmetric=True, strategy="group", group_size=32)
     x = torch.full((1, 32), 65000.0, dtype=torch.float16)
-    scale = torch.tensor([[9400.0]], dtype=torch.float16)  # 7 · 9400 > 65504
+    scale = torch.tensor([[9400.0]], dtype=torch.float16)  # 7 · 9400 > 65504: codes stop at 6
     ref = _reference(x, x, args, fixed=(scale, None))
     got = _kernel(x, x, args, scale, None)
-    np.testing.assert_array_equal(got[0], ref[2].numpy())
+    _assert_same(ref, got)
+    assert math.isfinite(got[3]) and math.isfinite(got[1])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(
+    ("dtype", "extreme"),
+    [(torch.float16, -65504.0), (torch.float16, 65504.0), (torch.float16, -65280.0),
+     (torch.bfloat16, -3.3895313892515355e38), (torch.bfloat16, 3.3895313892515355e38)],
+)  # fmt: skip
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_weights_at_the_dtype_limit_reconstruct_finite(dtype, extreme, symmetric, bits):
+    """w4a16-asym on one float16 weight of −65504 gave x̂ = −inf; now finite, equal paths."""
+    args = QuantArgs(bits=bits, symmetric=symmetric, strategy="group", group_size=64)
+    x = _weights(3, 128, dtype, seed=bits)
+    x[1, 5] = extreme
+    ref = _reference(x, x, args)
+    _assert_same_rtn(x, args, ref)
+    assert math.isfinite(ref[3].max_abs_error) and math.isfinite(ref[3].sq_error)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

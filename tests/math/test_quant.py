@@ -11,7 +11,7 @@ even exact in float64 (exponents 2^-24 … 2^15: ≤ 40 bits). The int schemes o
 dtype values before rounding to an integer, and such a quotient never rounds onto a .5 tie, so
 all dtypes must agree bit for bit. minmax first forms x − m and m + q·s, which float32 cannot
 hold exactly when the group spans more than ~24 binades; the minmax test compares exactly where
-the work dtype holds them, and the xfail tests pin the minimal counterexamples elsewhere.
+the work dtype holds them, and two tests pin the minimal counterexamples elsewhere.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def ref_scheme(
     x: np.ndarray, bits: int, method: str, symmetric: bool, width: int, dtype: torch.dtype
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Docstring formulas in float64: (scale, zero or offset, q, x̂), groups of `width` columns.
+    A code whose x̂ overflows the dtype moves toward the zero point until x̂ is finite.
 
     `x` holds the exact values of a `dtype` tensor; the last group may be partial.
     """
@@ -116,6 +117,9 @@ def ref_scheme(
             z = round_to(mn, dtype)
             qq = np.clip(np.round((blk - z[:, None]) / s[:, None]), 0, n)
             xx = round_to(z[:, None] + qq * s[:, None], dtype)
+            while np.isinf(xx).any():  # step the codes whose x̂ overflows one toward finite
+                qq = np.where(np.isinf(xx), qq - 1, qq)
+                xx = round_to(z[:, None] + qq * s[:, None], dtype)
         else:
             lo = np.minimum(mn, 0.0)
             hi = np.maximum(mx, 0.0)
@@ -129,6 +133,9 @@ def ref_scheme(
                 z = np.clip(np.round(qmin - lo / s), qmin, qmax)
             qq = np.clip(np.round(blk / s[:, None]) + z[:, None], qmin, qmax)
             xx = round_to((qq - z[:, None]) * s[:, None], dtype)
+            while np.isinf(xx).any():  # step the codes whose x̂ overflows one toward z
+                qq = np.where(np.isinf(xx), qq - np.sign(qq - z[:, None]), qq)
+                xx = round_to((qq - z[:, None]) * s[:, None], dtype)
         scale[:, j] = s
         zero[:, j] = z
         q[:, a : a + width] = qq
@@ -299,7 +306,7 @@ def test_int_schemes_match_reference_exactly(case):
 def test_minmax_matches_reference_where_work_arithmetic_is_exact(case):
     """Scales and offsets always agree. Codes and x̂ agree exactly wherever `x − m` and
     `m + q·s` are representable in the work dtype (float32 for 16-bit weights); elsewhere the
-    module rounds twice (see the xfail tests below) and may be off by one code / one ulp."""
+    module rounds twice (see the counterexamples below) and may be off by one code / one ulp."""
     x, args = case
     scale, offset, q, xhat = run_module(x, args)
     ref_s, ref_m, ref_q, ref_xhat = ref_scheme(
@@ -359,13 +366,6 @@ def test_bfloat16_wide_range_does_not_overflow(method):
     assert torch.isfinite(scale).all() and torch.isfinite(xhat).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quant.py (the scheme's formulas, shared with compressed-tensors): the most negative "
-    "code reaches −2^(b−1)·s = absmax·2^b/(2^b−1) > absmax, so finite float16 weights near the "
-    "dtype's maximum reconstruct as ±inf: x = −65280 (int8 sym) gives s = 512, q = round(−127.5)"
-    " = −128, x̂ = −65536 → −inf; minmax 2-bit [−65504, 65504] gives s = 43680 and x̂ = inf",
-)
 @pytest.mark.parametrize(
     ("args", "row"),
     [

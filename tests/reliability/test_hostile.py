@@ -1,0 +1,86 @@
+"""Hostile and unusual input beyond the bad-input corpus (issue 14): weights at the dtype's limit,
+already-compressed checkpoints, colliding names, FP8 weights, invalid recipe regexes, tampered
+compressed checkpoints, a missing eval extra, bad `generate` options, large extra files, and the
+messages of shared staging and budgets. Each case runs the real CLI in a subprocess on real
+files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import assert_same_tensors, ct_decompress, load_dir
+from tests.reliability._util import (
+    CLI,
+    compress_args,
+    one_line,
+    run_cli,
+)
+
+UP = "model.layers.0.mlp.up_proj.weight"  # (64, 128)
+NORM = "model.norm.weight"  # (128,)
+
+
+def _checkpoint(src: Path, dtype: torch.dtype = torch.bfloat16, **extra: torch.Tensor) -> Path:
+    """One shard: an up_proj target, a norm, and whatever `extra` adds; config.json."""
+    src.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        UP: torch.randn(64, 128, generator=g).to(dtype),
+        NORM: torch.ones(128, dtype=dtype),
+        **extra,
+    }
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    torch_dtype = str(dtype).removeprefix("torch.")
+    (src / "config.json").write_text(
+        json.dumps({"model_type": "llama", "torch_dtype": torch_dtype})
+    )
+    return src
+
+
+def _refused(done, code: int, *expect: str) -> str:
+    """One message naming what is expected, with a fix, no traceback."""
+    message = one_line(done.stderr)
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert message.startswith("error: ") and message.count("error: ") == 1, message
+    assert "fix: " in message, message
+    for text in expect:
+        assert text in message, f"{text!r} not in {message!r}"
+    return message
+
+
+# -- codes that would decompress to inf ---------------------------------------------------------
+@pytest.mark.parametrize("options", [("--preset", "w4a16-asym"), ("--preset", "w4a16-asym", "--rounding", "mse"), ("--preset", "w8a16")])  # fmt: skip
+def test_float16_weight_at_the_limit_decompresses_finite(tmp_path: Path, options) -> None:
+    """One float16 weight of −65504 (and one of −65280, which int8 channel scales push past the
+    maximum) gave x̂ = −inf with exit 0 and a clean verify; the codes are now kept finite, and
+    compressed-tensors' own decompressor reads the same finite values as ours."""
+    up = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    up[3, 5] = -65504.0
+    up[9, 100] = -65280.0
+    src = _checkpoint(tmp_path / "src", torch.float16, **{UP: up})
+    out = tmp_path / "out"
+    done = run_cli(compress_args(src, out, "--workers", "0", *options))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "compression.json").read_text())
+    (entry,) = [t for t in report["tensors"] if t["name"] == UP]
+    assert entry["relative_error"] is not None and math.isfinite(entry["relative_error"])
+    assert math.isfinite(entry["max_abs_error"])
+    assert run_cli([*CLI, "verify", str(out)]).returncode == 0
+    dense = tmp_path / "dense"
+    done = run_cli([*CLI, "decompress", str(out), str(dense), "--dtype", "float16"])
+    assert done.returncode == 0, done.stderr
+    ours = load_dir(dense)
+    assert all(torch.isfinite(t).all() for t in ours.values())
+    assert ours[UP][3, 5] < -60000  # still the most negative weight of its group
+    # compressed-tensors' decompressor writes its dequantized weights in bfloat16: compare ours,
+    # rounded the same way, bit for bit.
+    theirs = load_dir(ct_decompress(out, tmp_path / "ct"))
+    assert_same_tensors({k: v.to(theirs[k].dtype) for k, v in ours.items()}, theirs)
+    assert all(torch.isfinite(t).all() for t in theirs.values())
