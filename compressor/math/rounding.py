@@ -238,22 +238,22 @@ class _Blocks:
         s, z = self.params(qp)
         qmin, qmax = quantized_range(self.args)
         bounds = finite_code_bounds(*qp, self.args)  # as `quantize`: x̂ stays finite
-        lo, hi = (qmin, qmax) if bounds is None else (b.to(self.work).unsqueeze(2) for b in bounds)
         if self.args.method == "minmax":
             assert z is not None
             y = torch.sub(self.x, z, out=out).div_(s).round_().clamp_(qmin, qmax)
             if bounds is not None:
-                y = torch.minimum(torch.maximum(y, lo), hi)
+                y = torch.minimum(y, bounds[1].to(self.work).unsqueeze(2))
             return y.mul_(s).add_(z).to(self.dtype).to(self.work)
         y = torch.div(self.x, s, out=out).round_()
         if z is None:
             y.clamp_(qmin, qmax)
-            if bounds is not None:
-                y = torch.minimum(torch.maximum(y, lo), hi)
         else:
             y.clamp_(min=qmin - z, max=qmax - z)
-            if bounds is not None:
-                y = torch.minimum(torch.maximum(y, lo - z), hi - z)
+        if bounds is not None:
+            lo, hi = (b.to(self.work).unsqueeze(2) for b in bounds)
+            if z is not None:
+                lo, hi = lo - z, hi - z
+            y = torch.minimum(torch.maximum(y, lo), hi)
         return y.mul_(s).to(self.scale_dtype).to(self.dtype).to(self.work)
 
     def error(self, qp: QParams) -> torch.Tensor:
