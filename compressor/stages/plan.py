@@ -256,6 +256,7 @@ def make_plan(config: RunConfig) -> Plan:
     """Read headers, match rules, validate, and lay out chunks and output shards."""
     _check_destination(config)
     checkpoint = open_checkpoint(config.source)
+    _refuse_unsupported_input(checkpoint, config)
     rules = config.recipe.quantization
     ignore = list(config.recipe.ignore)
     pruning = config.recipe.pruning
@@ -324,12 +325,91 @@ def make_plan(config: RunConfig) -> Plan:
                 "ones keep the pack-quantized layout with their zeros"
             )
     shards = lay_out_shards(tensors, config.max_shard_mb * 2**20)
+    _refuse_name_collisions(tensors, shards)
     sources = source_files(checkpoint, config.source, sides, pruning)
     run_key = _run_key(checkpoint, config, sources)
     up_to_date = _already_published(config, run_key)
     return Plan(
         config, checkpoint, tuple(tensors), shards, run_key, tuple(notes), up_to_date, sources
     )
+
+
+# Tensors only a compressed checkpoint holds: packed codes, code indices, a sparse bitmask.
+_PACKED_SUFFIXES = (".weight_packed", ".weight_nf4", ".weight_indices", ".weight_bitmask")
+
+
+def _refuse_unsupported_input(checkpoint: Checkpoint, config: RunConfig) -> None:
+    """Refuse, before any work, an input that would come out broken: FP8 weights among the
+    targets (not supported yet), or a checkpoint that is already compressed (its packed tensors
+    would be copied as opaque data and its config.json no longer describe them)."""
+    rules, ignore, pruning = config.recipe.quantization, config.recipe.ignore, config.recipe.pruning
+    for name, (source, info) in checkpoint.tensors.items():
+        if not info.dtype.startswith("F8_"):
+            continue
+        pruned = (
+            pruning is not None
+            and not matches(ignore, name)
+            and (
+                (LINEAR in pruning.targets and is_default_linear(name, info))
+                or matches([t for t in pruning.targets if t != LINEAR], name)
+            )
+        )
+        if pruned or _rule_for(rules, ignore, name, info) is not None:
+            raise InputError(
+                f"is an {info.dtype} (FP8) weight; FP8 sources are not supported yet",
+                path=source,
+                tensor=name,
+                hint="dequantize the checkpoint to bfloat16 first, or keep the FP8 tensors as "
+                "they are with a --recipe whose `ignore` lists them",
+            )
+    qc = (
+        checkpoint.config.get("quantization_config")
+        if isinstance(checkpoint.config, dict)
+        else None
+    )
+    names = set(checkpoint.tensors)
+    packed = next((n for n in checkpoint.tensors if n.endswith(_PACKED_SUFFIXES)), None) or next(
+        (n for n in checkpoint.tensors if n.endswith(".weight_scale") and n[:-6] not in names),
+        None,
+    )
+    if qc is None and packed is None:
+        return
+    if qc is not None:
+        method = (qc.get("quant_method") or qc.get("tool")) if isinstance(qc, dict) else None
+        what = f"its quantization_config says {method or 'an unknown method'}"
+        path = str(checkpoint.root / "config.json")
+        ours = method in ("compressed-tensors", "checkpoint-compressor")
+    else:
+        what = f"it holds {packed!r}, a tensor of a compressed checkpoint"
+        path = checkpoint.tensors[str(packed)][0]
+        ours = True
+    raise InputError(
+        f"the checkpoint is already compressed ({what}); compressing it again would give a "
+        "broken output",
+        path=path,
+        hint="decompress it first (`compressor decompress SRC DENSE`), then compress DENSE"
+        if ours
+        else "start from the original (unquantized) checkpoint",
+    )
+
+
+def _refuse_name_collisions(tensors: list[TensorPlan], shards: tuple[OutputShard, ...]) -> None:
+    """Refuse an input tensor whose name the output also gives to a tensor it writes (e.g. an
+    input `x.weight_scale` beside a quantized `x.weight`): the output cannot hold both."""
+    seen: dict[str, str] = {}
+    sources = {t.name: t.source for t in tensors}
+    for spec in (e for shard in shards for e in shard.entries):
+        if spec.name in seen:
+            made_by = seen[spec.name] if seen[spec.name] != spec.name else spec.source
+            raise InputError(
+                f"collides with a tensor of the same name that the output writes for the "
+                f"compressed {made_by!r}",
+                path=sources.get(spec.name, sources[spec.source]),
+                tensor=spec.name,
+                hint=f"rename {spec.name!r} in the input, or keep {made_by!r} uncompressed "
+                "with a --recipe whose `ignore` lists it",
+            )
+        seen[spec.name] = spec.source
 
 
 @dataclass(frozen=True)

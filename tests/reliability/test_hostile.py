@@ -18,8 +18,10 @@ from tests.conftest import assert_same_tensors, ct_decompress, load_dir
 from tests.reliability._util import (
     CLI,
     compress_args,
+    leftovers,
     one_line,
     run_cli,
+    tree_digest,
 )
 
 UP = "model.layers.0.mlp.up_proj.weight"  # (64, 128)
@@ -84,3 +86,60 @@ def test_float16_weight_at_the_limit_decompresses_finite(tmp_path: Path, options
     theirs = load_dir(ct_decompress(out, tmp_path / "ct"))
     assert_same_tensors({k: v.to(theirs[k].dtype) for k, v in ours.items()}, theirs)
     assert all(torch.isfinite(t).all() for t in theirs.values())
+
+
+def _refused_by_plan(root: Path, src: Path, code: int, *expect: str, options=()) -> str:
+    """Compress `src` into `root/out`: refused with one message before any work, the input
+    untouched, nothing created beside the destination."""
+    before = tree_digest(root)
+    out = root / "out"
+    done = run_cli(compress_args(src, out, "--workers", "0", *options))
+    message = _refused(done, code, *expect)
+    assert tree_digest(root) == before
+    assert not out.exists() and leftovers(out) == []
+    return message
+
+
+# -- already-compressed input, colliding names, FP8 -------------------------------------------
+def test_compressing_our_own_output_is_refused(tmp_path: Path) -> None:
+    src = _checkpoint(tmp_path / "src")
+    first = tmp_path / "w4"
+    assert run_cli(compress_args(src, first, "--workers", "0")).returncode == 0
+    root = tmp_path / "again"
+    root.mkdir()
+    done = run_cli(compress_args(first, root / "out", "--workers", "0"))
+    _refused(
+        done, 2, "config.json", "already compressed", "compressed-tensors", "compressor decompress"
+    )
+    assert not (root / "out").exists() and leftovers(root / "out") == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        ({"model.layers.0.mlp.down_proj.weight_packed": torch.zeros(64, 8, dtype=torch.int32)},
+         ("model.layers.0.mlp.down_proj.weight_packed", "already compressed", "compressor decompress")),
+        ({"model.layers.0.mlp.down_proj.weight_scale": torch.ones(64, 1)},
+         ("model.layers.0.mlp.down_proj.weight_scale", "already compressed")),
+    ],
+)  # fmt: skip
+def test_packed_tensors_without_config_are_refused(tmp_path: Path, extra, expect) -> None:
+    src = _checkpoint(tmp_path / "src", **extra)
+    _refused_by_plan(tmp_path, src, 2, *expect)
+
+
+@pytest.mark.parametrize(
+    "name", ["model.layers.0.mlp.up_proj.weight_scale", "model.layers.0.mlp.up_proj.weight_shape"]
+)
+def test_input_names_the_output_would_write_are_refused(tmp_path: Path, name: str) -> None:
+    """They failed only after all the work, blaming "a bug in the caller"."""
+    src = _checkpoint(tmp_path / "src", **{name: torch.ones(2, dtype=torch.int64)})
+    _refused_by_plan(tmp_path, src, 2, "model.safetensors", name, "collides with a tensor", UP)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_target_weights_are_refused_before_any_work(tmp_path: Path, dtype) -> None:
+    up = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
+    src = _checkpoint(tmp_path / "src", **{UP: up})
+    message = _refused_by_plan(tmp_path, src, 2, UP, "FP8 sources are not supported yet")
+    assert "ignore" in message and "dequantize" in message
