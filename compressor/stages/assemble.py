@@ -271,7 +271,7 @@ def _create(path: Path, header: bytes, size: int) -> None:
             f"cannot create the output shard: {e.strerror or e}",
             path=str(path),
             hint="check that the staging directory is writable and has room for the output "
-            "(--staging-dir chooses another place)",
+            "(--staging chooses another place)",
         ) from e
 
 

@@ -37,6 +37,35 @@ class BudgetChoice:
     summary: dict[str, Any]  # for compression.json
 
 
+def _infeasible(
+    budget: BudgetConfig, options: dict[str, list[Candidate]], weights: int, signal: float
+) -> ConfigError | None:
+    """An unreachable budget, said in the user's units (bits per target weight, relative
+    error), before `math.budget` would say it in total bits or total squared error."""
+    if budget.target_bits is not None:
+        least = sum(min(c.bits for c in cands) for cands in options.values()) / weights
+        if least <= budget.target_bits:
+            return None
+        return ConfigError(
+            f"the budget --target-bits {budget.target_bits:g} cannot be met: the cheapest "
+            "candidate of "
+            f"every target already stores {least:.4f} bits per weight (scales, zero points and "
+            "shapes counted)",
+            hint=f"raise --target-bits to at least {math.ceil(least * 1e4) / 1e4:g}, or "
+            "ignore the tensors with the costliest metadata",
+        )
+    assert budget.max_error is not None
+    best = math.fsum(min(c.error for c in cands) for cands in options.values())
+    least = math.sqrt(best / signal) if signal > 0 else 0.0
+    if least <= budget.max_error:
+        return None
+    return ConfigError(
+        f"the budget --max-error {budget.max_error:g} cannot be met: the most accurate candidate "
+        f"of every target still gives a relative error of {least:.4g}",
+        hint=f"raise --max-error to at least {math.ceil(least * 1e4) / 1e4:g}",
+    )
+
+
 def choose_schemes(
     plan: Plan,
     budget: BudgetConfig,
@@ -62,6 +91,8 @@ def choose_schemes(
             )
     weights = sum(t.info.numel for t in plan.quantized)
     signal = math.fsum(errors[t.name].signal for t in plan.quantized)
+    if (infeasible := _infeasible(budget, options, weights, signal)) is not None:
+        raise infeasible
     try:
         if budget.target_bits is not None:
             limit = budget.target_bits * weights

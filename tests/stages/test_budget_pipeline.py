@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -90,8 +91,11 @@ def test_max_error_and_infeasible_budget(model, tmp_path):
     compress_checkpoint(build_config(str(model), str(out), workers=0, budget={"max_error": 0.2}))
     summary = json.loads((out / "compression.json").read_text())["budget"]
     assert summary["relative_error"] <= 0.2
-    with pytest.raises(ConfigError, match="budget"):
+    with pytest.raises(ConfigError, match=r"budget --target-bits 1 cannot be met") as caught:
         compress_checkpoint(
             build_config(str(model), str(tmp_path / "x"), workers=0, budget={"target_bits": 1.0})
         )
+    # said in the user's units: bits per weight, not the run's total bit count
+    assert re.search(r"already stores \d\.\d{4} bits per weight", str(caught.value))
+    assert "raise --target-bits to at least" in str(caught.value)
     assert not (tmp_path / "x").exists()
