@@ -30,11 +30,19 @@ Codebook rules (our `codebook` layout, see `formats/layout.py`)::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from compressor import defaults
 from compressor.errors import ConfigError
@@ -63,6 +71,22 @@ CODEBOOK_METHODS = ("nf4", "kmeans")
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _valid_patterns(patterns: list[str]) -> list[str]:
+    """Compile every "re:" pattern now, so a bad one is refused when the recipe loads (naming
+    the key and the pattern), not as a traceback when the plan first matches a tensor."""
+    for k, pattern in enumerate(patterns):
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise ValueError(
+                    f"entry {k}, {pattern!r}, is not a valid regular expression ({e}); escape "
+                    "special characters such as ( [ . with a backslash, or drop the 're:' prefix "
+                    "for an exact name"
+                ) from None
+    return patterns
 
 
 class QuantRule(_Frozen):
@@ -102,6 +126,8 @@ class QuantRule(_Frozen):
         description="How scales are chosen: round-to-nearest min-max; 'mse', a clipping search per "
         "group; 'hqq', half-quadratic optimisation. Same output format; never a larger error.",
     )
+
+    _targets_compile = field_validator("targets")(_valid_patterns)
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantRule:
@@ -193,6 +219,14 @@ class PruneConfig(_Frozen):
         "dense", description="Store pruned dense tensors with zeros, or as values + bitmask."
     )
 
+    _targets_compile = field_validator("targets")(_valid_patterns)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_compiles(cls, schedule: dict[str, float]) -> dict[str, float]:
+        _valid_patterns(list(schedule))
+        return schedule
+
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:
         self.nm()  # validates the structure string
@@ -280,6 +314,8 @@ class Recipe(_Frozen):
     ignore: list[str] = Field(
         default_factory=list, description="Names or re: patterns never compressed."
     )
+
+    _ignore_compiles = field_validator("ignore")(_valid_patterns)
 
     @model_validator(mode="before")
     @classmethod

@@ -143,3 +143,22 @@ def test_fp8_target_weights_are_refused_before_any_work(tmp_path: Path, dtype) -
     src = _checkpoint(tmp_path / "src", **{UP: up})
     message = _refused_by_plan(tmp_path, src, 2, UP, "FP8 sources are not supported yet")
     assert "ignore" in message and "dequantize" in message
+
+
+# -- recipes ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("recipe", "where", "pattern"),
+    [
+        ("quantization:\n  - targets: [Linear, 're:(']\n", "quantization.0.targets", "re:("),
+        ("ignore: [lm_head, 're:.*[a']\n", "ignore", "re:.*[a"),
+        ("pruning:\n  schedule: {'re:+x': 0.5}\n", "pruning.schedule", "re:+x"),
+    ],
+)
+def test_invalid_recipe_regex_is_refused_at_load(tmp_path: Path, recipe, where, pattern) -> None:
+    src = _checkpoint(tmp_path / "src")
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    options = ("--recipe", str(tmp_path / "recipe.yaml"))
+    _refused_by_plan(
+        tmp_path, src, 2, "recipe.yaml", where, repr(pattern), "not a valid regular expression",
+        options=options,
+    )  # fmt: skip
