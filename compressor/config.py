@@ -314,6 +314,13 @@ class Recipe(_Frozen):
     ignore: list[str] = Field(
         default_factory=list, description="Names or re: patterns never compressed."
     )
+    fused: list[list[str] | Literal["experts"]] | None = Field(
+        None,
+        description="Modules that inference servers load as one and that must share a scheme: "
+        "lists of sibling module names (e.g. [q_proj, k_proj, v_proj]) or 'experts' (all expert "
+        "linears of one MoE block). Default: from config.json's model_type (stages/fused.py); "
+        "[] turns the check off.",
+    )
 
     _ignore_compiles = field_validator("ignore")(_valid_patterns)
 

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from compressor.config import BudgetConfig
 from compressor.errors import ConfigError
 from compressor.formats import dtypes
@@ -25,7 +27,7 @@ from compressor.math.budget import (
     stored_bits,
 )
 from compressor.math.quant import QuantArgs
-from compressor.stages.plan import Plan
+from compressor.stages.plan import Plan, TensorPlan
 from compressor.stages.stats import CandidateErrors
 
 __all__ = ["BudgetChoice", "choose_schemes"]
@@ -35,6 +37,10 @@ __all__ = ["BudgetChoice", "choose_schemes"]
 class BudgetChoice:
     args: dict[str, QuantArgs]  # tensor → chosen scheme
     summary: dict[str, Any]  # for compression.json
+
+
+def _dtype(t: TensorPlan) -> torch.dtype:
+    return dtypes.torch_dtype(t.info.dtype)
 
 
 def _infeasible(
@@ -72,16 +78,25 @@ def choose_schemes(
     candidates: list[QuantArgs],
     errors: dict[str, CandidateErrors],
 ) -> BudgetChoice:
-    options: dict[str, list[Candidate]] = {}
+    # A fused group (stages/fused.py) is one unit: one candidate for all its members, with
+    # their bits and errors summed, so servers that load them as one module can.
+    units: dict[str, list[TensorPlan]] = {}
+    group_of = {name: g.name for g in plan.fused for name in g.members}
     for t in plan.quantized:
-        dtype = dtypes.torch_dtype(t.info.dtype)
-        measured = errors[t.name]
-        options[t.name] = [
-            Candidate(str(k), float(stored_bits(t.shape2d, args, dtype)), err)
-            for k, (args, err) in enumerate(zip(candidates, measured.errors, strict=True))
-            if not math.isnan(err)
+        units.setdefault(group_of.get(t.name, t.name), []).append(t)
+    options: dict[str, list[Candidate]] = {}
+    for unit, members in units.items():
+        options[unit] = [
+            Candidate(
+                str(k),
+                float(sum(stored_bits(t.shape2d, args, _dtype(t)) for t in members)),
+                math.fsum(errors[t.name].errors[k] for t in members),
+            )
+            for k, args in enumerate(candidates)
+            if not any(math.isnan(errors[t.name].errors[k]) for t in members)
         ]
-        if not options[t.name]:
+        if not options[unit]:
+            t = members[0]
             raise ConfigError(
                 "no budget candidate fits its shape (every group size fails to divide "
                 f"{t.shape2d[1]})",
@@ -108,7 +123,7 @@ def choose_schemes(
             f"the budget cannot be met: {e}",
             hint="raise --target-bits / --max-error, or add cheaper candidates",
         ) from e
-    args = {name: candidates[int(c.name)] for name, c in chosen.items()}
+    args = {t.name: candidates[int(c.name)] for unit, c in chosen.items() for t in units[unit]}
     total_bits = sum(c.bits for c in chosen.values())
     total_error = math.fsum(c.error for c in chosen.values())
     counts: dict[str, int] = {}

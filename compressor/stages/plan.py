@@ -30,6 +30,7 @@ from compressor.formats.layout import (
 )
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math.quant import QuantArgs
+from compressor.stages.fused import FusedGroup, check_groups, find_groups, rules_for
 
 __all__ = [
     "OutputShard",
@@ -119,6 +120,8 @@ class Plan:
     # Every file the output depends on, stamped at plan time (formats/identity.py): checked
     # again before publishing, digested during the run, recorded in the manifest.
     sources: tuple[SourceFile, ...] = ()
+    # Tensors that servers load as one module (stages/fused.py): one scheme each.
+    fused: tuple[FusedGroup, ...] = ()
 
     @property
     def quantized(self) -> tuple[TensorPlan, ...]:
@@ -326,12 +329,34 @@ def make_plan(config: RunConfig) -> Plan:
             )
     shards = lay_out_shards(tensors, config.max_shard_mb * 2**20)
     _refuse_name_collisions(tensors, shards)
+    fused = _fused_groups(config, checkpoint, tensors)
     sources = source_files(checkpoint, config.source, sides, pruning)
     run_key = _run_key(checkpoint, config, sources)
     up_to_date = _already_published(config, run_key)
     return Plan(
-        config, checkpoint, tuple(tensors), shards, run_key, tuple(notes), up_to_date, sources
+        config,
+        checkpoint,
+        tuple(tensors),
+        shards,
+        run_key,
+        tuple(notes),
+        up_to_date,
+        sources,
+        fused,
     )
+
+
+def _fused_groups(
+    config: RunConfig, checkpoint: Checkpoint, tensors: list[TensorPlan]
+) -> tuple[FusedGroup, ...]:
+    """The fused groups among the targets (recipe `fused`, else config.json's architecture),
+    refusing one that the recipe splits."""
+    given = config.recipe.fused
+    rules = rules_for(checkpoint.config) if given is None else given
+    groups = find_groups(checkpoint.tensors, [r if isinstance(r, str) else tuple(r) for r in rules])
+    scheme_of = {t.name: t.args.describe() if t.args is not None else None for t in tensors}
+    check_groups(groups, scheme_of, str(checkpoint.root))
+    return tuple(g for g in groups if scheme_of.get(g.members[0]) is not None)
 
 
 # Tensors only a compressed checkpoint holds: packed codes, code indices, a sparse bitmask.
