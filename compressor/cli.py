@@ -93,6 +93,17 @@ def compress(
         str, typer.Option(help="Local workers as threads | processes | auto (by the work).")
     ] = "auto",
     scheduler: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
+    listen: Annotated[
+        str,
+        typer.Option(
+            metavar="HOST",
+            help="Interface the local cluster listens on; 0.0.0.0 opens it to other hosts "
+            "(no authentication).",
+        ),
+    ] = "127.0.0.1",
+    dashboard: Annotated[
+        bool, typer.Option(help="Serve the local cluster's Dask dashboard on HOST:8787.")
+    ] = False,
     staging: Annotated[
         str | None, typer.Option(help="Staging directory or fsspec URL (s3://bucket/staging).")
     ] = None,
@@ -147,6 +158,8 @@ def compress(
         "workers": workers,
         "worker_kind": worker_kind,
         "scheduler": scheduler,
+        "listen": listen,
+        "dashboard": dashboard,
         "staging_dir": str(staging) if staging else None,
         "strict_groups": strict_groups,
         "overwrite": overwrite,

@@ -30,6 +30,7 @@ Codebook rules (our `codebook` layout, see `formats/layout.py`)::
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -401,6 +402,17 @@ class RunConfig(_Frozen):
     scheduler: str | None = Field(
         None, description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786."
     )
+    listen: str = Field(
+        "127.0.0.1",
+        description="Interface an embedded local cluster listens on (scheduler, workers, nannies, "
+        "HTTP endpoints): 127.0.0.1, this machine only, by default; 0.0.0.0 (or a host's "
+        "address) opens it to other hosts, without authentication.",
+    )
+    dashboard: bool = Field(
+        False,
+        description="Serve an embedded cluster's Dask dashboard on <listen>:8787 (a free port "
+        "when 8787 is taken; the pages need bokeh).",
+    )
     gpu: bool = Field(
         False,
         description="Start a local dask-cuda cluster (one worker per GPU; needs the gpu extra).",
@@ -433,6 +445,21 @@ class RunConfig(_Frozen):
             if preset in PRESETS:
                 data = {**data, "recipe": PRESETS[preset]}
         return data
+
+    @field_validator("listen")
+    @classmethod
+    def _an_interface(cls, listen: str) -> str:
+        """`listen` is an interface, not an address: no scheme, no port (Dask picks free ports)."""
+        try:
+            ipaddress.ip_address(listen)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", listen):
+                raise ValueError(
+                    f"{listen!r} is not an interface: give an IP address such as 127.0.0.1 "
+                    "(this machine only) or 0.0.0.0 (every interface), or a host name, without "
+                    "scheme or port"
+                ) from None
+        return listen
 
     def output_affecting(self) -> dict[str, Any]:
         """The fields that change the output bytes (hashed into the staging key): the recipe,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,7 +68,8 @@ __all__ = ["Pipeline", "RunReport", "compress_checkpoint", "open_executor"]
 def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor]:
     """Serial (workers=0), an existing cluster (scheduler), or an embedded LocalCluster: of
     worker processes, or with `threads` one worker of this process with a thread per core
-    (`Pipeline.threaded` chooses)."""
+    (`Pipeline.threaded` chooses). An embedded cluster listens on `config.listen` only
+    (127.0.0.1 unless opened on purpose), its dashboard off unless `config.dashboard`."""
     if config.scheduler is None and config.workers == 0:
         yield SerialExecutor()
         return
@@ -75,7 +77,7 @@ def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor
     from distributed import Client, LocalCluster
 
     if config.scheduler is not None:
-        with Client(config.scheduler, timeout="30s") as client:
+        with _connect(config.scheduler) as client:
             yield DaskExecutor(client)
         return
     if config.gpu:
@@ -85,13 +87,18 @@ def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor
     n = config.workers or os.cpu_count() or 1
     if threads:
         # Nothing to spawn or import: workers start in milliseconds, and the fused kernels
-        # release the GIL, so n threads scale like n processes (docs/benchmarks.md).
+        # release the GIL, so n threads scale like n processes (docs/benchmarks.md). Scheduler
+        # and worker talk in-process (inproc://, no socket): only their HTTP endpoints listen,
+        # on every interface unless given an address (which, for the worker, also serves its
+        # dashboard pages where bokeh is installed).
         with (
             LocalCluster(
                 n_workers=1,
                 threads_per_worker=n,
                 processes=False,
-                dashboard_address=None,
+                dashboard_address=_http_address(config, 8787 if config.dashboard else 0),
+                scheduler_kwargs={"dashboard": config.dashboard},
+                worker_dashboard_address=_http_address(config, 0),
                 silence_logs=logging.ERROR,
             ) as cluster,
             Client(cluster) as client,
@@ -99,8 +106,7 @@ def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor
             yield DaskExecutor(client)
         return
     # Processes with one thread each: the math holds the GIL in places, and a worker per core
-    # is what scales. Everything on loopback; the scheduler's HTTP endpoint (health, and the
-    # dashboard when bokeh is installed) on a free port, so it never clashes with another 8787.
+    # is what scales. Scheduler, nannies and workers on `listen`, on free ports.
     # Dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which turns off glibc's adaptive mmap
     # threshold: every temporary over 128 KiB becomes a fresh mmap with page faults, making the
     # compress math 2-3x slower. Keep glibc's default; worker memory stays well under 1 GiB.
@@ -110,8 +116,9 @@ def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor
             n_workers=n,
             threads_per_worker=1,
             processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
+            host=config.listen,
+            dashboard_address=_http_address(config, 8787 if config.dashboard else 0),
+            scheduler_kwargs={"dashboard": config.dashboard},
             silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster) as client,
@@ -119,8 +126,49 @@ def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor
         yield DaskExecutor(client)
 
 
+def _http_address(config: RunConfig, port: int) -> str:
+    """Where an HTTP endpoint of the embedded cluster listens: distributed always starts one in
+    the scheduler (health; the dashboard when asked for and bokeh is installed) and in each
+    worker, on every interface unless told. `port` 0 is a free one; 8787, the dashboard's
+    usual port, falls back to a free one when taken."""
+    host = f"[{config.listen}]" if ":" in config.listen else config.listen
+    return f"{host}:{port}"
+
+
+SCHEDULER_TIMEOUT_S = 10
+
+
+def _connect(address: str) -> Any:
+    """A client of the existing scheduler at `address`, or a ConfigError naming it, within
+    SCHEDULER_TIMEOUT_S (distributed would retry a refused connection for its whole timeout)."""
+    from distributed import Client
+    from distributed.comm import parse_address, parse_host_port
+
+    def unreachable(reason: str) -> ConfigError:
+        return ConfigError(
+            f"cannot reach the Dask scheduler at {address}: {reason}",
+            hint="start it (`dask scheduler`) or correct the address given to --scheduler "
+            "(config.scheduler); without --scheduler the run starts its own local cluster",
+        )
+
+    try:
+        protocol, location = parse_address(address)
+        if protocol in ("tcp", "tls"):  # a refused or silent port fails here, at once
+            with socket.create_connection(parse_host_port(location), timeout=SCHEDULER_TIMEOUT_S):
+                pass
+    except ValueError as e:
+        raise unreachable(f"not a scheduler address ({e})") from None
+    except OSError as e:
+        raise unreachable(e.strerror or str(e) or type(e).__name__) from None
+    try:
+        return Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s")
+    except (OSError, TimeoutError) as e:
+        raise unreachable(str(e) or type(e).__name__) from None
+
+
 def _cuda_cluster(config: RunConfig) -> Any:
-    """A LocalCUDACluster: one worker per visible GPU, each declaring the resource GPU=1."""
+    """A LocalCUDACluster: one worker per visible GPU, each declaring the resource GPU=1, on
+    `config.listen` like the other embedded clusters."""
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as e:
@@ -139,8 +187,9 @@ def _cuda_cluster(config: RunConfig) -> Any:
     return LocalCUDACluster(
         n_workers=config.workers or None,
         threads_per_worker=1,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
+        host=config.listen,
+        dashboard_address=_http_address(config, 8787 if config.dashboard else 0),
+        scheduler_kwargs={"dashboard": config.dashboard},
         resources={"GPU": 1},
         silence_logs=logging.ERROR,
     )

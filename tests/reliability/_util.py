@@ -144,3 +144,57 @@ def write_raw_safetensors(path: Path, header: dict[str, Any] | bytes, data: byte
     if not isinstance(header, bytes):
         text += b" " * (-len(text) % 8)
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+# A run held inside a stage (tests/reliability/_hold_cli.py): the test acts on a state it has
+# waited for, never on a run it hopes is still going.
+HOLD_CLI = [sys.executable, str(Path(__file__).with_name("_hold_cli.py"))]
+
+
+def start_held_cli(
+    args: Sequence[str],
+    hold: Path,
+    stage: str = "",
+    after: int = 1,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """`start_cli(args)` (args as for run_cli, starting with CLI) through _hold_cli.py: each
+    process of the run waits once it has finished `after` chunks of `stage` (any stage if ""),
+    until `hold`/release exists; `held(hold)` lists the processes waiting."""
+    assert list(args[: len(CLI)]) == CLI, args
+    hold.mkdir(parents=True, exist_ok=True)
+    env = cli_env(
+        COMPRESSOR_TEST_HOLD_DIR=str(hold),
+        COMPRESSOR_TEST_HOLD_STAGE=stage,
+        COMPRESSOR_TEST_HOLD_AFTER=str(after),
+        **(extra_env or {}),
+    )
+    return subprocess.Popen(
+        [*HOLD_CLI, *args[len(CLI) :]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def held(hold: Path) -> list[int]:
+    """The pids of the processes of a held run that are waiting (see start_held_cli)."""
+    return sorted(int(p.name.split("-", 1)[1]) for p in hold.glob("held-*"))
+
+
+def release(hold: Path) -> None:
+    (hold / "release").touch()
+
+
+def wait_held(proc: subprocess.Popen[str], hold: Path, timeout: float = 300) -> list[int]:
+    """Wait until some process of the run is held (failing early, with its stderr, if the run
+    ends first); the held pids."""
+    wait_for(
+        lambda: held(hold) or proc.poll() is not None, timeout=timeout, what="the run to be held"
+    )
+    if not held(hold):
+        _, err = proc.communicate()
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before it was held: {err}")
+    return held(hold)
