@@ -30,6 +30,7 @@ from compressor.formats.layout import (
     CodebookArgs,
     nf4_dequantize_rows,
 )
+from compressor.formats.paths import check_disjoint, check_parent_writable
 from compressor.formats.safetensors_io import (
     SafetensorsWriter,
     TensorInfo,
@@ -343,9 +344,15 @@ def decompress_checkpoint(
     `dtype` ("bfloat16", "float16", "float32") casts every float tensor; by default dequantized
     weights take their scale's dtype and other tensors stay as they are.
     """
+    dest = Path(destination)
+    partial = dest.parent / f".{dest.name}.partial"
+    check_disjoint(
+        {"the compressed checkpoint": source},
+        {"the destination": dest, "the temporary directory": partial},
+    )
+    check_parent_writable(dest)
     checkpoint = open_checkpoint(source)
     modules = quantized_modules(checkpoint)
-    dest = Path(destination)
     if dest.exists() and not overwrite:
         raise OutputError(
             "the destination already exists",
@@ -353,7 +360,6 @@ def decompress_checkpoint(
             hint="pass --overwrite or choose another destination",
         )
     target_dtype = _parse_dtype(dtype) if dtype else None
-    partial = dest.parent / f".{dest.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     part_of = {f"{m.module}.{s}": m for m in modules.values() for s in m.parts}

@@ -28,6 +28,7 @@ from compressor.formats.layout import (
     module_name,
     quantized_outputs,
 )
+from compressor.formats.paths import check_disjoint, check_parent_writable, overlap
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math.quant import QuantArgs
 from compressor.stages.fused import FusedGroup, check_groups, find_groups, rules_for
@@ -624,39 +625,32 @@ def _run_key(checkpoint: Checkpoint, config: RunConfig, sources: tuple[SourceFil
 
 
 def _check_destination(config: RunConfig) -> None:
-    if storage.is_url(config.source) or storage.is_url(config.destination):
-        src, dst = (
-            storage.local_path(config.source).rstrip("/"),
-            storage.local_path(config.destination).rstrip("/"),
-        )
-        if src == dst or dst.startswith(src + "/"):
-            raise OutputError(
-                "the destination lies inside the source checkpoint",
-                path=dst,
-                hint="choose a destination outside the input; the input is never modified",
-            )
-        if src.startswith(dst + "/"):
-            raise OutputError(
-                "the source checkpoint lies inside the destination",
-                path=dst,
-                hint="choose another destination",
-            )
-        return
-    source = Path(storage.local_path(config.source)).resolve()
-    dest = Path(storage.local_path(config.destination)).resolve()
-    source_dir = source if source.is_dir() else source.parent
-    if source.is_dir() and dest.is_relative_to(source):
+    """Refuse, before any work, a destination or staging directory that overlaps an input
+    (formats/paths.py: equal, inside, containing, or the same files under other names) or that
+    cannot be created."""
+    inputs: dict[str, str] = {"the source checkpoint": config.source}
+    pruning = config.recipe.pruning
+    if pruning is not None and pruning.gradients:
+        inputs["the gradients checkpoint"] = pruning.gradients
+    if pruning is not None and pruning.activations:
+        inputs["the activations file"] = pruning.activations
+    dest = storage.as_path(config.destination)
+    staging = config.staging_dir or str(dest.parent / f".{dest.name}.staging")
+    check_disjoint(
+        inputs, {"the destination": config.destination, "the staging directory": staging}
+    )
+    found = overlap(config.destination, staging)
+    if found is not None and found.kind in ("equal", "inside"):
         raise OutputError(
-            "the destination lies inside the source checkpoint",
-            path=str(dest),
-            hint="choose a destination outside the input directory; the input is never modified",
+            "the staging directory "
+            + ("is the destination" if found.kind == "equal" else "lies inside the destination"),
+            path=staging,
+            hint="choose a --staging directory outside the destination (publishing replaces "
+            "the destination)",
         )
-    if source_dir.is_relative_to(dest):
-        raise OutputError(
-            "the source checkpoint lies inside the destination",
-            path=str(dest),
-            hint="choose another destination",
-        )
+    check_parent_writable(config.destination)
+    if config.staging_dir:
+        check_parent_writable(config.staging_dir, "the staging directory")
 
 
 def _already_published(config: RunConfig, run_key: str) -> bool:
