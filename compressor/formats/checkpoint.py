@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,11 @@ INDEX_NAME = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files of the input never copied to the output: weights are rewritten, the index regenerated.
 _NOT_COPIED_SUFFIXES = (".safetensors", *_PICKLE_SUFFIXES)
+# Our own report and manifest (an input that is itself an output of this tool): each output
+# writes its own, and a carried one would describe the input's files, not the output's.
+_OWN_FILES = ("manifest.json", "compression.json")
+# Hugging Face hub cache stores: <cache>/models--org--name/{blobs,snapshots,refs}.
+_HUB_STORE_PREFIXES = ("models--", "datasets--", "spaces--")
 
 
 @dataclass(frozen=True)
@@ -91,29 +97,44 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         return _assemble(path.parent, [header], extra=(), config=None)
 
     index_path = path / INDEX_NAME
+    roots = _link_roots(path)
     shard_paths: list[Path]
+    shard_names: list[str] = []
     weight_map: dict[str, str] | None = None
     if index_path.exists():
+        _check_link(path, INDEX_NAME, roots)
         weight_map = _read_index(index_path)
-        files = sorted(set(weight_map.values()))
+        shard_names = sorted({_index_entry(index_path, v) for v in weight_map.values()})
         shard_paths = []
-        for file_name in files:
-            shard = (path / file_name).resolve()
-            if not shard.is_relative_to(path.resolve()) or Path(file_name).is_absolute():
+        for file_name in shard_names:
+            # The name must stay inside (`_index_entry` normalized it); where a link leads is
+            # `_check_link`'s question.
+            if Path(file_name).is_absolute() or file_name.partition("/")[0] == "..":
                 raise InputError(
                     f"the index names {file_name!r}, which lies outside the checkpoint",
                     path=str(index_path),
                     hint="index file names must be relative paths inside the checkpoint directory",
                 )
-            if not shard.is_file():
+            try:
+                exists = (path / file_name).is_file()
+            except OSError as e:
+                raise InputError(
+                    f"the index names {file_name!r}, which cannot be opened: {e.strerror or e}",
+                    path=str(index_path),
+                    hint="index file names must be relative paths inside the checkpoint directory",
+                ) from e
+            if not exists:
                 raise InputError(
                     f"the index names shard {file_name!r}, which is missing",
                     path=str(index_path),
                     hint="copy the missing shard or fix the index",
                 )
+            _check_link(path, file_name, roots)
             shard_paths.append(path / file_name)
     else:
         shard_paths = sorted(path.glob("*.safetensors"))
+        for shard_path in shard_paths:
+            _check_link(path, shard_path.name, roots)
     if not shard_paths:
         pickles = [p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         if pickles:
@@ -125,17 +146,21 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         )
     headers = [read_header(p) for p in shard_paths]
     if weight_map is not None:
-        _check_index(index_path, weight_map, headers)
+        _check_index(index_path, weight_map, dict(zip(shard_names, headers, strict=True)))
+    # Links (a hub-cache snapshot's files) are carried as regular files under their own names.
     extra = tuple(
         sorted(
-            str(p.relative_to(path))
+            rel
             for p in path.rglob("*")
             if p.is_file()
             and p.name != INDEX_NAME
             and p.suffix not in _NOT_COPIED_SUFFIXES
+            and (rel := p.relative_to(path).as_posix()) not in _OWN_FILES
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
     )
+    for rel in extra:
+        _check_link(path, rel, roots)
     config = None
     if (path / "config.json").is_file():
         try:
@@ -144,6 +169,7 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
             raise InputError(
                 f"config.json is not valid JSON: {e}", path=str(path / "config.json")
             ) from e
+        _check_config(config, str(path / "config.json"))
     return _assemble(path, headers, extra=extra, config=config)
 
 
@@ -178,7 +204,7 @@ def _open_url_checkpoint(url: str) -> Checkpoint:
     if INDEX_NAME in present:
         weight_map = _read_index(index_url)
         shard_names = []
-        for file_name in sorted(set(weight_map.values())):
+        for file_name in sorted({_index_entry(index_url, v) for v in weight_map.values()}):
             parts = file_name.split("/")
             if file_name.startswith("/") or ".." in parts or "://" in file_name:
                 raise InputError(
@@ -206,11 +232,12 @@ def _open_url_checkpoint(url: str) -> Checkpoint:
         )
     headers = [read_header(storage.join(url, f)) for f in shard_names]
     if weight_map is not None:
-        _check_index(index_url, weight_map, headers)
+        _check_index(index_url, weight_map, dict(zip(shard_names, headers, strict=True)))
     extra = tuple(
         f
         for f in files
         if Path(f).name != INDEX_NAME
+        and f not in _OWN_FILES
         and Path(f).suffix not in _NOT_COPIED_SUFFIXES
         and not any(part.startswith(".") for part in f.split("/"))
     )
@@ -223,6 +250,7 @@ def _open_url_checkpoint(url: str) -> Checkpoint:
             raise InputError(f"config.json is not valid JSON: {e}", path=config_url) from e
         except OSError as e:
             raise InputError(f"cannot read config.json: {e}", path=config_url) from e
+        _check_config(config, config_url)
     return replace(_assemble(root, headers, extra=extra, config=config), url=url)
 
 
@@ -273,11 +301,13 @@ def _read_index(index_path: Path | str) -> dict[str, str]:
 
 
 def _check_index(
-    index_path: Path | str, weight_map: dict[str, str], headers: list[SafetensorsHeader]
+    index_path: Path | str, weight_map: dict[str, str], by_file: dict[str, SafetensorsHeader]
 ) -> None:
-    by_file = {Path(h.path).name: h for h in headers}
+    """`by_file`: the header of each shard, by its normalized name in the index (a relative
+    path: `a/model.safetensors` and `b/model.safetensors` are two shards)."""
+    headers = list(by_file.values())
     for name, file_name in weight_map.items():
-        header = by_file.get(Path(file_name).name)
+        header = by_file.get(posixpath.normpath(file_name))
         if header is None or name not in header.tensors:
             raise InputError(
                 f"the index places it in {file_name!r}, but that shard does not hold it",
@@ -294,6 +324,65 @@ def _check_index(
                     tensor=name,
                     hint="regenerate the index",
                 )
+
+
+def _index_entry(index_path: Path | str, file_name: str) -> str:
+    """A shard name from the index, normalized (`./a.safetensors` is `a.safetensors`); names no
+    file system accepts (a NUL byte, an empty name) are refused here, naming the index."""
+    if not file_name or "\x00" in file_name:
+        raise InputError(
+            f"the index names {file_name!r}, which is not a valid file name",
+            path=str(index_path),
+            hint="regenerate the index (transformers' save_pretrained writes one)",
+        )
+    return posixpath.normpath(file_name)
+
+
+def _link_roots(root: Path) -> tuple[Path, ...]:
+    """The directories the files of a local checkpoint may really live in: the checkpoint
+    itself and, for a Hugging Face hub-cache snapshot (`models--org--name/snapshots/<rev>/`,
+    whose files are links to `../../blobs/<sha256>`), that repository's store."""
+    real = root.resolve()
+    for d in (real, *real.parents):
+        store = d.parent.parent
+        if (
+            d.parent.name == "snapshots"
+            and store.name.startswith(_HUB_STORE_PREFIXES)
+            and (store / "blobs").is_dir()
+        ):
+            return real, store
+    return (real,)
+
+
+def _check_link(root: Path, rel: str, roots: tuple[Path, ...]) -> None:
+    """Refuse a file of the checkpoint that is a link leading outside `roots`: a checkpoint
+    must not make the tool read (and carry into its output) files from elsewhere."""
+    try:
+        target = (root / rel).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise InputError(
+            f"{rel!r} is a link that cannot be followed: {e}",
+            path=str(root / rel),
+            hint="replace the link by the file it should point to",
+        ) from e
+    if any(target.is_relative_to(r) for r in roots):
+        return
+    raise InputError(
+        f"{rel!r} links to {target}, which lies outside the checkpoint",
+        path=str(root / rel),
+        hint="copy the file into the checkpoint instead of linking it (links may point only "
+        "inside the checkpoint, or into the blobs/ of its hub-cache repository)",
+    )
+
+
+def _check_config(config: object, path: str) -> None:
+    if not isinstance(config, dict):
+        raise InputError(
+            f"config.json holds a JSON {type(config).__name__}, not an object",
+            path=path,
+            hint="restore the model's config.json (a JSON object such as "
+            '{"model_type": "llama", ...}), or remove it',
+        )
 
 
 def _pickle_refusal(path: Path) -> InputError:
