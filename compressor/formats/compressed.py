@@ -248,8 +248,62 @@ def _module_parts(
                 f"has no {suffix}", path=str(checkpoint.root), tensor=f"{module}.{main}"
             )
     file, info = parts["weight_shape"]
-    rows, cols = (int(v) for v in read_tensor(file, info).reshape(-1))
+    values = read_tensor(file, info).reshape(-1) if info.dtype[0] in "IU" else None
+    if values is None or values.size != 2 or not all(0 < int(v) < 2**40 for v in values):
+        raise InputError(
+            "is not a valid [rows, cols] pair of positive integers "
+            f"({info.dtype} {list(info.shape)}: {values.tolist() if values is not None else '?'})",
+            path=file,
+            tensor=f"{module}.weight_shape",
+            hint="the checkpoint is corrupt or was edited; run `compressor verify` and recompress",
+        )
+    rows, cols = (int(v) for v in values)
     return parts, (rows, cols)
+
+
+def _check_part_shapes(module: CompressedModule) -> None:
+    """Every stored part has the shape its layout gives the module's `weight_shape` (a tampered
+    or mismatched shape is refused here, before any output is written, naming both)."""
+    rows, cols = module.shape
+    args = module.args
+    expected: dict[str, tuple[int, ...]] = {}
+    if args is None:
+        expected = {"weight_bitmask": (rows, -(-cols // 8)), "weight_row_offsets": (rows + 1,)}
+    elif isinstance(args, CodebookArgs):
+        if args.method == "nf4":
+            expected = {
+                "weight_nf4": (rows, packed_width(cols, 4)),
+                "weight_absmax": (rows, -(-cols // 64)),
+            }
+        else:
+            expected = {
+                "weight_indices": (rows, packed_width(cols, args.bits)),
+                "weight_codebook": (args.levels,),
+            }
+    else:
+        expected["weight_packed"] = (rows, packed_width(cols, args.bits))
+        if args.strategy != "tensor":
+            expected["weight_scale"] = (rows, args.groups_per_row(cols))
+            if args.method == "minmax":
+                expected["weight_min"] = expected["weight_scale"]
+            elif "weight_zero_point" in module.parts:
+                expected["weight_zero_point"] = (
+                    packed_width(rows, args.bits),
+                    args.groups_per_row(cols),
+                )
+    for suffix, shape in expected.items():
+        if suffix not in module.parts:
+            continue
+        file, info = module.parts[suffix]
+        if tuple(info.shape) != shape:
+            raise InputError(
+                f"has shape {list(info.shape)} but the module's weight_shape {[rows, cols]} "
+                f"needs {list(shape)} for {module.args.describe() if module.args else 'bitmask'}",
+                path=file,
+                tensor=f"{module.module}.{suffix}",
+                hint="the checkpoint is corrupt or was edited; run `compressor verify` and "
+                "recompress",
+            )
 
 
 def _read(module: CompressedModule, suffix: str, r0: int, r1: int) -> torch.Tensor:
@@ -353,6 +407,8 @@ def decompress_checkpoint(
     check_parent_writable(dest)
     checkpoint = open_checkpoint(source)
     modules = quantized_modules(checkpoint)
+    for found in modules.values():
+        _check_part_shapes(found)
     if dest.exists() and not overwrite:
         raise OutputError(
             "the destination already exists",
@@ -419,8 +475,10 @@ def decompress_checkpoint(
         config["torch_dtype"] = str(target_dtype).removeprefix("torch.")
     if checkpoint.config is not None:
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if dest.exists():
+    if dest.is_dir() and not dest.is_symlink():
         shutil.rmtree(dest)
+    elif dest.exists() or dest.is_symlink():  # --overwrite of a file or a link: replace it
+        dest.unlink()
     partial.rename(dest)
     return dest
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import assert_same_tensors, ct_decompress, load_dir
 from tests.reliability._util import (
@@ -162,3 +163,52 @@ def test_invalid_recipe_regex_is_refused_at_load(tmp_path: Path, recipe, where, 
         tmp_path, src, 2, "recipe.yaml", where, repr(pattern), "not a valid regular expression",
         options=options,
     )  # fmt: skip
+
+
+# -- decompress ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A w4a16-asym output (64 x 128 target, group 128) to tamper with."""
+    root = tmp_path_factory.mktemp("compressed")
+    src = _checkpoint(root / "src")
+    done = run_cli(compress_args(src, root / "out", "--workers", "0", "--preset", "w4a16-asym"))
+    assert done.returncode == 0, done.stderr
+    return root / "out"
+
+
+@pytest.mark.parametrize(
+    ("shape", "expect"),
+    [
+        ([64, 100], ("up_proj.weight_packed", "has shape [64, 16]", "weight_shape [64, 100]")),
+        ([10, 10], ("up_proj.weight_packed", "weight_shape [10, 10]")),
+        ([-1, 128], ("up_proj.weight_shape", "[-1, 128]", "positive integers")),
+        ([64, 128, 1], ("up_proj.weight_shape", "[64, 128, 1]")),
+        ([2**40, 128], ("up_proj.weight_shape", "positive integers")),
+    ],
+)
+def test_decompress_refuses_a_tampered_weight_shape(
+    compressed: Path, tmp_path: Path, shape, expect
+) -> None:
+    tampered = tmp_path / "tampered"
+    shutil.copytree(compressed, tampered)
+    tensors = load_file(str(tampered / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight_shape"] = torch.tensor(shape, dtype=torch.int64)
+    save_file(tensors, str(tampered / "model.safetensors"), metadata={"format": "pt"})
+    dense = tmp_path / "dense"
+    done = run_cli([*CLI, "decompress", str(tampered), str(dense)])
+    _refused(done, 2, "model.safetensors", *expect, "compressor verify")
+    assert not dense.exists() and leftovers(dense) == []
+
+
+def test_decompress_onto_an_existing_file(compressed: Path, tmp_path: Path) -> None:
+    """Without --overwrite: one message, the file kept; with it: the file is replaced by the
+    dense checkpoint (it failed after all the work, leaving `.dense.partial` behind)."""
+    dense = tmp_path / "dense"
+    dense.write_text("not a checkpoint")
+    done = run_cli([*CLI, "decompress", str(compressed), str(dense)])
+    _refused(done, 3, str(dense), "already exists", "--overwrite")
+    assert dense.read_text() == "not a checkpoint" and leftovers(dense) == []
+    done = run_cli([*CLI, "decompress", str(compressed), str(dense), "--overwrite"])
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in dense.iterdir()) == ["config.json", "model.safetensors"]
+    assert leftovers(dense) == []
