@@ -1,7 +1,7 @@
 """`compressor`: the command line. Thin: parse options into a RunConfig, run, render.
 
 Errors we raise on purpose print one clear message (file, tensor, fix) and exit non-zero;
-anything else is a bug and keeps its traceback.
+anything else is a bug: `main()` shows it as one line, and its traceback under --debug.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +32,24 @@ app = typer.Typer(
 # soft_wrap: paths and tensor names are printed whole, never cut at 80 columns in a pipe.
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
+
+
+DEBUG_ENV = "COMPRESSOR_DEBUG"
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="Show the traceback of an unexpected error (also: COMPRESSOR_DEBUG=1).",
+        ),
+    ] = False,
+) -> None:
+    # Options before the command name (`compressor --debug compress …`); main() reads them.
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 def _fail(error: CompressorError) -> None:
@@ -552,8 +571,62 @@ def verify(
     )
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The console entry point (and `python -m compressor.cli`): `app` behind a guard. Errors
+    raised on purpose keep their message and exit code; a usage error (unknown option, invalid
+    value, missing argument) is one line and a pointer to --help; anything else is a bug, shown
+    as one line naming it and a pointer to --debug, which shows its traceback."""
+    try:
+        code = app(standalone_mode=False)  # returns typer.Exit's code; raises click's errors
+    except _usage_errors() as e:
+        if type(e).__name__ != "NoArgsIsHelpError":  # that one (no command) printed the help
+            where = getattr(e, "ctx", None)
+            _error_line(e.format_message())
+            if where is not None:
+                console.print(f"  fix: see `{where.command_path} --help`", markup=False)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        console.print("Aborted!", markup=False)
+        sys.exit(1)
+    except CompressorError as e:  # raised outside a command's own handler: shown as _fail does
+        if _debugging():
+            raise
+        console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
+        sys.exit(e.exit_code)
+    except Exception as e:
+        if _debugging():
+            raise
+        _error_line(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        console.print(
+            "  fix: this is a bug; run again with --debug (or COMPRESSOR_DEBUG=1) for the "
+            "traceback, and report it",
+            markup=False,
+        )
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_errors() -> tuple[type[Any], ...]:
+    """Click's usage errors: unknown option, invalid value, missing argument (typer ≥ 0.22 raises
+    those of its own copy of click)."""
+    import click
+
+    return (
+        click.ClickException,
+        *([typer.TyperException] if hasattr(typer, "TyperException") else []),
+    )
+
+
+def _debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _error_line(text: str, limit: int = 500) -> None:
+    """`error: TEXT` on one line, however many lines TEXT has (a library's message can)."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    console.print(f"[bold red]error:[/] {escape(text)}", markup=True, highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
