@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, OutputError
 
 app = typer.Typer(
     name="compressor",
@@ -415,6 +415,16 @@ def generate(
         )
     except FileExistsError:
         _fail(CompressorError("already exists", path=str(destination), hint="choose a new path"))
+    except CompressorError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(
+            OutputError(
+                f"cannot write the checkpoint: {e.strerror or e}",
+                path=str(destination),
+                hint="choose a writable directory with room for it",
+            )
+        )
     out.print(f"generated {escape(str(path))}")
 
 

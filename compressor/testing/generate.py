@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressor.errors import ConfigError
 from compressor.formats import dtypes
 from compressor.formats.safetensors_io import SafetensorsWriter
 
@@ -91,10 +93,70 @@ def generate_llama_checkpoint(
 
     `dtype` is a safetensors dtype name (BF16, F16, F32). Tensors go to shards of about
     `shard_mb` MB in model order; with more than one shard an index file is written.
+
+    Raises:
+        ConfigError: a size below 1, heads that do not divide the width, another dtype, a
+            shard size ≤ 0 or a negative seed (checked before anything is created).
+        FileExistsError: `path` exists.
     """
     shape = shape or LlamaShape()
+    _check_options(shape, dtype, shard_mb, seed)
     root = Path(path)
     root.mkdir(parents=True, exist_ok=False)
+    try:
+        return _write(root, shape, dtype, shard_mb, seed)
+    except BaseException:  # nothing half-written stays behind (a full disk, Ctrl-C)
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+_DTYPES = ("BF16", "F16", "F32")
+
+
+def _check_options(shape: LlamaShape, dtype: str, shard_mb: float, seed: int) -> None:
+    """Refuse sizes and options that make no loadable model, before anything is created."""
+    sizes = {
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "vocab_size": shape.vocab_size,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_key_value_heads,
+        "max_position_embeddings": shape.max_position_embeddings,
+    }
+    flags = {
+        "hidden_size": "--hidden-size",
+        "intermediate_size": "--intermediate-size",
+        "num_hidden_layers": "--layers",
+        "vocab_size": "--vocab-size",
+    }
+    for name, value in sizes.items():
+        if value < 1:
+            raise ConfigError(
+                f"{name} must be at least 1, got {value}",
+                hint=f"pass a positive {flags.get(name, name)}",
+            )
+    if shape.hidden_size % shape.num_attention_heads:
+        raise ConfigError(
+            f"hidden_size {shape.hidden_size} is not a multiple of the "
+            f"{shape.num_attention_heads} attention heads",
+            hint="use a hidden size that is a multiple of 64 (one head per 64)",
+        )
+    if shape.num_attention_heads % shape.num_key_value_heads:
+        raise ConfigError(
+            f"{shape.num_attention_heads} attention heads cannot share "
+            f"{shape.num_key_value_heads} key/value heads",
+            hint="use a hidden size that is a multiple of 128",
+        )
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}", hint=f"use one of {', '.join(_DTYPES)}")
+    if not (shard_mb > 0 and math.isfinite(shard_mb)):
+        raise ConfigError(f"shard size must be positive, got {shard_mb}", hint="e.g. --shard-mb 4")
+    if seed < 0:
+        raise ConfigError(f"seed must be non-negative, got {seed}", hint="e.g. --seed 0")
+
+
+def _write(root: Path, shape: LlamaShape, dtype: str, shard_mb: float, seed: int) -> Path:
     torch_dtype = dtypes.torch_dtype(dtype)
     limit = int(shard_mb * 2**20)
     itemsize = dtypes.itemsize(dtype)

@@ -212,3 +212,20 @@ def test_decompress_onto_an_existing_file(compressed: Path, tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in dense.iterdir()) == ["config.json", "model.safetensors"]
     assert leftovers(dense) == []
+
+
+# -- generate -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "expect"),
+    [
+        (("--hidden-size", "0"), ("hidden_size must be at least 1", "--hidden-size")),
+        (("--layers", "-1"), ("num_hidden_layers must be at least 1", "--layers")),
+        (("--dtype", "F8"), ("unsupported dtype 'F8'", "BF16, F16, F32")),
+        (("--shard-mb", "0"), ("shard size must be positive", "--shard-mb")),
+        (("--hidden-size", "320"), ("5 attention heads cannot share 2 key/value heads",)),
+    ],
+)
+def test_generate_refuses_bad_options_and_creates_nothing(tmp_path: Path, options, expect) -> None:
+    done = run_cli([*CLI, "generate", str(tmp_path / "tiny"), *options])
+    _refused(done, 2, *expect)
+    assert list(tmp_path.iterdir()) == []
