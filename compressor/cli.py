@@ -226,6 +226,10 @@ def compress(
             or None,
             **options,
         )
+        if config.evaluate:  # before any work: without the extra it would publish, then fail
+            from compressor.evaluation import require_eval_extra
+
+            require_eval_extra("--evaluate")
         use_prefect = prefect or bool(os.environ.get("PREFECT_API_URL"))
         if use_prefect:
             # The temporary local API migrates a fresh database on its first start, which takes
@@ -440,8 +444,12 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """Perplexity of both models on the same tokens, weight error per tensor, sizes and ratio."""
-    from compressor.evaluation import evaluate_checkpoint
+    from compressor.evaluation import evaluate_checkpoint, require_eval_extra
 
+    try:
+        require_eval_extra("eval")
+    except CompressorError as e:
+        _fail(e)
     try:
         content = text.read_text() if text else None
     except OSError as e:

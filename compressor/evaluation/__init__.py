@@ -5,9 +5,13 @@
 * :mod:`.weights` measures per-tensor weight error (relative Frobenius error, SQNR);
 * :mod:`.evaluate` puts these together to compare a compressed checkpoint with its original.
 
-transformers is imported only where needed (loading models), not by importing this package.
+transformers is imported only where needed (loading models), not by importing this package;
+`require_eval_extra` checks, before any work, that the `eval` extra is installed.
 """
 
+import importlib.util
+
+from compressor.errors import ConfigError
 from compressor.evaluation.evaluate import (
     DenseLoader,
     EvalReport,
@@ -46,10 +50,39 @@ __all__ = [
     "fetch_gemma3_270m",
     "fetch_smollm2",
     "perplexity",
+    "require_eval_extra",
     "score_tokens",
     "tensor_error",
     "tokenize_text",
 ]
+
+
+EVAL_EXTRA_HINT = "pip install 'checkpoint-compressor[eval]'"
+# What evaluation imports: transformers loads both models, compressed-tensors the quantized one.
+_EVAL_MODULES = {"transformers": "transformers", "compressed_tensors": "compressed-tensors"}
+
+
+def require_eval_extra(what: str = "evaluation") -> None:
+    """Raise ConfigError, naming the missing packages, when the `eval` extra is not installed:
+    called before any work, so `compress --evaluate` fails in its first second instead of after
+    compressing (and publishing), and `eval` without a traceback. Looks the modules up without
+    importing them (transformers takes seconds to import)."""
+    missing = []
+    for module, package in _EVAL_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken install, or an import hook refusing it
+            found = False
+        if not found:
+            missing.append(package)
+    if missing:
+        raise ConfigError(
+            f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            "not installed",
+            hint=f"{EVAL_EXTRA_HINT}, or run without --evaluate"
+            if what == "--evaluate"
+            else EVAL_EXTRA_HINT,
+        )
 
 
 def evaluate_checkpoint(

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import assert_same_tensors, ct_decompress, load_dir
 from tests.reliability._util import (
     CLI,
+    cli_env,
     compress_args,
     leftovers,
     one_line,
@@ -229,3 +232,47 @@ def test_generate_refuses_bad_options_and_creates_nothing(tmp_path: Path, option
     done = run_cli([*CLI, "generate", str(tmp_path / "tiny"), *options])
     _refused(done, 2, *expect)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- eval without the eval extra ----------------------------------------------------------------
+_BLOCKER = """
+import sys
+
+
+class _NoEvalExtra:
+    # As if the eval extra were not installed: these imports fail.
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("transformers", "compressed_tensors"):
+            raise ImportError(f"No module named {name!r}")
+        return None
+
+
+sys.meta_path.insert(0, _NoEvalExtra())
+"""
+
+
+def _without_eval_extra(tmp_path: Path, args: list[str]):
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_BLOCKER)
+    env = cli_env(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    )
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_evaluate_without_the_eval_extra_fails_before_any_work(tmp_path: Path) -> None:
+    """It gave a traceback after compressing, and published anyway."""
+    src = _checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    before = tree_digest(tmp_path / "src")
+    done = _without_eval_extra(tmp_path, compress_args(src, out, "--workers", "0", "--evaluate"))
+    _refused(done, 2, "--evaluate needs transformers and compressed-tensors",
+             "pip install 'checkpoint-compressor[eval]'")  # fmt: skip
+    assert not out.exists() and leftovers(out) == []
+    assert tree_digest(tmp_path / "src") == before
+    # the blocker blocks only the extra: compressing without --evaluate works
+    done = _without_eval_extra(tmp_path, compress_args(src, out, "--workers", "0"))
+    assert done.returncode == 0, done.stderr
+    done = _without_eval_extra(tmp_path, [*CLI, "eval", str(src), str(out)])
+    _refused(done, 2, "eval needs transformers", "pip install 'checkpoint-compressor[eval]'")
