@@ -3,7 +3,11 @@ SIGTERM/SIGINT stops, the input changed between a crash and the rerun, a full or
 destination, and two runs to one destination at once.
 
 Every run is the real CLI (`python -m compressor.cli compress`) in its own process group; results
-are compared byte for byte with a clean serial run of the same command.
+are compared byte for byte with a clean serial run of the same command. A run a test interrupts
+is held inside its compress stage first (`start_held_cli`, tests/reliability/_hold_cli.py): each
+of its processes stops after a known number of finished chunks until the test releases it, so the
+test acts on a run it knows is mid-stage, however fast or loaded the machine (waiting for markers
+to appear and then signalling raced a run that finishes its stage in under a second).
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ from tests.reliability._util import (
     leftovers,
     markers,
     one_line,
+    release,
     run_cli,
-    start_cli,
-    wait_for,
+    start_held_cli,
+    wait_held,
     worker_processes,
 )
 
@@ -109,26 +114,23 @@ def _double_in_place(src: Path, name: str) -> None:
 @pytest.mark.slow
 def test_worker_killed_mid_stage(big_src: Path, reference: Path, tmp_path: Path) -> None:
     total = _chunks(big_src, *OPTIONS)
-    dest = tmp_path / "out"
-    # Worker processes (the default for this preset is threads, which cannot die alone).
+    dest, hold = tmp_path / "out", tmp_path / "hold"
+    # Worker processes (the default for this preset is threads, which cannot die alone); each
+    # waits after its second compressed chunk, so at most 4 of ~70 are done at the kill.
     args = compress_args(big_src, dest, "--workers", "2", "--worker-kind", "processes", *OPTIONS)
-    proc = start_cli(args)
+    proc = start_held_cli(args, hold, stage=ASSEMBLED, after=2)
     try:
-        wait_for(
-            lambda: len(markers(dest, ASSEMBLED)) >= 2 or proc.poll() is not None,
-            timeout=300,
-            what="the compress stage to start",
-        )
-        assert proc.poll() is None, proc.communicate()
+        victim_pid = wait_held(proc, hold)[0]  # a worker inside a compress task
         workers = worker_processes(proc.pid)
         assert len(workers) == 2, workers
-        victim = workers[0]
-        victim.send_signal(signal.SIGKILL)
+        (victim,) = [w for w in workers if w.pid == victim_pid]
         done_at_kill = len(markers(dest, ASSEMBLED))
+        victim.send_signal(signal.SIGKILL)
+        release(hold)  # the other worker, and the one the nanny starts instead, go on
         _, err = proc.communicate(timeout=300)
     finally:
         _kill_group(proc)
-    assert done_at_kill < total, "the stage ended before the kill; use a bigger checkpoint"
+    assert 0 < done_at_kill < total
     assert proc.returncode == 0, err
     assert not victim.is_running()
     assert_same_output(reference, dest)
@@ -139,17 +141,12 @@ def test_worker_killed_mid_stage(big_src: Path, reference: Path, tmp_path: Path)
 @pytest.mark.slow
 def test_run_killed_then_resumed(big_src: Path, reference: Path, tmp_path: Path) -> None:
     total = _chunks(big_src, *OPTIONS)
-    dest = tmp_path / "out"
+    dest, hold = tmp_path / "out", tmp_path / "hold"
     # --keep-staging on both runs (the same command twice) so the markers can be inspected.
     args = compress_args(big_src, dest, "--workers", "2", "--keep-staging", *OPTIONS)
-    proc = start_cli(args)
+    proc = start_held_cli(args, hold, stage=ASSEMBLED, after=3)  # never released
     try:
-        wait_for(
-            lambda: len(markers(dest, ASSEMBLED)) >= 3 or proc.poll() is not None,
-            timeout=300,
-            what="the compress stage to be under way",
-        )
-        assert proc.poll() is None, proc.communicate()
+        wait_held(proc, hold)
         family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the cluster, its workers: all at once
         proc.communicate(timeout=60)
@@ -184,17 +181,12 @@ def test_sigterm_stops_cleanly_and_changed_input_restarts(
 ) -> None:
     src = tmp_path / "src"
     shutil.copytree(big_src, src)
-    dest = tmp_path / "out"
+    dest, hold = tmp_path / "out", tmp_path / "hold"
     # Worker processes, so the test can check that none outlives the CLI.
     args = compress_args(src, dest, "--workers", "2", "--worker-kind", "processes", *OPTIONS)
-    proc = start_cli(args)
+    proc = start_held_cli(args, hold, stage=ASSEMBLED, after=2)  # never released
     try:
-        wait_for(
-            lambda: len(markers(dest, ASSEMBLED)) >= 2 or proc.poll() is not None,
-            timeout=300,
-            what="the compress stage to start",
-        )
-        assert proc.poll() is None, proc.communicate()
+        wait_held(proc, hold)
         workers = worker_processes(proc.pid)
         assert workers
         proc.send_signal(signal.SIGTERM)  # the CLI only, as a scheduler or `kill` would
@@ -232,18 +224,13 @@ def test_sigterm_stops_cleanly_and_changed_input_restarts(
 
 # -- SIGINT, and a second run to the same destination -----------------------------------------
 def test_second_run_refused_then_sigint_stops(big_src: Path, tmp_path: Path) -> None:
-    dest = tmp_path / "out"
+    dest, hold = tmp_path / "out", tmp_path / "hold"
     args = compress_args(big_src, dest, "--workers", "0", *OPTIONS)
-    first = start_cli(args)
+    # The first run (serial: in the CLI process) waits after its first chunk, holding the lock,
+    # until the SIGINT: never released, so it cannot finish before the second run meets it.
+    first = start_held_cli(args, hold)
     try:
-        wait_for(
-            lambda: markers(dest, "ingest") or markers(dest, ASSEMBLED) or first.poll() is not None,
-            timeout=300,
-            what="the first run to finish its first chunk",
-        )
-        # Freeze the first run while it holds the lock, so the second one meets it mid-run
-        # however fast this machine is.
-        first.send_signal(signal.SIGSTOP)
+        assert wait_held(first, hold) == [first.pid]
         assert first.poll() is None and not dest.exists()
         lock = tmp_path / ".out.lock"
         assert lock.read_text().endswith(f":{first.pid}")
@@ -254,7 +241,6 @@ def test_second_run_refused_then_sigint_stops(big_src: Path, tmp_path: Path) -> 
         assert lock.read_text().endswith(f":{first.pid}")  # the refused run left the lock alone
 
         first.send_signal(signal.SIGINT)
-        first.send_signal(signal.SIGCONT)
         _, err = first.communicate(timeout=120)
     finally:
         _kill_group(first)
