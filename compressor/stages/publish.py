@@ -176,8 +176,8 @@ def _metadata_files(
     quantization_config: dict[str, Any] | None,
     report: dict[str, Any],
 ) -> dict[str, bytes]:
-    """Everything the output holds besides its shards: index, the input's other files (small:
-    tokenizer, generation config), config.json with the quantization block, and our report."""
+    """The small files the output holds besides its shards and the input's other files (see
+    `_copy_extra_files`): index, config.json with the quantization block, and our report."""
     files: dict[str, bytes] = {}
     if len(shards) > 1:
         weight_map = {name: s.file_name for s in shards for name in s.tensor_names}
@@ -185,17 +185,45 @@ def _metadata_files(
         files[INDEX_NAME] = _json_bytes(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         )
-    for rel in plan.checkpoint.extra_files:
-        if rel != "config.json":
-            source = storage.join(plan.checkpoint.location, rel)
-            is_url = storage.is_url(source)
-            files[rel] = storage.read_bytes(source) if is_url else Path(source).read_bytes()
     config = dict(plan.checkpoint.config or {})
     if quantization_config is not None:  # None: the output is an ordinary dense model
         config["quantization_config"] = quantization_config
     files["config.json"] = _json_bytes(config)
     files[REPORT_NAME] = _json_bytes(report)
     return files
+
+
+_COPY_BLOCK = 8 * 2**20
+
+
+def _copy_extra_files(plan: Plan, directory: str) -> list[ShardResult]:
+    """Stream the input's other files (tokenizer, generation config, anything else, of any size)
+    into `directory` in blocks of 8 MiB, hashing on the way: memory stays bounded whatever their
+    size (a 768 MB file used to be held whole, twice). Returned as (name, size, sha256) records
+    for the manifest. config.json is not copied: it is written with the quantization block."""
+    copied = []
+    for rel in plan.checkpoint.extra_files:
+        if rel == "config.json":
+            continue
+        source = storage.join(plan.checkpoint.location, rel)
+        target = storage.join(directory, rel)
+        digest, size = hashlib.sha256(), 0
+        if not storage.is_url(target):
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        with storage.open_read(source) as fin, _open_write(target) as fout:
+            while block := fin.read(_COPY_BLOCK):
+                digest.update(block)
+                fout.write(block)
+                size += len(block)
+        copied.append(ShardResult(rel, size, digest.hexdigest(), ()))
+    return copied
+
+
+def _open_write(path: str) -> Any:
+    if storage.is_url(path):
+        fs, p = storage.filesystem(path)
+        return fs.open(p, "wb")
+    return open(path, "wb")
 
 
 def _manifest(
@@ -228,11 +256,12 @@ def _finish_and_rename(
     digests: dict[str, str],
 ) -> Path:
     files = _metadata_files(plan, shards, quantization_config, report)
+    copied = _copy_extra_files(plan, str(directory))
     for rel, data in files.items():
         target = directory / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    (directory / MANIFEST_NAME).write_bytes(_manifest(plan, shards, files, digests))
+    (directory / MANIFEST_NAME).write_bytes(_manifest(plan, [*shards, *copied], files, digests))
     check_unchanged(plan.sources)  # last: after the input's files were copied
 
     dest = Path(storage.local_path(plan.config.destination))
@@ -250,7 +279,10 @@ def _finish_and_rename(
         except OSError:
             os.replace(old, dest)  # put the previous output back before reporting
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # the replaced destination was a file or a link: rmtree left it behind
+            old.unlink(missing_ok=True)
     else:
         os.replace(directory, dest)
     return dest
@@ -268,10 +300,12 @@ def _finish_and_copy(
     prefix (the manifest last), then copy it to the destination file by file with the manifest
     last, and delete the partial prefix. A destination without manifest.json is incomplete."""
     files = _metadata_files(plan, shards, quantization_config, report)
+    copied = _copy_extra_files(plan, directory)
     for rel, data in files.items():
         storage.write_bytes(storage.join(directory, rel), data)
     storage.write_bytes(
-        storage.join(directory, MANIFEST_NAME), _manifest(plan, shards, files, digests)
+        storage.join(directory, MANIFEST_NAME),
+        _manifest(plan, [*shards, *copied], files, digests),
     )
     check_unchanged(plan.sources)
 
@@ -284,7 +318,7 @@ def _finish_and_copy(
                 hint="pass --overwrite or choose another destination",
             )
         storage.remove(dest)  # no rename on object stores: the old output goes first
-    for rel in sorted([s.file_name for s in shards] + list(files)):
+    for rel in sorted([s.file_name for s in (*shards, *copied)] + list(files)):
         storage.copy_file(storage.join(directory, rel), storage.join(dest, rel))
     storage.copy_file(storage.join(directory, MANIFEST_NAME), storage.join(dest, MANIFEST_NAME))
     storage.remove(directory)
