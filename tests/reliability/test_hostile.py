@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -323,3 +324,41 @@ def test_overwrite_of_a_destination_that_is_a_file_leaves_nothing_behind(tmp_pat
     assert done.returncode == 0, done.stderr
     assert out.is_dir() and (out / "manifest.json").is_file()
     assert leftovers(out) == []
+
+
+# -- messages -----------------------------------------------------------------------------------
+def test_second_run_on_a_shared_staging_directory_is_refused_clearly(tmp_path: Path) -> None:
+    """Two runs of the same input and config with one --staging (different destinations) wrote
+    into the same run-key directory and failed late, blaming the disk or a missing chunk. The
+    first run's record in that directory now refuses the second while the first lives."""
+    src = _checkpoint(tmp_path / "src")
+    staging = tmp_path / "staging"
+    first = compress_args(src, tmp_path / "a", "--workers", "0", "--staging", str(staging))
+    assert run_cli([*first, "--keep-staging"]).returncode == 0
+    (key_dir,) = [p for p in staging.iterdir() if p.is_dir()]
+    owner = key_dir / "owner"
+    # A live run: this test's own process stands for it (alive for as long as the check runs).
+    owner.write_text(f"{socket.gethostname()}:{os.getpid()}")
+    second = compress_args(src, tmp_path / "b", "--workers", "0", "--staging", str(staging))
+    done = run_cli(second)
+    _refused(done, 3, str(key_dir), f"another run ({socket.gethostname()}:{os.getpid()})",
+             "using this staging directory", "--staging")  # fmt: skip
+    assert not (tmp_path / "b").exists()
+    # Once that run is gone (a pid of this host that no longer exists), the next run proceeds.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    owner.write_text(f"{socket.gethostname()}:{gone.pid}")
+    done = run_cli(second)
+    assert done.returncode == 0, done.stderr
+
+
+def test_unreachable_budget_is_stated_in_bits_per_weight(tmp_path: Path) -> None:
+    """It said "budget of 16384 bits is infeasible ... needs 43520 bits"."""
+    src = _checkpoint(tmp_path / "src")
+    done = run_cli(compress_args(src, tmp_path / "out", "--workers", "0", "--target-bits", "1"))
+    message = _refused(done, 2, "the budget --target-bits 1 cannot be met", "bits per weight",
+                       "raise --target-bits to at least")  # fmt: skip
+    assert "bits is infeasible" not in message
+    done = run_cli(compress_args(src, tmp_path / "out", "--workers", "0", "--max-error", "1e-6"))
+    _refused(done, 2, "the budget --max-error 1e-06 cannot be met", "relative error of",
+             "raise --max-error to at least")  # fmt: skip
