@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,16 +43,20 @@ class Overlap:
 
 
 def check_disjoint(
-    inputs: Mapping[str, str | os.PathLike[str]], outputs: Mapping[str, str | os.PathLike[str]]
+    inputs: Mapping[str, str | os.PathLike[str]],
+    outputs: Mapping[str, str | os.PathLike[str]],
+    may_contain: Collection[str] = (),
 ) -> None:
     """Raise `OutputError` (naming the output) if any output overlaps any input.
 
     Keys describe the paths for the message ("the source checkpoint", "the destination").
+    Outputs named in `may_contain` may hold an input: they are only written inside a fresh
+    subdirectory of their own (a `--staging` directory holds `<staging>/<run key>/`).
     """
     for out_what, out_path in outputs.items():
         for in_what, in_path in inputs.items():
             found = overlap(os.fspath(in_path), os.fspath(out_path))
-            if found is None:
+            if found is None or (found.kind == "contains" and out_what in may_contain):
                 continue
             linked = f"{found.via}, which {in_what} links to"
             if found.kind == "hard link":

@@ -691,7 +691,9 @@ def _check_destination(config: RunConfig) -> None:
     dest = storage.as_path(config.destination)
     staging = config.staging_dir or str(dest.parent / f".{dest.name}.staging")
     check_disjoint(
-        inputs, {"the destination": config.destination, "the staging directory": staging}
+        inputs,
+        {"the destination": config.destination, "the staging directory": staging},
+        may_contain={"the staging directory"},  # it writes only <staging>/<run key>/
     )
     found = overlap(config.destination, staging)
     if found is not None and found.kind in ("equal", "inside"):

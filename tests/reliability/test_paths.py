@@ -371,3 +371,17 @@ def test_our_own_manifest_and_report_are_never_carried(tmp_path: Path) -> None:
     assert "gone.bin" not in (out / "manifest.json").read_text()
     verified = run_cli([*CLI, "verify", str(out)], timeout=240)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_staging_directory_may_contain_the_source(tmp_path: Path) -> None:
+    """`--staging /scratch` with the source in /scratch/model: staging writes only
+    `<staging>/<run key>/`, so this is allowed, and the source is untouched."""
+    scratch = tmp_path / "scratch"
+    src = _source(scratch / "src")
+    before = tree_digest(src)
+    done = run_cli(
+        compress_args(src, tmp_path / "out", "--workers", "0", "--staging", str(scratch))
+    )
+    assert done.returncode == 0, done.stderr
+    assert tree_digest(src) == before
+    assert sorted(p.name for p in scratch.iterdir()) == ["src"]  # its run-key dir is gone
