@@ -16,7 +16,8 @@ sizes loads in transformers and fails on the server. So a fused group is a plan-
   ``<block>.experts.<N>.`` of one MoE block forms a group);
 - `check_groups` refuses, before any work, a group whose members get different schemes or are
   partly left dense, naming the group and the fix; the automatic budget chooses one scheme per
-  group (`stages/budget.py`).
+  group (`stages/budget.py`). Only groups with a member in a format servers load
+  (compressed-tensors) are checked: our own layouts (minmax, codebook) are never served.
 
 Modules that are stored already fused (Phi-3's `qkv_proj`, `gate_up_proj`; gpt-oss's 3-D
 experts) are one tensor and need no rule.

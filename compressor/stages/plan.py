@@ -357,7 +357,10 @@ def _fused_groups(
     refusing one that the recipe splits."""
     given = config.recipe.fused
     rules = rules_for(checkpoint.config) if given is None else given
-    groups = find_groups(checkpoint.tensors, [r if isinstance(r, str) else tuple(r) for r in rules])
+    found = find_groups(checkpoint.tensors, [r if isinstance(r, str) else tuple(r) for r in rules])
+    # Only what servers load matters: our own layouts (minmax, codebook) are not served.
+    served = {t.name for t in tensors if isinstance(t.args, QuantArgs) and t.args.method == "int"}
+    groups = tuple(g for g in found if served.intersection(g.members))
     scheme_of = {t.name: t.args.describe() if t.args is not None else None for t in tensors}
     check_groups(groups, scheme_of, str(checkpoint.root))
     return tuple(g for g in groups if scheme_of.get(g.members[0]) is not None)
