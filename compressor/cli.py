@@ -536,7 +536,43 @@ def serve(
         }
     elif cron:
         _fail(CompressorError("a --cron schedule needs --source and --destination"))
+    try:  # everything checked before serving starts (it would fail minutes later, in a run)
+        _check_serve_options(cron, parameters.get("config"))
+    except CompressorError as e:
+        _fail(e)
     flow.serve(name=defaults.DEPLOYMENT_NAME, cron=cron, parameters=parameters)
+
+
+def _check_serve_options(cron: str | None, config: dict[str, Any] | None) -> None:
+    """The schedule parses (Prefect's own cron model) and the default run's parameters form a
+    valid RunConfig."""
+    from pydantic import ValidationError
+
+    from compressor.errors import ConfigError
+
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=cron)
+        except ValidationError:
+            raise ConfigError(
+                f"--cron {cron!r} is not a valid cron schedule",
+                hint='five fields: minute hour day-of-month month day-of-week, e.g. "0 2 * * *"',
+            ) from None
+    if config is not None:
+        from compressor.config import RunConfig
+
+        try:
+            RunConfig.model_validate(config)
+        except ValidationError as e:
+            where = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                for err in e.errors()
+            )
+            raise ConfigError(
+                f"invalid default run: {where}", hint="see `compressor serve --help`"
+            ) from None
 
 
 @app.command()

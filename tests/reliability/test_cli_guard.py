@@ -166,3 +166,15 @@ def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path: Pa
 def test_console_script_is_the_guarded_main() -> None:
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '\ncompressor = "compressor.cli:main"\n' in pyproject
+
+
+def test_serve_checks_its_schedule_and_default_run_before_serving(
+    results: dict[str, subprocess.CompletedProcess[str]], inputs: dict[str, Path]
+) -> None:
+    line = assert_one_message(results["serve-bad-cron"])
+    assert "--cron 'bad' is not a valid cron schedule" in line  # a user's typo, not "a bug"
+    assert results["serve-bad-cron"].returncode == 2
+    bad_preset = _run(
+        ["serve", "--source", str(inputs["existing"]), "--destination", "x", "--preset", "w9"]
+    )
+    assert "invalid default run: preset" in assert_one_message(bad_preset)
