@@ -412,7 +412,7 @@ class Pipeline:
         self.make_plan()
         if self.plan.up_to_date and not self.config.overwrite:
             return self.published_report()
-        with publish_stage.destination_lock(self.config.destination):
+        with publish_stage.run_lock(self.plan):
             cluster_start = time.perf_counter()
             with open_executor(self.config, self.threaded()) as executor:
                 self.start_workers(executor)

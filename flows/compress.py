@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from compressor.config import RunConfig
 from compressor.pipeline import Pipeline, open_executor
 from compressor.stages.executor import Executor, Progress
-from compressor.stages.publish import destination_lock
+from compressor.stages.publish import run_lock
 
 __all__ = ["compress_checkpoint", "run_name"]
 
@@ -186,7 +186,7 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
         return report.to_dict()
     # Publish inside the lock, as `Pipeline.run` does: it removes stale runs' partial outputs
     # and staging, which only the lock holder may do.
-    with destination_lock(config.destination):
+    with run_lock(pipe.plan):
         with open_executor(config, pipe.threaded()) as executor:
             pipe.start_workers(executor)
             ingest_task(pipe, executor)

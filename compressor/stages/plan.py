@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -336,7 +334,6 @@ def make_plan(config: RunConfig) -> Plan:
     sources = source_files(checkpoint, config.source, sides, pruning)
     run_key = _run_key(checkpoint, config, sources)
     up_to_date = _already_published(config, run_key)
-    _claim_shared_staging(config, run_key, up_to_date)
     return Plan(
         config,
         checkpoint,
@@ -423,57 +420,6 @@ def _refuse_unsupported_input(checkpoint: Checkpoint, config: RunConfig) -> None
         if ours
         else "start from the original (unquantized) checkpoint",
     )
-
-
-_STAGING_OWNER = "owner"
-
-
-def _claim_shared_staging(config: RunConfig, run_key: str, up_to_date: bool) -> None:
-    """Refuse a second run on one `--staging` directory with the same input and config (so the
-    same `<staging>/<run key>`) while the first is alive, instead of letting the two overwrite
-    each other's chunks and fail later with a misleading message. The destination lock cannot
-    see it (the destinations differ), so the run key's directory records its owner
-    (`host:pid`); a dead owner on this host is replaced, and the marker goes with the staging
-    when the run succeeds. The default staging beside the destination is covered by that
-    destination's lock; object-store staging is not checked."""
-    if up_to_date or not config.staging_dir or storage.is_url(config.staging_dir):
-        return
-    root = Path(storage.local_path(config.staging_dir)) / run_key
-    marker = root / _STAGING_OWNER
-    me = f"{socket.gethostname()}:{os.getpid()}"
-    root.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            owner = marker.read_text(errors="replace").strip()
-            if owner == me or _owner_is_gone(owner):
-                marker.unlink(missing_ok=True)
-                continue
-            raise OutputError(
-                f"another run ({owner or 'unknown'}) is using this staging directory for the "
-                "same input and configuration",
-                path=str(root),
-                hint="wait for it to finish, or give this run its own --staging directory; if "
-                f"that run is over (it ran on another host), delete {marker}",
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return
-
-
-def _owner_is_gone(owner: str) -> bool:
-    """A `host:pid` names a process of this host that no longer exists."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _refuse_name_collisions(tensors: list[TensorPlan], shards: tuple[OutputShard, ...]) -> None:

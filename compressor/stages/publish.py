@@ -19,6 +19,7 @@ is an object created with a conditional write where the backend supports one (S3
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -37,7 +38,15 @@ from compressor.stages.digest import SourceChanged, check_unchanged
 from compressor.stages.plan import Plan
 from compressor.stages.write import ShardResult
 
-__all__ = ["MANIFEST_NAME", "REPORT_NAME", "destination_lock", "partial_dir", "publish"]
+__all__ = [
+    "MANIFEST_NAME",
+    "REPORT_NAME",
+    "destination_lock",
+    "partial_dir",
+    "publish",
+    "run_lock",
+    "staging_lock",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -45,6 +54,48 @@ _log = logging.getLogger(__name__)
 def partial_dir(plan: Plan) -> Path | storage.UrlPath:
     dest = storage.as_path(plan.config.destination)
     return dest.parent / f".{dest.name}.partial-{plan.run_key}"
+
+
+@contextlib.contextmanager
+def run_lock(plan: Plan) -> Iterator[None]:
+    """What a run holds from its first chunk to its publish: the destination's lock and, with a
+    shared `--staging` directory, its staging lock."""
+    with destination_lock(plan.config.destination), staging_lock(plan):
+        yield
+
+
+@contextlib.contextmanager
+def staging_lock(plan: Plan) -> Iterator[None]:
+    """Refuse a second live run on one `--staging` directory with the same input and config
+    (so the same `<staging>/<run key>/`): the two would overwrite each other's chunks and fail
+    late with a misleading message. The destination lock cannot see it (the destinations
+    differ). An `flock` on `<staging>/<run key>/lock`, released by the kernel however the holder
+    ends (crash, SIGKILL), so a dead run never blocks the next. The default staging beside the
+    destination is covered by the destination's lock; object-store staging is not locked."""
+    config = plan.config
+    if not config.staging_dir or storage.is_url(config.staging_dir):
+        yield
+        return
+    root = Path(storage.local_path(config.staging_dir)) / plan.run_key
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / "lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            raise OutputError(
+                f"another run ({holder}) is using this staging directory for the same input "
+                "and configuration",
+                path=str(root),
+                hint="wait for it to finish, or give this run its own --staging directory",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()}:{os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (publish may have removed the file with the staging)
 
 
 @contextlib.contextmanager

@@ -6,11 +6,11 @@ files."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -329,25 +329,24 @@ def test_overwrite_of_a_destination_that_is_a_file_leaves_nothing_behind(tmp_pat
 # -- messages -----------------------------------------------------------------------------------
 def test_second_run_on_a_shared_staging_directory_is_refused_clearly(tmp_path: Path) -> None:
     """Two runs of the same input and config with one --staging (different destinations) wrote
-    into the same run-key directory and failed late, blaming the disk or a missing chunk. The
-    first run's record in that directory now refuses the second while the first lives."""
+    into the same run-key directory and failed late, blaming the disk or a missing chunk. A live
+    run's lock on that directory now refuses the second; a finished or dead one does not."""
     src = _checkpoint(tmp_path / "src")
     staging = tmp_path / "staging"
     first = compress_args(src, tmp_path / "a", "--workers", "0", "--staging", str(staging))
     assert run_cli([*first, "--keep-staging"]).returncode == 0
     (key_dir,) = [p for p in staging.iterdir() if p.is_dir()]
-    owner = key_dir / "owner"
-    # A live run: this test's own process stands for it (alive for as long as the check runs).
-    owner.write_text(f"{socket.gethostname()}:{os.getpid()}")
     second = compress_args(src, tmp_path / "b", "--workers", "0", "--staging", str(staging))
-    done = run_cli(second)
-    _refused(done, 3, str(key_dir), f"another run ({socket.gethostname()}:{os.getpid()})",
+    # A live run: this test's process holds the lock, as a run does from ingest to publish.
+    with open(key_dir / "lock", "r+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(b"testhost:4242")
+        held.flush()
+        done = run_cli(second)
+    _refused(done, 3, str(key_dir), "another run (testhost:4242)",
              "using this staging directory", "--staging")  # fmt: skip
     assert not (tmp_path / "b").exists()
-    # Once that run is gone (a pid of this host that no longer exists), the next run proceeds.
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    owner.write_text(f"{socket.gethostname()}:{gone.pid}")
+    # Released (the kernel does it however the holder ends): the next run proceeds.
     done = run_cli(second)
     assert done.returncode == 0, done.stderr
 

@@ -57,7 +57,7 @@ def test_hostile_tensor_names_stay_inside_staging(tmp_path: Path) -> None:
     created = {p for p in tmp_path.rglob("*")} - before
     assert all(p.is_relative_to(box) for p in created), created
     part = re.compile(
-        r"owner|in|out|done|ingest|compress|assemble|assemble-copy|digest|shards|packed|scale|zero|min|zarr\.json|c|c(\.\d+)+|\d+|(t\d{5}|sources)(\.c\d{5}\.json)?"
+        r"lock|in|out|done|ingest|compress|assemble|assemble-copy|digest|shards|packed|scale|zero|min|zarr\.json|c|c(\.\d+)+|\d+|(t\d{5}|sources)(\.c\d{5}\.json)?"
     )
     for path in (box / "stg").rglob("*"):
         rel = path.relative_to(box / "stg")  # <run key>/in/t00000/..., never a tensor name
