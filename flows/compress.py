@@ -177,6 +177,10 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
     # Prefect routes the root logger to its run logs; distributed's per-connection INFO lines
     # would drown the stage messages there.
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    if config.evaluate:  # before any work: it would fail only after publishing
+        from compressor.evaluation import require_eval_extra
+
+        require_eval_extra("evaluate")
     pipe = Pipeline(config, _ArtifactProgress(_extra_progress[-1] if _extra_progress else None))
     summary = plan_task(pipe)
     logger.info("plan: %s", summary)
