@@ -43,6 +43,7 @@ from compressor.math import quant  # noqa: E402
 from compressor.math.pack import pack_rows  # noqa: E402
 from compressor.math.quant import QuantArgs  # noqa: E402
 from compressor.math.stats import error_stats, range_stats  # noqa: E402
+from compressor.schemes import int_packed  # noqa: E402
 from compressor.stages import compress as compress_stage  # noqa: E402
 from compressor.stages.thresholds import TensorThresholds  # noqa: E402
 
@@ -156,7 +157,7 @@ def main() -> None:
     scale_raw = dtypes.to_raw(scale)
     blocks = {}
     for br in (64, 256, 1024, rows):
-        compress_stage.BLOCK_ROWS = br
+        int_packed.BLOCK_ROWS = br
 
         def chunk() -> None:
             xx = x
@@ -169,7 +170,7 @@ def main() -> None:
             torch.cat(out)
 
         blocks[str(br)] = best(chunk, r)
-    compress_stage.BLOCK_ROWS = 256
+    int_packed.BLOCK_ROWS = 256
     report["compress_ms"] = {
         "zarr_read_rows": best(lambda: st.read_rows("in/t", 0, rows), r),
         "to_torch": best(lambda: dtypes.to_torch(st.read_rows("in/t", 0, rows), "BF16"), r),

@@ -19,17 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from compressor import __version__
+from compressor import __version__, schemes
 from compressor.config import RunConfig
 from compressor.errors import ConfigError
-from compressor.formats import dtypes, storage
-from compressor.formats.layout import CODEBOOK_FORMAT, MINMAX_FORMAT, CodebookArgs, module_name
-from compressor.formats.quant_config import (
-    codebook_config,
-    compressed_tensors_config,
-    minmax_config,
-    sparse_bitmask_config,
-)
+from compressor.formats import storage
+from compressor.formats.layout import module_name
 from compressor.formats.staging import Staging
 from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats, RangeStats
@@ -364,11 +358,11 @@ class Pipeline:
                 raise
 
     def _write_shards(self, executor: Executor) -> None:
-        # Bitmask tensors' sizes are known only now (values kept): lay the shards out again.
+        # Some schemes' sizes are known only now (bitmask: values kept): lay the shards out again.
         kept = {
             t.name: self.errors[t.name].count - self.errors[t.name].zeros
             for t in self.plan.staged
-            if t.prune is not None and t.prune.bitmask and t.args is None
+            if t.scheme is not None and t.scheme.sized_after_compress
         }
         self.layout = (
             lay_out_shards(self.plan.tensors, self.config.max_shard_mb * 2**20, kept)
@@ -447,59 +441,41 @@ class Pipeline:
 
     # -- helpers ------------------------------------------------------------------------------
     def _small_outputs(self) -> dict[str, np.ndarray]:
-        """Tiny tensors written straight from the client: shapes, per-tensor scales, k-means
-        codebooks."""
+        """Tiny tensors written straight from the client: shapes, and what each scheme writes
+        whole (per-tensor scales, k-means codebooks)."""
         small: dict[str, np.ndarray] = {}
         for t in self.plan.staged:
             m = module_name(t.name)
             small[f"{m}.weight_shape"] = np.asarray(t.info.shape, dtype="<i8")
-            if t.name in self.codebooks:
-                small[f"{m}.weight_codebook"] = np.asarray(
-                    self.codebooks[t.name].stored, dtype="<f4"
-                )
-            if t.args is None or isinstance(t.args, CodebookArgs):
+            scheme, stored = t.scheme, t.stored
+            if scheme is None or stored is None:
                 continue
-            fixed = self.fixed[t.name]
-            if fixed.scale is not None:
-                small[f"{m}.weight_scale"] = dtypes.to_raw(fixed.scale.reshape(1))
-                if fixed.zero is not None:
-                    suffix = (
-                        "weight_min"
-                        if t.args and t.args.method == "minmax"
-                        else "weight_zero_point"
-                    )
-                    small[f"{m}.{suffix}"] = dtypes.to_raw(fixed.zero.reshape(1))
+            fixed = self.fixed.get(t.name)
+            book = self.codebooks.get(t.name)
+            small.update(
+                scheme.small_outputs(
+                    m,
+                    stored,
+                    fixed.scale if fixed else None,
+                    fixed.zero if fixed else None,
+                    book.stored if book else None,
+                )
+            )
         return small
 
     def _quantization_config(self) -> dict[str, Any] | None:
         """The config.json block, or None when the output is an ordinary dense model."""
-        bitmask = [
-            module_name(t.name)
+        compressed = [
+            (t.stored, t.info.dtype, module_name(t.name))
             for t in self.plan.staged
-            if t.args is None and t.prune and t.prune.bitmask
+            if t.stored is not None
         ]
-        if not self.plan.quantized:
-            return sparse_bitmask_config(bitmask) if bitmask else None
-        books: dict[tuple[CodebookArgs, str], list[str]] = {}
-        groups: dict[QuantArgs, list[str]] = {}
-        for t in self.plan.quantized:
-            if isinstance(t.args, CodebookArgs):
-                books.setdefault((t.args, t.info.dtype), []).append(module_name(t.name))
-            elif t.args is not None:
-                groups.setdefault(t.args, []).append(module_name(t.name))
-        if books:  # the recipe refuses mixing codebook and integer rules, and pruning
-            return codebook_config(books)
-        if any(a.method == "minmax" for a in groups):
-            return minmax_config(groups)
         dense_linear = [
             module_name(t.name)
             for t in self.plan.tensors
             if t.args is None and (is_default_linear(t.name, t.info) or t.name == "lm_head.weight")
         ]
-        config = compressed_tensors_config(groups, dense_linear)
-        if bitmask:  # our extension, beside the compressed-tensors block; decompress reads it
-            config["checkpoint_compressor_sparse_bitmask"] = sorted(bitmask)
-        return config
+        return schemes.quantization_config(compressed, dense_linear)
 
     def _report(self) -> RunReport:
         plan = self.plan
@@ -536,10 +512,11 @@ class Pipeline:
         )
 
     def _format(self) -> str:
-        methods = {t.args.method for t in self.plan.quantized if t.args is not None}
-        if methods & {"nf4", "kmeans"}:
-            return CODEBOOK_FORMAT
-        return MINMAX_FORMAT if "minmax" in methods else "compressed-tensors"
+        """The output's layout family, as compression.json names it."""
+        found = {t.scheme.name: t.scheme.format for t in self.plan.quantized if t.scheme}
+        if found.keys() <= {"int"}:
+            return "compressed-tensors"
+        return next(fmt for name, fmt in found.items() if name != "int")
 
     def _kmeans_summary(self) -> dict[str, Any]:
         """Per k-means tensor: iterations run, whether it reached a fixed point, the last

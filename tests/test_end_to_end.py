@@ -303,7 +303,7 @@ def test_serial_and_local_cluster_write_identical_bytes(llama_src, tmp_path):
 
 # -- resume ---------------------------------------------------------------------------------------
 def test_resume_skips_finished_chunks(llama_src, tmp_path, monkeypatch):
-    import compressor.stages.compress as compress_stage
+    import compressor.schemes.int_packed as int_packed
 
     def config(dest: str) -> RunConfig:
         return build_config(
@@ -316,13 +316,13 @@ def test_resume_skips_finished_chunks(llama_src, tmp_path, monkeypatch):
         )
 
     calls: list[int] = []
-    real = compress_stage.quantize_rows_packed
+    real = int_packed.quantize_rows_packed
 
     def counting(x, *args, **kwargs):
         calls.append(x.shape[0])
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(compress_stage, "quantize_rows_packed", counting)
+    monkeypatch.setattr(int_packed, "quantize_rows_packed", counting)
 
     # A "crashed" run: plan, ingest, stats, thresholds and compress, but no write/publish.
     crashed = Pipeline(config("out"))

@@ -39,24 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
-
+from compressor import schemes
 from compressor.errors import CompressorError, InputError
 from compressor.formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from compressor.formats.compressed import CompressedModule, quantized_modules
 from compressor.formats.identity import checkpoint_files, sha256_of, stamp_of
-from compressor.formats.layout import (
-    CODEBOOK_FORMAT,
-    CT_FORMAT,
-    MINMAX_FORMAT,
-    SPARSE_BITMASK_FORMAT,
-    CodebookArgs,
-    OutputSpec,
-    bitmask_outputs,
-    quantized_outputs,
-)
 from compressor.formats.quant_config import OUR_TOOL, is_ours
-from compressor.formats.safetensors_io import read_rows, read_tensor
+from compressor.formats.safetensors_io import read_tensor
 
 __all__ = ["MANIFEST_NAME", "REPORT_NAME", "Problem", "VerifyResult", "verify_checkpoint"]
 
@@ -282,123 +271,41 @@ def _check_quantization_config(result: VerifyResult) -> dict[str, Any] | None:
         result.add("config.json", "quantization_config is not an object")
         return None
     method, fmt = qc.get("quant_method"), qc.get("format")
-    if is_ours(qc):
-        method = OUR_TOOL
-    if method == "compressed-tensors":
-        errors = _compressed_tensors_errors(qc)
-    elif method == OUR_TOOL and fmt == MINMAX_FORMAT:
-        errors = _structural_errors(qc, minmax=True)
-    elif method == OUR_TOOL and fmt == SPARSE_BITMASK_FORMAT:
-        errors = [] if _names(qc.get("targets")) else ["targets must be a list of module names"]
-    elif method == OUR_TOOL and fmt == CODEBOOK_FORMAT:
-        errors = _codebook_config_errors(qc)
+    scheme = schemes.by_format(fmt)
+    ours = is_ours(qc)
+    if (
+        scheme is not None
+        and ours == (scheme.name != "int")
+        and (ours or method == "compressed-tensors")
+    ):
+        errors = scheme.config_errors(qc)
+        for other in schemes.all_schemes():
+            if other is not scheme:
+                errors += other.extension_errors(qc)
     else:
+        known = ", ".join(s.format for s in schemes.all_schemes() if s.name != "int")
         errors = [
-            f"quant_method {method!r} with format {fmt!r} is not one this tool writes "
-            f"(compressed-tensors; checkpoint-compressor {MINMAX_FORMAT}, "
-            f"{SPARSE_BITMASK_FORMAT} or {CODEBOOK_FORMAT})"
+            f"quant_method {OUR_TOOL if ours else method!r} with format {fmt!r} is not one this "
+            f"tool writes (compressed-tensors; checkpoint-compressor {known})"
         ]
     for message in errors:
         result.add("config.json", f"quantization_config: {message}")
     return None if errors else qc
 
 
-def _names(value: object) -> list[str] | None:
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    return None
-
-
-def _compressed_tensors_errors(qc: dict[str, Any]) -> list[str]:
-    errors = _structural_errors(qc, minmax=False)
-    extension = qc.get("checkpoint_compressor_sparse_bitmask", [])
-    if _names(extension) is None:
-        errors.append("checkpoint_compressor_sparse_bitmask must be a list of module names")
-    try:
-        from compressed_tensors.quantization import QuantizationConfig
-        from pydantic import ValidationError
-    except ImportError:  # compressed-tensors is optional: the structural checks stand alone
-        return errors
-    try:
-        QuantizationConfig.model_validate(qc)
-    except ValidationError as e:
-        for item in e.errors():
-            where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-            errors.append(f"compressed-tensors rejects {where}: {item['msg']}")
-    return errors
-
-
-def _codebook_config_errors(qc: dict[str, Any]) -> list[str]:
-    groups = qc.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        return ["config_groups must be a non-empty object"]
-    errors = []
-    for key, group in groups.items():
-        where = f"config_groups.{key}"
-        if not isinstance(group, dict):
-            errors.append(f"{where} must be an object")
-            continue
-        if not _names(group.get("targets")):
-            errors.append(f"{where}.targets must be a non-empty list of module names")
-        kind, bits = group.get("type"), group.get("num_bits")
-        if kind not in ("nf4", "kmeans"):
-            errors.append(f"{where}.type must be nf4 or kmeans, got {kind!r}")
-        elif kind == "nf4" and (bits != 4 or group.get("block_size") != 64):
-            errors.append(f"{where}: nf4 needs num_bits 4 and block_size 64")
-        elif kind == "kmeans" and (type(bits) is not int or not 2 <= bits <= 8):
-            errors.append(f"{where}.num_bits must be an integer from 2 to 8, got {bits!r}")
-        if group.get("dtype") not in ("BF16", "F16", "F32", "F64"):
-            errors.append(
-                f"{where}.dtype must be BF16, F16, F32 or F64, got {group.get('dtype')!r}"
-            )
-    return errors
-
-
-def _structural_errors(qc: dict[str, Any], minmax: bool) -> list[str]:
-    errors = []
-    groups = qc.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        return ["config_groups must be a non-empty object"]
-    if _names(qc.get("ignore", [])) is None:
-        errors.append("ignore must be a list of module names")
-    if not minmax and qc.get("format") not in (CT_FORMAT, "mixed-precision"):
-        errors.append(f"format {qc.get('format')!r} is not {CT_FORMAT} or mixed-precision")
-    for key, group in groups.items():
-        if not isinstance(group, dict):
-            errors.append(f"config_groups.{key} must be an object")
-            continue
-        if not _names(group.get("targets")):
-            errors.append(f"config_groups.{key}.targets must be a non-empty list of names")
-        args = group if minmax else group.get("weights")
-        where = f"config_groups.{key}" + ("" if minmax else ".weights")
-        if not isinstance(args, dict):
-            errors.append(f"{where} must be an object")
-            continue
-        bits = args.get("num_bits")
-        if type(bits) is not int or not 1 <= bits <= 8:
-            errors.append(f"{where}.num_bits must be an integer from 1 to 8, got {bits!r}")
-        strategy = args.get("strategy")
-        if strategy not in ("tensor", "channel", "group"):
-            errors.append(f"{where}.strategy must be tensor, channel or group, got {strategy!r}")
-        group_size = args.get("group_size")
-        if strategy == "group" and (type(group_size) is not int or group_size < 1):
-            errors.append(f"{where}.group_size must be a positive integer, got {group_size!r}")
-        if not minmax and not isinstance(args.get("symmetric"), bool):
-            errors.append(f"{where}.symmetric must be true or false")
-    return errors
-
-
 # -- packed and bitmask modules ---------------------------------------------------------------
-_OWNED = {  # part suffix → the suffixes, one of which must exist for the same module
-    ".weight_scale": None,  # other tools store scales of unpacked weights (fp8): not checked
-    ".weight_zero_point": (".weight_packed",),
-    ".weight_min": (".weight_packed",),
-    ".weight_values": (".weight_bitmask",),
-    ".weight_row_offsets": (".weight_bitmask",),
-    ".weight_absmax": (".weight_nf4",),
-    ".weight_codebook": (".weight_indices",),
-    ".weight_shape": (".weight_packed", ".weight_bitmask", ".weight_nf4", ".weight_indices"),
-}
+def _owned() -> dict[str, tuple[str, ...] | None]:
+    """Part suffix → the root parts, one of which must exist for the same module (from every
+    scheme's parts). A bare `weight_scale` is not checked: other tools store scales of unpacked
+    weights (fp8)."""
+    owners: dict[str, list[str]] = {}
+    for scheme in schemes.all_schemes():
+        for part in scheme.parts:
+            if part not in scheme.root_parts and part != "weight_scale":
+                owners.setdefault(f".{part}", []).extend(f".{r}" for r in scheme.root_parts)
+    table: dict[str, tuple[str, ...] | None] = {".weight_scale": None}
+    table.update({k: tuple(dict.fromkeys(v)) for k, v in owners.items()})
+    return table
 
 
 def _matches(pattern: str, module: str) -> bool:
@@ -409,12 +316,13 @@ def _matches(pattern: str, module: str) -> bool:
 
 def _check_modules(result: VerifyResult, checkpoint: Checkpoint, qc: dict[str, Any]) -> None:
     root, tensors = result.root, checkpoint.tensors
+    owned = _owned()
 
     def where(name: str) -> str | None:
         return _relative(root, tensors[name][0]) if name in tensors else "config.json"
 
     for name, (file, info) in tensors.items():
-        for suffix, owners in _OWNED.items():
+        for suffix, owners in owned.items():
             module = name.removesuffix(suffix)
             if not name.endswith(suffix) or owners is None:
                 continue
@@ -442,12 +350,9 @@ def _check_modules(result: VerifyResult, checkpoint: Checkpoint, qc: dict[str, A
             "loaders would read it as a dense layer",
         )
     for compressed in modules.values():
-        if compressed.args is None:
-            _check_bitmask(result, tensors, compressed, where)
-        elif isinstance(compressed.args, CodebookArgs):
-            _check_codebook(result, tensors, compressed, where)
-        else:
-            _check_packed(result, tensors, compressed, where)
+        for at, message in compressed.scheme.verify_module(tensors, compressed, where):
+            result.add(at, message)
+        result.modules += 1
         if f"{compressed.module}.weight" in tensors:
             result.add(
                 where(f"{compressed.module}.weight"),
@@ -459,134 +364,41 @@ def _check_modules(result: VerifyResult, checkpoint: Checkpoint, qc: dict[str, A
 def _check_declared(
     result: VerifyResult, qc: dict[str, Any], modules: dict[str, CompressedModule]
 ) -> None:
-    """What config.json declares matches what the shards hold, both ways."""
-    bitmask = {m for m, c in modules.items() if c.args is None}
-    if qc.get("format") == SPARSE_BITMASK_FORMAT:
-        declared_bitmask = set(qc["targets"])
-    else:
-        declared_bitmask = set(qc.get("checkpoint_compressor_sparse_bitmask", []))
-    for module in sorted(bitmask - declared_bitmask):
-        result.add(
-            "config.json",
-            f"module {module!r} is stored as a sparse bitmask, which quantization_config does "
-            "not declare",
-        )
-    for module in sorted(declared_bitmask - bitmask):
-        result.add(
-            "config.json",
-            f"quantization_config declares module {module!r} a sparse bitmask, but no shard "
-            f"holds {module}.weight_bitmask",
-        )
+    """What config.json declares matches what the shards hold, both ways: every module a
+    scheme's block (or extension) names exactly is stored that way (unless ignored), and every
+    module stored as a sparse bitmask is declared (the other schemes' discovery already refuses
+    an undeclared module)."""
     ignore = [p for p in qc.get("ignore", []) if p != "Linear"]
-    codebook = qc.get("format") == CODEBOOK_FORMAT
-    for group in (qc.get("config_groups") or {}).values():
-        for target in group["targets"]:
-            exact = target != "Linear" and not target.startswith("re:")
-            if exact and target not in modules and not any(_matches(p, target) for p in ignore):
-                part = (
-                    ("weight_nf4" if group.get("type") == "nf4" else "weight_indices")
-                    if codebook
-                    else "weight_packed"
-                )
+    for scheme in schemes.all_schemes():
+        declared = scheme.declared(qc) if _owns_or_extends(scheme, qc) else {}
+        stored = {m for m, c in modules.items() if c.scheme is scheme}
+        if scheme.sized_after_compress:  # sparse bitmask: stored must be declared too
+            for module in sorted(stored - set(declared)):
                 result.add(
                     "config.json",
-                    f"quantization_config targets module {target!r}, but no shard holds "
-                    f"{target}.{part}",
+                    f"module {module!r} is stored as a sparse bitmask, which quantization_config "
+                    "does not declare",
+                )
+        for module, part in sorted(declared.items()):
+            if module in stored or any(_matches(p, module) for p in ignore):
+                continue
+            if not scheme.sized_after_compress:
+                result.add(
+                    "config.json",
+                    f"quantization_config targets module {module!r}, but no shard holds "
+                    f"{module}.{part}",
+                )
+            else:
+                result.add(
+                    "config.json",
+                    f"quantization_config declares module {module!r} a sparse bitmask, but no "
+                    f"shard holds {module}.{part}",
                 )
 
 
-def _check_expected(
-    result: VerifyResult,
-    tensors: dict[str, Any],
-    module: CompressedModule,
-    expected: list[OutputSpec],
-    scheme: str,
-    where: Any,
-) -> None:
-    for spec in expected:
-        if spec.name not in tensors:
-            result.add(
-                where(f"{module.module}.{module.root}"),
-                f"module {module.module!r} ({scheme}) has no {spec.name}",
-            )
-            continue
-        info = tensors[spec.name][1]
-        if info.dtype != spec.dtype or info.shape != spec.shape:
-            result.add(
-                where(spec.name),
-                f"tensor {spec.name!r} is {info.dtype} {list(info.shape)}, but a "
-                f"{list(module.shape)} weight stored {scheme} needs {spec.dtype} "
-                f"{list(spec.shape)}",
-            )
-    result.modules += 1
-
-
-def _check_packed(
-    result: VerifyResult, tensors: dict[str, Any], module: CompressedModule, where: Any
-) -> None:
-    m, args = module.module, module.args
-    assert args is not None
-    scale_dtype = tensors[f"{m}.weight_scale"][1].dtype
-    expected = quantized_outputs(f"{m}.weight", module.shape, scale_dtype, args)
-    _check_expected(result, tensors, module, expected, args.describe(), where)
-
-
-def _check_codebook(
-    result: VerifyResult, tensors: dict[str, Any], module: CompressedModule, where: Any
-) -> None:
-    m, args = module.module, module.args
-    assert isinstance(args, CodebookArgs)
-    expected = quantized_outputs(f"{m}.weight", module.shape, module.dtype, args)
-    before = len(result.problems)
-    _check_expected(result, tensors, module, expected, args.describe(), where)
-    if len(result.problems) > before:
-        return
-    # NaN or inf in the absmax or the codebook would decompress to NaN weights.
-    name = f"{m}.weight_absmax" if args.method == "nf4" else f"{m}.weight_codebook"
-    file, info = tensors[name]
-    rows = info.shape[0]
-    for r0 in range(0, rows, 4096):
-        block = read_rows(file, info, r0, min(rows, r0 + 4096))
-        if not np.isfinite(block).all():
-            result.add(where(name), f"tensor {name!r} holds NaN or infinite values")
-            return
-
-
-def _check_bitmask(
-    result: VerifyResult, tensors: dict[str, Any], module: CompressedModule, where: Any
-) -> None:
-    m = module.module
-    values = tensors[f"{m}.weight_values"][1]
-    if len(values.shape) != 1:
-        result.add(where(f"{m}.weight_values"), f"tensor '{m}.weight_values' is not 1-D")
-        return
-    expected = bitmask_outputs(f"{m}.weight", module.shape, values.dtype, values.shape[0])
-    before = len(result.problems)
-    _check_expected(result, tensors, module, expected, "as a sparse bitmask", where)
-    if len(result.problems) > before:
-        return
-    # The bits, the row offsets and the number of values must agree (row block by row block).
-    rows, cols = module.shape
-    file, info = tensors[f"{m}.weight_row_offsets"]
-    offsets = read_tensor(file, info).astype(np.int64)
-    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != values.shape[0]:
-        result.add(
-            where(f"{m}.weight_row_offsets"),
-            f"tensor '{m}.weight_row_offsets' does not run from 0 up to the "
-            f"{values.shape[0]} stored values",
-        )
-        return
-    file, info = tensors[f"{m}.weight_bitmask"]
-    for r0 in range(0, rows, 4096):
-        r1 = min(rows, r0 + 4096)
-        bits = np.unpackbits(read_rows(file, info, r0, r1), axis=1, count=cols, bitorder="little")
-        if not np.array_equal(bits.sum(axis=1), np.diff(offsets[r0 : r1 + 1])):
-            result.add(
-                where(f"{m}.weight_bitmask"),
-                f"tensor '{m}.weight_bitmask' and '{m}.weight_row_offsets' disagree on how "
-                f"many values rows {r0}..{r1 - 1} keep",
-            )
-            return
+def _owns_or_extends(scheme: schemes.Scheme, qc: dict[str, Any]) -> bool:
+    """The block is this scheme's own, or may carry its extension (the bitmask list)."""
+    return schemes.by_format(qc.get("format")) is scheme or scheme.sized_after_compress
 
 
 # -- the source it was made from ---------------------------------------------------------------

@@ -303,7 +303,7 @@ def _improve(
 
 def stored_bits(shape: tuple[int, int], args: QuantArgs, scale_dtype: torch.dtype) -> int:
     """Bits one (rows, cols) weight occupies once quantized with `args`, every output tensor
-    counted as the writers lay it out (`formats.layout.quantized_outputs`): packed int32 codes,
+    counted as the writers lay it out (the scheme's `outputs`, `compressor/schemes/`): packed int32 codes,
     scales in `scale_dtype`, the minmax offset or packed int32 zero points (int8 per tensor), and
     the int64 (2,) shape."""
     rows, cols = shape

@@ -35,6 +35,7 @@ from compressor.errors import OutputError
 from compressor.formats import storage
 from compressor.formats.safetensors_io import TensorInfo, encode_header, iter_byte_blocks
 from compressor.formats.staging import Staging
+from compressor.schemes import all_schemes
 from compressor.stages.plan import OutputShard, Plan, TensorPlan
 
 __all__ = [
@@ -60,7 +61,7 @@ COPY_BLOCK = 32 * 2**20  # bytes per copy job
 SHARD_METADATA = {"format": "pt"}
 # Output tensors that compress writes row block by row block (the others are written whole by
 # the write stage: copies, and small tensors such as shapes or per-tensor scales).
-ROW_ROLES = frozenset({"packed", "scale", "zero", "min", "dense", "absmax"})
+ROW_ROLES = frozenset({"dense"}.union(*(s.row_roles for s in all_schemes())))
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def assembles_in_place(plan: Plan, staging: Staging, scheduler: str | None) -> b
     """Whether this run writes compress outputs straight into shard files (module docstring)."""
     if scheduler is not None or not isinstance(staging.root, Path):
         return False
-    return not any(t.prune is not None and t.prune.bitmask for t in plan.staged)
+    return not any(t.scheme is not None and t.scheme.sized_after_compress for t in plan.staged)
 
 
 def staged_shard(staging: Staging, file_name: str) -> Path:

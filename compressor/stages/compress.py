@@ -12,23 +12,27 @@ Work proceeds in blocks of `BLOCK_ROWS` rows so temporaries stay cache-sized.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import cast
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from compressor.formats import dtypes
-from compressor.formats.layout import CodebookArgs, nf4_dequantize_rows, nf4_quantize_rows
 from compressor.formats.safetensors_io import read_rows
 from compressor.formats.staging import Staging
-from compressor.math import kernels
-from compressor.math.codebook import NF4_BLOCK, kmeans_assign
-from compressor.math.pack import pack_rows, packed_width
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
-from compressor.math.quant import QuantArgs, quantized_range
-from compressor.math.rounding import RoundingMode, quantize_rows, search_qparams
 from compressor.math.stats import ErrorStats, combine_errors, error_stats, range_stats
+from compressor.schemes import ChunkInput
+from compressor.schemes.int_packed import (
+    BLOCK_ROWS,
+    GPU_BLOCK_ROWS,
+    NonFiniteWeights,
+    PackedRows,
+    device,
+    quantize_block,
+    quantize_rows_packed,
+    warm_up,
+)
 from compressor.stages import assemble
 from compressor.stages.assemble import RowTarget
 from compressor.stages.executor import Executor, Progress
@@ -37,22 +41,21 @@ from compressor.stages.stats import ChunkPrune, chunk_importance, staged_rows
 from compressor.stages.thresholds import TensorThresholds, nonfinite_error
 
 __all__ = [
+    "BLOCK_ROWS",
+    "GPU_BLOCK_ROWS",
     "CompressJob",
     "NonFiniteWeights",
     "PackedRows",
     "compress",
     "compress_chunk",
     "prepare_outputs",
+    "quantize_block",
     "quantize_rows_packed",
     "takes_fused_kernels",
     "warm_up",
 ]
 
 STAGE = "compress"
-# Rows per block of the quantize math: small blocks keep temporaries in cache on the CPU
-# (measured 205 → 153 ms per chunk at 64 rows); a GPU wants large ones.
-BLOCK_ROWS = 64
-GPU_BLOCK_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -88,25 +91,23 @@ class _Outputs:
         else:
             assemble.write_rows(self.targets[role], first_row, values)
 
+    def put_array(self, name: str, values: np.ndarray, dtype: str) -> None:
+        if self.targets is not None:  # sizes unknown before compress: never in place
+            raise ValueError(f"{self.key}: {name} cannot be assembled in place")
+        path = f"out/{self.key}/{name}"
+        self.staging.create(path, values.shape, dtype, max(1, values.shape[0]))
+        self.staging.write_rows(path, 0, values)
 
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
-
-def quantize_block(
-    x: torch.Tensor, args: QuantArgs, fixed: TensorThresholds, rounding: str = "rtn"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Quantize a (rows, cols) block: unsigned codes, scale, zero/offset, and x̂ (x's dtype).
-
-    Per-tensor parameters (`fixed`) apply as they are; otherwise `rounding` chooses each
-    group's (`math.rounding.quantize_rows`). Codes are offset to unsigned, as stored.
-    """
-    scale = fixed.scale.to(x.device) if fixed.scale is not None else None
-    zero = fixed.zero.to(x.device) if fixed.zero is not None else None
-    q, scale, zero, x_hat = quantize_rows(x, args, rounding, scale, zero)  # type: ignore[arg-type]
-    qmin, _ = quantized_range(args)
-    codes = q - qmin  # compressed-tensors stores q + 2^(b-1); minmax codes are already ≥ 0
-    return codes, scale, zero, x_hat
+def takes_fused_kernels(t: TensorPlan) -> bool:
+    """Whether every chunk of `t` runs the fused CPU kernels (which release the GIL)."""
+    scheme = t.scheme
+    return (
+        scheme is not None
+        and t.args is not None
+        and t.prune is None
+        and scheme.takes_fused_kernels(t.args, t.info.dtype, t.rounding)
+    )
 
 
 def prune_mask(
@@ -136,7 +137,7 @@ def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
         x = dtypes.to_torch(read_rows(t.source, t.info, r0, r1), dtype)
         # Ingest checks for NaN/inf when it runs; here it did not. The fused kernels find them
         # in their range pass (NonFiniteWeights below), every other path checks here.
-        if not (takes_fused_kernels(t) and _device().type == "cpu"):
+        if not (takes_fused_kernels(t) and device().type == "cpu"):
             bad = range_stats(x).nonfinite
             if bad:
                 raise nonfinite_error(t.source, t.name, bad)
@@ -150,278 +151,41 @@ def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
         removed = int(mask.sum())
         pruned = x.masked_fill(mask, 0)  # a new tensor: the staged input stays as it was
     out = _Outputs(job)
-    if t.args is None:
+    scheme, stored = t.scheme, t.stored
+    if scheme is None or stored is None:  # pruned, written dense with its zeros
         total = error_stats(x, pruned, removed)
-        _store_pruned(out, staging, t, r0, job.chunk, pruned)
-    elif isinstance(t.args, CodebookArgs):
-        total = _codebook_chunk(out, t, r0, x, t.args, job.codebook)
+        out.put("dense", r0, dtypes.to_raw(pruned))
     else:
+        chunk = ChunkInput(
+            x,
+            pruned,
+            r0,
+            job.chunk,
+            removed,
+            t.rounding,
+            job.thresholds.scale,
+            job.thresholds.zero,
+            job.codebook,
+            t.name,
+        )
         try:
-            total = _quantize_chunk(out, t, r0, x, pruned, job.thresholds, removed)
+            total = scheme.encode_chunk(out, stored, chunk)
         except NonFiniteWeights as e:
             raise nonfinite_error(t.source, t.name, e.count) from None
     staging.mark_done(job.stage, t.key, job.chunk, asdict(total))
     return total
 
 
-class NonFiniteWeights(ValueError):
-    """The block holds NaN or infinite weights (found by the fused kernels' range pass)."""
-
-    def __init__(self, count: int) -> None:
-        super().__init__(f"{count} NaN or infinite weight(s)")
-        self.count = count
-
-
-@dataclass(frozen=True)
-class PackedRows:
-    """A quantized row block as stored: packed codes, scales, zero points, and its error."""
-
-    packed: torch.Tensor  # int32 (rows, ceil(cols·bits/32)), codes q − qmin
-    scale: torch.Tensor  # (rows, ngroups) in the weight dtype, or (1, 1) for the tensor strategy
-    zero: torch.Tensor | None  # int8 zero points / float offsets (minmax), None when symmetric
-    error: ErrorStats
-
-
-def _fused_kind(x: torch.Tensor, args: QuantArgs, fixed: TensorThresholds) -> int | None:
-    """The kernels' `kind` when the fused CPU path computes exactly what the torch path does,
-    and the work stays on the CPU (a GPU worker moves its blocks to the device instead)."""
-    kind = {torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}.get(x.dtype)
-    if kind is None or x.device.type != "cpu" or _device().type != "cpu" or args.method != "int":
-        return None
-    if fixed.scale is not None and fixed.scale.dtype != x.dtype:
-        return None
-    return kind
-
-
-def warm_up() -> None:
-    """Load (or compile, the first time on a machine) the fused kernels in this process, so the
-    cost shows as start-up, not inside the first chunks of the stage."""
-    if _device().type == "cpu":
-        kernels.warm_up()
-
-
-def takes_fused_kernels(t: TensorPlan) -> bool:
-    """Whether every chunk of `t` runs the fused CPU kernels (which release the GIL)."""
-    args = t.args
-    return (
-        isinstance(args, QuantArgs)
-        and args.method == "int"
-        and args.strategy != "tensor"
-        and t.info.dtype in ("BF16", "F16")
-        and t.prune is None
-        and t.rounding == "rtn"
-    )
-
-
-def quantize_rows_packed(
-    x: torch.Tensor,
-    pruned: torch.Tensor,
-    args: QuantArgs,
-    fixed: TensorThresholds,
-    rounding: str = "rtn",
-) -> PackedRows:
-    """Quantize `pruned` (= `x` when nothing was pruned), pack it, and measure it against `x`.
-
-    On the CPU, integer schemes on 16-bit weights take the fused kernels (`math.kernels`: one
-    pass, same bits as the torch path); everything else runs the torch path in blocks of
-    `BLOCK_ROWS` (GPU: `GPU_BLOCK_ROWS`) rows so temporaries stay cache-sized.
-    """
-    kind = _fused_kind(x, args, fixed)
-    if kind is not None:
-        return _fused_rows(x, pruned, args, fixed, rounding, kind)
-    device = _device()
-    step = GPU_BLOCK_ROWS if device.type == "cuda" else BLOCK_ROWS
-    packed, scales, zeros, errors = [], [], [], []
-    for b0 in range(0, x.shape[0], step):
-        block = pruned[b0 : b0 + step].to(device)
-        codes, scale, zero, x_hat = quantize_block(block, args, fixed, rounding)
-        errors.append(error_stats(x[b0 : b0 + step].to(device), x_hat, count_zeros=False))
-        packed.append(pack_rows(codes, args.bits).cpu())
-        scales.append(scale.cpu())
-        if zero is not None:
-            zeros.append(zero.cpu())
-    if args.strategy == "tensor":  # one (1, 1) parameter set for every block
-        return PackedRows(
-            torch.cat(packed), scales[0], zeros[0] if zeros else None, combine_errors(*errors)
-        )
-    return PackedRows(
-        torch.cat(packed),
-        torch.cat(scales),
-        torch.cat(zeros) if zeros else None,
-        combine_errors(*errors),
-    )
-
-
-def _fused_rows(
-    x: torch.Tensor,
-    pruned: torch.Tensor,
-    args: QuantArgs,
-    fixed: TensorThresholds,
-    rounding: str,
-    kind: int,
-) -> PackedRows:
-    rows, cols = x.shape
-    raw = dtypes.to_raw(pruned.contiguous()).view(np.uint16)
-    reference = None if pruned is x else dtypes.to_raw(x.contiguous()).view(np.uint16)
-    group = args.group_size if args.strategy == "group" else cols
-    qrange = quantized_range(args)
-    if fixed.scale is None and rounding == "rtn":  # parameters from each group's range, same pass
-        packed, bits16, zeros, (sq_error, sq_signal, max_abs), bad = kernels.quantize_pack_rtn_16(
-            raw, kind, group, args.symmetric, qrange, args.bits, reference
-        )
-        if bad:
-            raise NonFiniteWeights(int((~torch.isfinite(pruned)).sum()))
-        scale = torch.from_numpy(bits16.view(np.int16)).view(x.dtype)
-        zero = None if zeros is None else torch.from_numpy(zeros)
-    else:
-        if fixed.scale is not None:
-            scale, zero = fixed.scale, fixed.zero
-        else:  # the search runs in torch, block by block; the kernel then applies its parameters
-            found = [
-                search_qparams(
-                    pruned[b0 : b0 + BLOCK_ROWS],
-                    args,
-                    x.dtype,
-                    cast(RoundingMode, rounding),
-                )
-                for b0 in range(0, rows, BLOCK_ROWS)
-            ]
-            scale = torch.cat([s for s, _ in found])
-            zero = (
-                None if found[0][1] is None else torch.cat([z for _, z in found if z is not None])
-            )
-        ngroups = -(-cols // group)
-        packed, sq_error, sq_signal, max_abs = kernels.quantize_pack_16(
-            raw,
-            kind,
-            group,
-            scale.float().expand(rows, ngroups).contiguous().numpy(),
-            None if zero is None else zero.int().expand(rows, ngroups).numpy(),
-            qrange,
-            args.bits,
-            reference,
-        )
-    error = ErrorStats(x.numel(), sq_error, sq_signal, max_abs)
-    return PackedRows(torch.from_numpy(packed), scale, zero, error)
-
-
-def _quantize_chunk(
-    out: _Outputs,
-    t: TensorPlan,
-    r0: int,
-    x: torch.Tensor,
-    pruned: torch.Tensor,
-    fixed: TensorThresholds,
-    removed: int,
-) -> ErrorStats:
-    """Quantize a chunk (already pruned), store its outputs, return its error."""
-    args = t.args
-    assert isinstance(args, QuantArgs)
-    rows = quantize_rows_packed(x, pruned, args, fixed, t.rounding)
-    out.put("packed", r0, rows.packed.numpy())
-    if args.strategy != "tensor":
-        out.put("scale", r0, dtypes.to_raw(rows.scale))
-        if args.method == "minmax":
-            assert rows.zero is not None
-            out.put("min", r0, dtypes.to_raw(rows.zero))
-        elif not args.symmetric:
-            assert rows.zero is not None
-            # Zero points are packed along rows; chunks start at multiples of 32 rows, so this
-            # chunk's words start at word r0·b/32 exactly.
-            z = rows.zero.to(torch.int16) - quantized_range(args)[0]
-            words = pack_rows(z.T.contiguous(), args.bits).T.contiguous()
-            out.put("zero", r0 * args.bits // 32, words.numpy())
-    return replace(rows.error, pruned=removed)
-
-
-def _codebook_chunk(
-    out: _Outputs,
-    t: TensorPlan,
-    r0: int,
-    x: torch.Tensor,
-    args: CodebookArgs,
-    codebook: tuple[float, ...] | None,
-) -> ErrorStats:
-    """NF4 or k-means codes of a chunk, in row blocks; stores packed codes (and NF4's absmax)."""
-    device = _device()
-    step = GPU_BLOCK_ROWS if device.type == "cuda" else BLOCK_ROWS
-    centroids = None
-    if args.method == "kmeans":
-        if codebook is None or len(codebook) != args.levels:
-            raise ValueError(f"{t.name}: k-means compression needs its {args.levels} centroids")
-        centroids = torch.tensor(codebook, dtype=torch.float64, device=device)
-    packed, absmaxes, errors = [], [], []
-    for b0 in range(0, x.shape[0], step):
-        block = x[b0 : b0 + step].to(device)
-        if centroids is None:
-            codes, absmax = nf4_quantize_rows(block)
-            x_hat = nf4_dequantize_rows(codes, absmax, block.dtype)
-            absmaxes.append(absmax.cpu())
-        else:
-            codes = kmeans_assign(block, centroids)
-            x_hat = centroids[codes].to(block.dtype)
-        errors.append(error_stats(block, x_hat, count_zeros=False))
-        packed.append(pack_rows(codes, args.bits).cpu())
-    out.put("packed", r0, torch.cat(packed).numpy())
-    if absmaxes:
-        out.put("absmax", r0, torch.cat(absmaxes).numpy())
-    return combine_errors(*errors)
-
-
-def _store_pruned(
-    out: _Outputs, staging: Staging, t: TensorPlan, r0: int, chunk: int, x: torch.Tensor
-) -> None:
-    """A pruned, unquantized chunk: dense with zeros, or kept values + bitmask + row counts."""
-    assert t.prune is not None
-    if not t.prune.bitmask:
-        out.put("dense", r0, dtypes.to_raw(x))
-        return
-    kept = x != 0
-    bits = np.packbits(kept.numpy(), axis=1, bitorder="little")
-    staging.write_rows(f"out/{t.key}/bitmask", r0, bits)
-    staging.write_rows(f"out/{t.key}/row_counts", r0, kept.sum(dim=1).numpy().astype("<i8"))
-    values = dtypes.to_raw(x[kept])  # row-major order: row by row, ascending column
-    staging.create(
-        f"out/{t.key}/values/c{chunk:05d}", values.shape, t.info.dtype, max(1, values.shape[0])
-    )
-    staging.write_rows(f"out/{t.key}/values/c{chunk:05d}", 0, values)
-
-
 def prepare_outputs(plan: Plan, staging: Staging) -> None:
     """Create the output arrays (metadata only) with chunks aligned to the input row blocks."""
     for t in plan.staged:
-        rows, cols = t.shape2d
         chunk_rows = t.chunks[0][1] - t.chunks[0][0]
-        args = t.args
-        if args is None:  # pruned only
-            assert t.prune is not None
-            if t.prune.bitmask:
-                staging.create(f"out/{t.key}/bitmask", (rows, -(-cols // 8)), "U8", chunk_rows)
-                staging.create(f"out/{t.key}/row_counts", (rows,), "I64", chunk_rows)
-            else:
-                staging.create(f"out/{t.key}/dense", t.info.shape, t.info.dtype, chunk_rows)
+        scheme, stored = t.scheme, t.stored
+        if scheme is None or stored is None:  # pruned only, written dense
+            staging.create(f"out/{t.key}/dense", t.info.shape, t.info.dtype, chunk_rows)
             continue
-        staging.create(
-            f"out/{t.key}/packed", (rows, packed_width(cols, args.bits)), "I32", chunk_rows
-        )
-        if isinstance(args, CodebookArgs):
-            if args.method == "nf4":
-                nblocks = -(-cols // NF4_BLOCK)
-                staging.create(f"out/{t.key}/absmax", (rows, nblocks), "F32", chunk_rows)
-            continue
-        if args.strategy == "tensor":
-            continue
-        ngroups = args.groups_per_row(cols)
-        staging.create(f"out/{t.key}/scale", (rows, ngroups), t.info.dtype, chunk_rows)
-        if args.method == "minmax":
-            staging.create(f"out/{t.key}/min", (rows, ngroups), t.info.dtype, chunk_rows)
-        elif not args.symmetric:
-            staging.create(
-                f"out/{t.key}/zero",
-                (packed_width(rows, args.bits), ngroups),
-                "I32",
-                chunk_rows * args.bits // 32,
-            )
+        for array in scheme.staged_arrays(t.shape2d, t.info.dtype, stored, chunk_rows):
+            staging.create(f"out/{t.key}/{array.role}", array.shape, array.dtype, array.chunk_rows)
 
 
 def compress(

@@ -65,7 +65,7 @@ def needs_ingest(plan: Plan) -> bool:
         or any(
             t.prune is not None
             or (t.args is not None and t.args.strategy == "tensor")
-            or (t.args is not None and t.args.method == "kmeans")  # Lloyd passes, stats stage
+            or (t.scheme is not None and t.stored is not None and t.scheme.fits_codebook(t.stored))
             for t in plan.staged
         )
     )

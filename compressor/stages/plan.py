@@ -21,16 +21,11 @@ from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats import dtypes, storage
 from compressor.formats.checkpoint import Checkpoint, open_checkpoint
 from compressor.formats.identity import SourceFile, checkpoint_files, source_file
-from compressor.formats.layout import (
-    CodebookArgs,
-    OutputSpec,
-    bitmask_outputs,
-    module_name,
-    quantized_outputs,
-)
+from compressor.formats.layout import CodebookArgs, OutputSpec, module_name
 from compressor.formats.paths import check_disjoint, check_parent_writable, overlap
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math.quant import QuantArgs
+from compressor.schemes import Args, BitmaskArgs, Scheme, all_schemes, for_args
 from compressor.stages.fused import FusedGroup, check_groups, find_groups, rules_for
 
 __all__ = [
@@ -85,6 +80,21 @@ class TensorPlan:
     def staged(self) -> bool:
         """Quantized or pruned: its chunks go through staging; otherwise it is copied as is."""
         return self.args is not None or self.prune is not None
+
+    @property
+    def stored(self) -> Args | None:
+        """How the output stores it, as scheme arguments (None: a plain dense tensor)."""
+        if self.args is not None:
+            return self.args
+        if self.prune is not None and self.prune.bitmask:
+            return BitmaskArgs()
+        return None
+
+    @property
+    def scheme(self) -> Scheme | None:
+        """The scheme module that stores it (None: copied or written dense)."""
+        stored = self.stored
+        return None if stored is None else for_args(stored)
 
     @property
     def key(self) -> str:
@@ -223,13 +233,13 @@ def _effective_args(
     """The scheme actually used for a tensor with `cols` inputs, after group-size fallback.
 
     compressed-tensors (and so transformers and vLLM) refuses a group size that does not divide
-    the input dimension. The minmax layout is ours and allows a partial last group; codebook
-    layouts take any width (NF4's last block of a row may be shorter).
+    the input dimension. Schemes that allow a partial last group (our minmax layout) and
+    codebook layouts (NF4's last block of a row may be shorter) take any width.
     """
     args = rule.args()
     if isinstance(args, CodebookArgs):
         return args, None
-    if args.strategy != "group" or args.method == "minmax" or cols % args.group_size == 0:
+    if args.strategy != "group" or for_args(args).partial_groups or cols % args.group_size == 0:
         return args, None
     if strict:
         raise ConfigError(
@@ -296,9 +306,9 @@ def make_plan(config: RunConfig) -> Plan:
             args, note = _effective_args(rule, name, source, cols, config.strict_groups)
             if note:
                 notes.append(note)
-            if prune is not None and args.method == "minmax":
+            if prune is not None and not for_args(args).exact_zero:
                 raise ConfigError(
-                    "pruning with the minmax layout: its float offset cannot represent 0 "
+                    f"pruning with the {for_args(args).format} layout: it cannot represent 0 "
                     "exactly, so pruned weights would not decompress to 0.0",
                     path=source,
                     tensor=name,
@@ -356,15 +366,16 @@ def _fused_groups(
     rules = rules_for(checkpoint.config) if given is None else given
     found = find_groups(checkpoint.tensors, [r if isinstance(r, str) else tuple(r) for r in rules])
     # Only what servers load matters: our own layouts (minmax, codebook) are not served.
-    served = {t.name for t in tensors if isinstance(t.args, QuantArgs) and t.args.method == "int"}
+    served = {t.name for t in tensors if t.scheme is not None and t.scheme.served}
     groups = tuple(g for g in found if served.intersection(g.members))
     scheme_of = {t.name: t.args.describe() if t.args is not None else None for t in tensors}
     check_groups(groups, scheme_of, str(checkpoint.root))
     return tuple(g for g in groups if scheme_of.get(g.members[0]) is not None)
 
 
-# Tensors only a compressed checkpoint holds: packed codes, code indices, a sparse bitmask.
-_PACKED_SUFFIXES = (".weight_packed", ".weight_nf4", ".weight_indices", ".weight_bitmask")
+# Tensors only a compressed checkpoint holds: each scheme's root parts (packed codes, code
+# indices, a sparse bitmask).
+_PACKED_SUFFIXES = tuple(sorted({f".{p}" for s in all_schemes() for p in s.root_parts}))
 
 
 def _refuse_unsupported_input(checkpoint: Checkpoint, config: RunConfig) -> None:
@@ -539,16 +550,15 @@ def _prune_for(
 
 
 def output_specs(t: TensorPlan, kept: int | None = None) -> list[OutputSpec]:
-    """The output tensors one input tensor becomes (`kept`: values a bitmask tensor keeps)."""
-    if t.args is not None:
-        return quantized_outputs(t.name, t.shape2d, t.info.dtype, t.args)
+    """The output tensors one input tensor becomes (`kept`: values a bitmask tensor keeps; an
+    upper bound until the values are counted)."""
+    stored = t.stored
+    if stored is not None:
+        n = t.info.numel if kept is None else kept
+        return for_args(stored).outputs(t.name, t.shape2d, t.info.dtype, stored, n)
     if t.prune is None:
         return [OutputSpec(t.name, t.info.dtype, t.info.shape, "copy", t.name)]
-    if not t.prune.bitmask:
-        return [OutputSpec(t.name, t.info.dtype, t.info.shape, "dense", t.name)]
-    rows, cols = t.shape2d
-    n = t.info.numel if kept is None else kept  # an upper bound until the values are counted
-    return bitmask_outputs(t.name, (rows, cols), t.info.dtype, n)
+    return [OutputSpec(t.name, t.info.dtype, t.info.shape, "dense", t.name)]
 
 
 def lay_out_shards(

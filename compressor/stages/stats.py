@@ -379,7 +379,9 @@ def kmeans_codebooks(
     so stopping there gives the same codebook as running all its iterations.
     """
     targets = [
-        t for t in plan.quantized if isinstance(t.args, CodebookArgs) and t.args.method == "kmeans"
+        t
+        for t in plan.quantized
+        if t.scheme is not None and t.stored is not None and t.scheme.fits_codebook(t.stored)
     ]
     if not targets:
         return {}

@@ -65,27 +65,18 @@ def _blocks(job: WriteJob, spec: OutputSpec):
     if spec.role == "copy":
         yield from iter_byte_blocks(t.source, t.info)
         return
-    if spec.role == "values":  # one array per chunk, concatenated in chunk order
-        for k in range(len(t.chunks)):
-            yield job.staging.read_rows(f"out/{t.key}/values/c{k:05d}", 0, 2**62)
-        return
-    if spec.role == "row_offsets":  # a running sum of the per-row kept counts
-        offset = 0
-        yield np.zeros(1, dtype="<i8")
+    if spec.role == "dense":  # pruned, written dense with its zeros
         for r0, r1 in t.chunks:
-            counts = job.staging.read_rows(f"out/{t.key}/row_counts", r0, r1)
-            offsets = np.cumsum(counts, dtype="<i8") + offset
-            offset = int(offsets[-1])
-            yield offsets
+            yield job.staging.read_rows(f"out/{t.key}/dense", r0, r1)
         return
-    path = f"out/{t.key}/{spec.role}"
-    bits = t.args.bits if t.args is not None else 0
-    for r0, r1 in t.chunks:
-        if spec.role == "zero":  # packed along rows: chunk rows → words
-            w0, w1 = r0 * bits // 32, min(spec.shape[0], -(-r1 * bits // 32))
-            yield job.staging.read_rows(path, w0, w1)
-        else:
-            yield job.staging.read_rows(path, r0, r1)
+    scheme, stored = t.scheme, t.stored
+    assert scheme is not None and stored is not None
+
+    def read(role: str, first: int, stop: int) -> np.ndarray:
+        return job.staging.read_rows(f"out/{t.key}/{role}", first, stop)
+
+    rows_out = spec.shape[0] if spec.shape else 0
+    yield from scheme.write_blocks(spec.role, rows_out, stored, t.chunks, read)
 
 
 def write_shard(job: WriteJob) -> ShardResult:

@@ -16,7 +16,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compressor.formats.layout import quantized_outputs
 from compressor.math.budget import (
     Candidate,
     allocate_bits,
@@ -27,6 +26,7 @@ from compressor.math.budget import (
     stored_bits,
 )
 from compressor.math.quant import QuantArgs
+from compressor.schemes import for_args
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -250,7 +250,7 @@ def test_bad_input_is_rejected():
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
 def test_stored_bits_match_the_output_layout(args, shape, scale_dtype):
     name = {torch.bfloat16: "BF16", torch.float32: "F32"}[scale_dtype]
-    specs = quantized_outputs("m.weight", shape, name, args)
+    specs = for_args(args).outputs("m.weight", shape, name, args)
     assert stored_bits(shape, args, scale_dtype) == 8 * sum(s.nbytes for s in specs)
 
 

@@ -14,7 +14,6 @@ from safetensors import safe_open
 from compressor.config import build_config
 from compressor.errors import ConfigError
 from compressor.formats.compressed import decompress_checkpoint, inspect_checkpoint
-from compressor.formats.layout import nf4_quantize_rows
 from compressor.formats.verify import verify_checkpoint
 from compressor.math.codebook import (
     NF4_CODE,
@@ -25,6 +24,7 @@ from compressor.math.codebook import (
 )
 from compressor.math.pack import unpack_rows
 from compressor.pipeline import compress_checkpoint
+from compressor.schemes.codebook import nf4_quantize_rows
 from compressor.stages.plan import make_plan
 from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
 

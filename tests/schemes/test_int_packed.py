@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import compressor.stages.compress as compress_stage
+import compressor.schemes.int_packed as int_packed
 from compressor.math.quant import QuantArgs
-from compressor.stages.compress import quantize_rows_packed
+from compressor.schemes.int_packed import quantize_rows_packed
 from compressor.stages.thresholds import TensorThresholds
 
 CASES = [
@@ -32,10 +32,10 @@ def test_fused_path_equals_torch_path(monkeypatch, dtype, args, rounding, tensor
         fixed = TensorThresholds(scale=torch.tensor([[tensor_scale]], dtype=dtype))
     # The fused path is CPU work: pin the device, so a GPU machine does not take the torch
     # path twice and compare it with itself.
-    monkeypatch.setattr(compress_stage, "_device", lambda: torch.device("cpu"))
-    assert compress_stage._fused_kind(x, args, fixed) is not None
+    monkeypatch.setattr(int_packed, "device", lambda: torch.device("cpu"))
+    assert int_packed.fused_kind(x, args, fixed) is not None
     fused = quantize_rows_packed(x, q_in, args, fixed, rounding)
-    monkeypatch.setattr(compress_stage, "_fused_kind", lambda *a: None)
+    monkeypatch.setattr(int_packed, "fused_kind", lambda *a: None)
     torch_path = quantize_rows_packed(x, q_in, args, fixed, rounding)
     assert torch.equal(fused.packed, torch_path.packed)
     assert torch.equal(fused.scale, torch_path.scale)

@@ -1,0 +1,56 @@
+"""Helpers the schemes share to find their modules in a checkpoint."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from compressor.errors import InputError
+from compressor.formats.safetensors_io import read_tensor
+
+if TYPE_CHECKING:
+    from compressor.formats.checkpoint import Checkpoint
+
+__all__ = ["module_parts", "target_matches"]
+
+
+def target_matches(target: str, module: str) -> bool:
+    """A quantization_config target (exact name, "re:" pattern or "Linear") names `module`."""
+    if target == "Linear":
+        return True
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    return target == module
+
+
+def module_parts(
+    checkpoint: Checkpoint,
+    module: str,
+    suffixes: tuple[str, ...],
+    required: tuple[str, ...],
+    main: str,
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """A compressed module's stored tensors (those of `suffixes` present) and its dense shape;
+    a missing `required` one is an error naming `<module>.<main>`."""
+    parts = {
+        suffix: checkpoint.tensors[f"{module}.{suffix}"]
+        for suffix in suffixes
+        if f"{module}.{suffix}" in checkpoint.tensors
+    }
+    for suffix in required:
+        if suffix not in parts:
+            raise InputError(
+                f"has no {suffix}", path=str(checkpoint.root), tensor=f"{module}.{main}"
+            )
+    file, info = parts["weight_shape"]
+    values = read_tensor(file, info).reshape(-1) if info.dtype[0] in "IU" else None
+    if values is None or values.size != 2 or not all(0 < int(v) < 2**40 for v in values):
+        raise InputError(
+            "is not a valid [rows, cols] pair of positive integers "
+            f"({info.dtype} {list(info.shape)}: {values.tolist() if values is not None else '?'})",
+            path=file,
+            tensor=f"{module}.weight_shape",
+            hint="the checkpoint is corrupt or was edited; run `compressor verify` and recompress",
+        )
+    rows, cols = (int(v) for v in values)
+    return parts, (rows, cols)
