@@ -484,11 +484,16 @@ class IntScheme(Scheme):
     def config_block(
         self, groups: Mapping[tuple[Args, str], Sequence[str]], dense_linear: Sequence[str]
     ) -> dict[str, Any]:
-        merged: dict[QuantArgs, list[str]] = {}
+        merged: dict[QuantArgs, list[str]] = {}  # one group per scheme, whatever the dtype
         for (args, _), modules in groups.items():
             assert isinstance(args, QuantArgs)
             merged.setdefault(args, []).extend(modules)
-        return compressed_tensors_config(merged, dense_linear)
+        return self._block(merged, dense_linear)
+
+    def _block(
+        self, groups: Mapping[QuantArgs, Sequence[str]], dense_linear: Sequence[str]
+    ) -> dict[str, Any]:
+        return compressed_tensors_config(groups, dense_linear)
 
     def config_errors(self, qc: dict[str, Any]) -> list[str]:
         errors = structural_errors(qc, minmax=False)
@@ -620,14 +625,10 @@ class MinmaxScheme(IntScheme):
             return read_part(module, "weight_min", 0, 1).reshape(1, 1)
         return read_part(module, "weight_min", r0, r1)
 
-    def config_block(
-        self, groups: Mapping[tuple[Args, str], Sequence[str]], dense_linear: Sequence[str]
+    def _block(
+        self, groups: Mapping[QuantArgs, Sequence[str]], dense_linear: Sequence[str]
     ) -> dict[str, Any]:
-        merged: dict[QuantArgs, list[str]] = {}
-        for (args, _), modules in groups.items():
-            assert isinstance(args, QuantArgs)
-            merged.setdefault(args, []).extend(modules)
-        return minmax_config(merged)
+        return minmax_config(groups)
 
     def config_errors(self, qc: dict[str, Any]) -> list[str]:
         return structural_errors(qc, minmax=True)
