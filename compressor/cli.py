@@ -87,7 +87,10 @@ def compress(
         str, typer.Argument(help="Output directory or fsspec URL (must not exist).")
     ],
     preset: Annotated[
-        str, typer.Option(help="w8a16 | w4a16 | w4a16-asym | minmax | nf4 | kmeans4 | dense")
+        str,
+        typer.Option(
+            help="w8a16 | w4a16 | w4a16-asym | fp8 | fp8a16 | minmax | nf4 | kmeans4 | dense"
+        ),
     ] = "w4a16",
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML (overrides --preset).")] = None,
     bits: Annotated[int | None, typer.Option(help="Override bits (2-8).")] = None,

@@ -47,7 +47,7 @@ from pydantic import (
 
 from compressor import defaults
 from compressor.errors import ConfigError
-from compressor.formats.layout import CodebookArgs
+from compressor.formats.layout import CodebookArgs, Float8Args
 from compressor.math.quant import QuantArgs
 
 __all__ = [
@@ -66,7 +66,9 @@ __all__ = [
 LINEAR = "Linear"
 """Target meaning "the 2-D weights of linear layers" (embeddings and lm_head excluded)."""
 
-Preset = Literal["w8a16", "w4a16", "w4a16-asym", "minmax", "nf4", "kmeans4", "dense", "recipe"]
+Preset = Literal[
+    "w8a16", "w4a16", "w4a16-asym", "minmax", "nf4", "kmeans4", "fp8", "fp8a16", "dense", "recipe"
+]
 CODEBOOK_METHODS = ("nf4", "kmeans")
 
 
@@ -97,12 +99,19 @@ class QuantRule(_Frozen):
         default_factory=lambda: [LINEAR],
         description='Module or tensor names, "re:<regex>" patterns, or "Linear" for all linear layers.',
     )
-    method: Literal["int", "minmax", "nf4", "kmeans"] = Field(
+    method: Literal["int", "minmax", "nf4", "kmeans", "fp8"] = Field(
         "int",
         description='"int": compressed-tensors integer codes; "minmax": the float-offset formula '
         'round((x-min)/(max-min)·(2^b-1)) in this tool\'s own layout; "nf4": NormalFloat4 '
         'codes with an absmax per block of 64 along each row; "kmeans": a learned codebook of '
-        "2^bits centroids per tensor (the last two in this tool's codebook layout).",
+        '2^bits centroids per tensor (the last two in this tool\'s codebook layout); "fp8": '
+        "FP8 E4M3 weights with a scale per channel or tensor (compressed-tensors float-quantized; "
+        "bits is 8).",
+    )
+    activations: Literal["none", "fp8-dynamic"] = Field(
+        "none",
+        description='method fp8: "fp8-dynamic" also asks the server to quantize activations to '
+        "FP8 per token at run time (W8A8-FP8); none: weight-only.",
     )
     bits: int = Field(4, ge=2, le=8, description="Bits per weight, 2 to 8.")
     kmeans_iterations: int = Field(
@@ -134,6 +143,13 @@ class QuantRule(_Frozen):
     def _consistent(self) -> QuantRule:
         if self.method in CODEBOOK_METHODS:
             self._check_codebook()
+        if self.method == "fp8":
+            self._check_fp8()
+        elif self.activations != "none":
+            raise ValueError(
+                f"activations {self.activations!r} goes with method fp8; integer and codebook "
+                "schemes here are weight-only"
+            )
         if self.method == "minmax" and self.symmetric:
             raise ValueError(
                 "method minmax is asymmetric by definition: set symmetric: false "
@@ -147,6 +163,20 @@ class QuantRule(_Frozen):
                 "channel or group, or rounding rtn"
             )
         return self
+
+    def _check_fp8(self) -> None:
+        """FP8 E4M3 has its own codes: 8 bits, symmetric, a scale per output channel."""
+        wrong = []
+        if self.bits not in (4, 8):  # 4 is the field's default, i.e. not given
+            wrong.append(f"bits {self.bits} (FP8 is 8-bit)")
+        if self.strategy not in ("channel", "group"):  # group is the field's default
+            wrong.append(f"strategy {self.strategy} (FP8 has a scale per channel)")
+        if not self.symmetric:
+            wrong.append("symmetric: false (FP8 scales are symmetric)")
+        if self.rounding != "rtn":
+            wrong.append(f"rounding {self.rounding} (FP8 rounds to the nearest code)")
+        if wrong:
+            raise ValueError(f"method fp8 does not take {', '.join(wrong)}")
 
     def _check_codebook(self) -> None:
         """Integer-scheme fields mean nothing to a codebook: refuse them rather than ignore them
@@ -169,7 +199,9 @@ class QuantRule(_Frozen):
                 f"{', '.join(given)} (they apply to methods int and minmax)"
             )
 
-    def args(self, group_size: int | None = None) -> QuantArgs | CodebookArgs:
+    def args(self, group_size: int | None = None) -> QuantArgs | CodebookArgs | Float8Args:
+        if self.method == "fp8":
+            return Float8Args(dynamic_activations=self.activations == "fp8-dynamic")
         if self.method == "nf4" or self.method == "kmeans":
             return CodebookArgs(
                 method=self.method,
@@ -333,6 +365,26 @@ class Recipe(_Frozen):
         return data
 
     @model_validator(mode="after")
+    def _fp8_alone(self) -> Recipe:
+        """FP8 writes compressed-tensors `float-quantized`; one output holds one format here
+        (integer pack-quantized or float-quantized), and the budget's candidates are integer."""
+        methods = {r.method for r in self.quantization}
+        if "fp8" not in methods:
+            return self
+        if methods != {"fp8"}:
+            others = sorted(methods - {"fp8"})
+            raise ValueError(
+                f"rules with method fp8 cannot be mixed with method {others[0]} rules in one "
+                "run: use fp8 for every rule (ignore what stays dense), or no fp8 rule"
+            )
+        if self.budget is not None:
+            raise ValueError(
+                "an automatic budget chooses among integer schemes and cannot be combined with "
+                "method fp8: drop the budget, or the fp8 rules"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _codebooks_alone(self) -> Recipe:
         """Codebook methods write their own layout and config block: they are not mixed with
         integer rules (one config.json cannot be both compressed-tensors and ours), pruning, or
@@ -370,6 +422,12 @@ PRESETS: dict[str, Recipe] = {
     ),
     "nf4": Recipe(quantization=[QuantRule(method="nf4")]),
     "kmeans4": Recipe(quantization=[QuantRule(method="kmeans", bits=4)]),
+    "fp8": Recipe(
+        quantization=[
+            QuantRule(method="fp8", bits=8, strategy="channel", activations="fp8-dynamic")
+        ]
+    ),
+    "fp8a16": Recipe(quantization=[QuantRule(method="fp8", bits=8, strategy="channel")]),
 }
 
 

@@ -446,8 +446,9 @@ class Pipeline:
         small: dict[str, np.ndarray] = {}
         for t in self.plan.staged:
             m = module_name(t.name)
-            small[f"{m}.weight_shape"] = np.asarray(t.info.shape, dtype="<i8")
             scheme, stored = t.scheme, t.stored
+            if scheme is None or stored is None or "weight_shape" in scheme.parts:
+                small[f"{m}.weight_shape"] = np.asarray(t.info.shape, dtype="<i8")
             if scheme is None or stored is None:
                 continue
             fixed = self.fixed.get(t.name)
@@ -513,10 +514,8 @@ class Pipeline:
 
     def _format(self) -> str:
         """The output's layout family, as compression.json names it."""
-        found = {t.scheme.name: t.scheme.format for t in self.plan.quantized if t.scheme}
-        if found.keys() <= {"int"}:
-            return "compressed-tensors"
-        return next(fmt for name, fmt in found.items() if name != "int")
+        ours = {t.scheme.format for t in self.plan.quantized if t.scheme and t.scheme.ours}
+        return next(iter(ours), "compressed-tensors")
 
     def _kmeans_summary(self) -> dict[str, Any]:
         """Per k-means tensor: iterations run, whether it reached a fixed point, the last

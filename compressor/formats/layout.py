@@ -22,6 +22,7 @@ __all__ = [
     "MINMAX_FORMAT",
     "SPARSE_BITMASK_FORMAT",
     "CodebookArgs",
+    "Float8Args",
     "OutputRole",
     "OutputSpec",
     "module_name",
@@ -86,6 +87,23 @@ class CodebookArgs:
         if self.method == "nf4":
             return f"nf4 b{self.block_size}"
         return f"kmeans {self.bits}-bit"
+
+
+@dataclass(frozen=True)
+class Float8Args:
+    """FP8 (E4M3) weights: compressed-tensors `float-quantized`, the layout vLLM serves on
+    GPUs with FP8 support. One scale per output channel; with
+    `dynamic_activations` the config also asks the server to quantize activations to FP8 per
+    token at run time (W8A8-FP8)."""
+
+    strategy: Literal["channel"] = "channel"
+    dynamic_activations: bool = False
+    bits: int = 8
+    method: Literal["fp8"] = "fp8"
+    symmetric: bool = True
+
+    def describe(self) -> str:
+        return f"fp8 e4m3 {self.strategy}" + (" w8a8" if self.dynamic_activations else "")
 
 
 @dataclass(frozen=True)

@@ -273,20 +273,17 @@ def _check_quantization_config(result: VerifyResult) -> dict[str, Any] | None:
     method, fmt = qc.get("quant_method"), qc.get("format")
     scheme = schemes.by_format(fmt)
     ours = is_ours(qc)
-    if (
-        scheme is not None
-        and ours == (scheme.name != "int")
-        and (ours or method == "compressed-tensors")
-    ):
+    if scheme is not None and ours == scheme.ours and (ours or method == "compressed-tensors"):
         errors = scheme.config_errors(qc)
         for other in schemes.all_schemes():
             if other is not scheme:
                 errors += other.extension_errors(qc)
     else:
-        known = ", ".join(s.format for s in schemes.all_schemes() if s.name != "int")
+        known = ", ".join(s.format for s in schemes.all_schemes() if s.ours)
         errors = [
             f"quant_method {OUR_TOOL if ours else method!r} with format {fmt!r} is not one this "
-            f"tool writes (compressed-tensors; checkpoint-compressor {known})"
+            f"tool writes (compressed-tensors pack-quantized or float-quantized; "
+            f"checkpoint-compressor {known})"
         ]
     for message in errors:
         result.add("config.json", f"quantization_config: {message}")
@@ -301,7 +298,7 @@ def _owned() -> dict[str, tuple[str, ...] | None]:
     owners: dict[str, list[str]] = {}
     for scheme in schemes.all_schemes():
         for part in scheme.parts:
-            if part not in scheme.root_parts and part != "weight_scale":
+            if part not in scheme.root_parts and part not in ("weight", "weight_scale"):
                 owners.setdefault(f".{part}", []).extend(f".{r}" for r in scheme.root_parts)
     table: dict[str, tuple[str, ...] | None] = {".weight_scale": None}
     table.update({k: tuple(dict.fromkeys(v)) for k, v in owners.items()})
@@ -353,7 +350,7 @@ def _check_modules(result: VerifyResult, checkpoint: Checkpoint, qc: dict[str, A
         for at, message in compressed.scheme.verify_module(tensors, compressed, where):
             result.add(at, message)
         result.modules += 1
-        if f"{compressed.module}.weight" in tensors:
+        if "weight" not in compressed.parts and f"{compressed.module}.weight" in tensors:
             result.add(
                 where(f"{compressed.module}.weight"),
                 f"module {compressed.module!r} is stored both dense and compressed",

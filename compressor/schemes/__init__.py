@@ -110,9 +110,10 @@ def _attach(block: dict[str, Any], modules: Sequence[str]) -> dict[str, Any]:
 def _register_builtin() -> None:
     from compressor.schemes.bitmask import BitmaskScheme
     from compressor.schemes.codebook import CodebookScheme
+    from compressor.schemes.float8 import Float8Scheme
     from compressor.schemes.int_packed import IntScheme, MinmaxScheme
 
-    for cls in (IntScheme, MinmaxScheme, CodebookScheme, BitmaskScheme):
+    for cls in (IntScheme, MinmaxScheme, CodebookScheme, BitmaskScheme, Float8Scheme):
         register(cls)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from compressor.formats import dtypes
-from compressor.formats.layout import CodebookArgs, OutputSpec
+from compressor.formats.layout import CodebookArgs, Float8Args, OutputSpec
 from compressor.formats.safetensors_io import TensorInfo, read_rows
 from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats
@@ -54,7 +54,7 @@ class BitmaskArgs:
         return "sparse bitmask"
 
 
-Args = QuantArgs | CodebookArgs | BitmaskArgs
+Args = QuantArgs | CodebookArgs | Float8Args | BitmaskArgs
 
 
 class RowSink(Protocol):
@@ -146,6 +146,7 @@ class Scheme(ABC):
     sized_after_compress: ClassVar[bool] = False  # output sizes known only once values are kept
     exact_zero: ClassVar[bool] = True  # 0.0 decodes to exactly 0.0 (pruning needs it)
     served: ClassVar[bool] = False  # inference servers (vLLM) load it: fused groups apply
+    ours: ClassVar[bool] = True  # our own layout (its block carries "tool", no quant_method)
 
     # -- which weights -----------------------------------------------------------------------
     @abstractmethod

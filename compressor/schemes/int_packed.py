@@ -324,6 +324,7 @@ class IntScheme(Scheme):
     parts = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
     offset_part = "weight_zero_point"  # where the offset lives (minmax: weight_min)
     served = True
+    ours = False
     root_parts = ("weight_packed",)
     row_roles = frozenset({"packed", "scale", "zero"})
 
@@ -588,6 +589,7 @@ class MinmaxScheme(IntScheme):
     offset_part = "weight_min"
     partial_groups = True  # ours: the last group of a row may be shorter
     served = False
+    ours = True
     exact_zero = False  # its float offset cannot represent 0 exactly
     row_roles = frozenset({"packed", "scale", "min"})
 

@@ -21,7 +21,7 @@ from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats import dtypes, storage
 from compressor.formats.checkpoint import Checkpoint, open_checkpoint
 from compressor.formats.identity import SourceFile, checkpoint_files, source_file
-from compressor.formats.layout import CodebookArgs, OutputSpec, module_name
+from compressor.formats.layout import CodebookArgs, Float8Args, OutputSpec, module_name
 from compressor.formats.paths import check_disjoint, check_parent_writable, overlap
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math.quant import QuantArgs
@@ -70,7 +70,7 @@ class TensorPlan:
     name: str
     source: str
     info: TensorInfo
-    args: QuantArgs | CodebookArgs | None  # None: not quantized
+    args: QuantArgs | CodebookArgs | Float8Args | None  # None: not quantized
     chunks: tuple[tuple[int, int], ...] = ()
     note: str | None = None  # e.g. the group-size fallback, shown in the summary
     prune: PrunePlan | None = None  # None: not pruned
@@ -229,7 +229,7 @@ def _rule_for(
 
 def _effective_args(
     rule: QuantRule, name: str, source: str, cols: int, strict: bool
-) -> tuple[QuantArgs | CodebookArgs, str | None]:
+) -> tuple[QuantArgs | CodebookArgs | Float8Args, str | None]:
     """The scheme actually used for a tensor with `cols` inputs, after group-size fallback.
 
     compressed-tensors (and so transformers and vLLM) refuses a group size that does not divide
@@ -237,7 +237,7 @@ def _effective_args(
     codebook layouts (NF4's last block of a row may be shorter) take any width.
     """
     args = rule.args()
-    if isinstance(args, CodebookArgs):
+    if not isinstance(args, QuantArgs):  # codebook and FP8 schemes have no groups
         return args, None
     if args.strategy != "group" or for_args(args).partial_groups or cols % args.group_size == 0:
         return args, None

@@ -15,7 +15,7 @@ import torch
 
 import compressor
 from compressor import schemes
-from compressor.formats.layout import CODEBOOK_FORMAT, CT_FORMAT, CodebookArgs
+from compressor.formats.layout import CODEBOOK_FORMAT, CT_FORMAT, CodebookArgs, Float8Args
 from compressor.math.quant import QuantArgs
 from compressor.schemes import BitmaskArgs, Scheme
 
@@ -27,6 +27,8 @@ ARGS = [
     QuantArgs(bits=4, method="minmax", symmetric=False, strategy="group", group_size=64),
     CodebookArgs(method="nf4"),
     CodebookArgs(method="kmeans", bits=3),
+    Float8Args(),
+    Float8Args(dynamic_activations=True),
     BitmaskArgs(),
 ]
 
@@ -39,6 +41,7 @@ def test_every_args_has_exactly_one_scheme_and_formats_map_back() -> None:
         assert schemes.by_format(scheme.format) is scheme
     assert schemes.by_format("mixed-precision") is schemes.by_format(CT_FORMAT)
     assert schemes.by_format(CODEBOOK_FORMAT) is schemes.by_name("codebook")
+    assert schemes.by_format("float-quantized") is schemes.by_name("float8")
     assert schemes.by_format("nvfp4-pack-quantized") is None
 
 
