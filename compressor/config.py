@@ -495,13 +495,35 @@ class RunConfig(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _recipe_from_preset(cls, data: Any) -> Any:
-        """A preset without an explicit recipe means that preset's recipe (the flow form's case)."""
-        if isinstance(data, dict) and data.get("recipe") is None:
-            preset = data.get("preset", "w4a16")
+        """The preset decides the quantization rules unless the recipe brings its own.
+
+        No recipe: the preset's. A recipe given as a mapping (flow parameters, the run form,
+        JSON) without quantization rules: the preset's rules with the recipe's other fields
+        (pruning, budget, ignore). A mapping with rules beside a preset whose rules differ is a
+        conflict, refused: the form sends a recipe object with every run, and the preset it
+        shows must not silently lose to it (or win over rules the user typed)."""
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "w4a16")
+        recipe = data.get("recipe")
+        if recipe is None:
             if preset == "recipe":
                 raise ValueError("preset 'recipe' needs a recipe")
             if preset in PRESETS:
                 data = {**data, "recipe": PRESETS[preset]}
+            return data
+        if not isinstance(recipe, dict) or preset == "recipe" or preset not in PRESETS:
+            return data
+        rules = recipe.get("quantization")
+        if not rules:
+            quantization = PRESETS[preset].model_dump()["quantization"]
+            return {**data, "recipe": {**recipe, "quantization": quantization}}
+        given = Recipe.model_validate({"quantization": rules}).quantization
+        if given != PRESETS[preset].quantization:
+            raise ValueError(
+                f"preset {preset!r} and the recipe's quantization rules disagree: choose preset "
+                "'recipe' to use the rules as written, or remove the rules to use the preset's"
+            )
         return data
 
     @field_validator("listen")

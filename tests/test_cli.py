@@ -266,3 +266,27 @@ def test_side_inputs_sparse_format_and_error_budget_reach_the_config(
         "--activations", tmp_path / "norms.safetensors",
     )  # fmt: skip
     assert config.recipe.pruning.activations == str(tmp_path / "norms.safetensors")
+
+
+def test_run_form_preset_decides_unless_the_recipe_brings_rules() -> None:
+    """Issue 15: the form sends a recipe object with every run; preset w8a16 with a recipe of
+    no rules produced int4 (the default recipe's) while named w8a16."""
+    from pydantic import ValidationError
+
+    from compressor.config import PRESETS, RunConfig
+
+    base = {"source": "/x", "destination": "/y", "preset": "w8a16"}
+    form = RunConfig.model_validate({**base, "recipe": {"version": 1, "pruning": None}})
+    assert form.recipe.quantization == PRESETS["w8a16"].quantization
+    pruned = RunConfig.model_validate({**base, "recipe": {"pruning": {"sparsity": 0.3}}})
+    assert pruned.recipe.quantization == PRESETS["w8a16"].quantization
+    assert pruned.recipe.pruning is not None and pruned.recipe.pruning.sparsity == 0.3
+    rules = [{"targets": ["Linear"], "bits": 4, "strategy": "group", "group_size": 64}]
+    with pytest.raises(ValidationError, match="disagree"):
+        RunConfig.model_validate({**base, "recipe": {"quantization": rules}})
+    own = RunConfig.model_validate({**base, "preset": "recipe", "recipe": {"quantization": rules}})
+    assert own.recipe.quantization[0].group_size == 64
+    same = RunConfig.model_validate(
+        {**base, "recipe": {"quantization": PRESETS["w8a16"].model_dump()["quantization"]}}
+    )
+    assert same.recipe.quantization == PRESETS["w8a16"].quantization
