@@ -67,7 +67,17 @@ LINEAR = "Linear"
 """Target meaning "the 2-D weights of linear layers" (embeddings and lm_head excluded)."""
 
 Preset = Literal[
-    "w8a16", "w4a16", "w4a16-asym", "minmax", "nf4", "kmeans4", "fp8", "fp8a16", "dense", "recipe"
+    "w8a16",
+    "w4a16",
+    "w4a16-asym",
+    "minmax",
+    "nf4",
+    "kmeans4",
+    "fp8",
+    "fp8a16",
+    "fp8-block",
+    "dense",
+    "recipe",
 ]
 CODEBOOK_METHODS = ("nf4", "kmeans")
 
@@ -127,8 +137,10 @@ class QuantRule(_Frozen):
         "or at quantiles of a histogram of the weights (one more pass; usually fewer iterations).",
     )
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric.")
-    strategy: Literal["tensor", "channel", "group"] = Field(
-        "group", description="One scale per tensor, per output channel, or per group of inputs."
+    strategy: Literal["tensor", "channel", "group", "block"] = Field(
+        "group",
+        description="One scale per tensor, per output channel, per group of inputs, or (method "
+        "fp8) per 128×128 block.",
     )
     group_size: int = Field(128, ge=1, description="Inputs per group (strategy group only).")
     rounding: Literal["rtn", "mse", "hqq"] = Field(
@@ -145,6 +157,11 @@ class QuantRule(_Frozen):
             self._check_codebook()
         if self.method == "fp8":
             self._check_fp8()
+        elif self.strategy == "block":
+            raise ValueError(
+                "strategy block (a scale per 128×128 block) goes with method fp8; integer "
+                "schemes take tensor, channel or group"
+            )
         elif self.activations != "none":
             raise ValueError(
                 f"activations {self.activations!r} goes with method fp8; integer and codebook "
@@ -169,8 +186,8 @@ class QuantRule(_Frozen):
         wrong = []
         if self.bits not in (4, 8):  # 4 is the field's default, i.e. not given
             wrong.append(f"bits {self.bits} (FP8 is 8-bit)")
-        if self.strategy not in ("channel", "group"):  # group is the field's default
-            wrong.append(f"strategy {self.strategy} (FP8 has a scale per channel)")
+        if self.strategy not in ("channel", "group", "block"):  # group is the field's default
+            wrong.append(f"strategy {self.strategy} (FP8 has a scale per channel or block)")
         if not self.symmetric:
             wrong.append("symmetric: false (FP8 scales are symmetric)")
         if self.rounding != "rtn":
@@ -201,7 +218,10 @@ class QuantRule(_Frozen):
 
     def args(self, group_size: int | None = None) -> QuantArgs | CodebookArgs | Float8Args:
         if self.method == "fp8":
-            return Float8Args(dynamic_activations=self.activations == "fp8-dynamic")
+            return Float8Args(
+                strategy="block" if self.strategy == "block" else "channel",
+                dynamic_activations=self.activations == "fp8-dynamic",
+            )
         if self.method == "nf4" or self.method == "kmeans":
             return CodebookArgs(
                 method=self.method,
@@ -209,6 +229,7 @@ class QuantRule(_Frozen):
                 iterations=self.kmeans_iterations,
                 init=self.kmeans_init,
             )
+        assert self.strategy != "block"  # refused for integer methods by _consistent
         return QuantArgs(
             bits=self.bits,
             method=self.method,
@@ -428,6 +449,9 @@ PRESETS: dict[str, Recipe] = {
         ]
     ),
     "fp8a16": Recipe(quantization=[QuantRule(method="fp8", bits=8, strategy="channel")]),
+    "fp8-block": Recipe(
+        quantization=[QuantRule(method="fp8", bits=8, strategy="block", activations="fp8-dynamic")]
+    ),
 }
 
 

@@ -92,18 +92,21 @@ class CodebookArgs:
 @dataclass(frozen=True)
 class Float8Args:
     """FP8 (E4M3) weights: compressed-tensors `float-quantized`, the layout vLLM serves on
-    GPUs with FP8 support. One scale per output channel; with
+    GPUs with FP8 support. One scale per output channel, or per 128×128 block (DeepSeek-V3's
+    layout, "FP8_BLOCK"); with
     `dynamic_activations` the config also asks the server to quantize activations to FP8 per
     token at run time (W8A8-FP8)."""
 
-    strategy: Literal["channel"] = "channel"
+    strategy: Literal["channel", "block"] = "channel"
     dynamic_activations: bool = False
+    block: tuple[int, int] = (128, 128)  # strategy block: rows × cols of one scale
     bits: int = 8
     method: Literal["fp8"] = "fp8"
     symmetric: bool = True
 
     def describe(self) -> str:
-        return f"fp8 e4m3 {self.strategy}" + (" w8a8" if self.dynamic_activations else "")
+        where = f"block {self.block[0]}x{self.block[1]}" if self.strategy == "block" else "channel"
+        return f"fp8 e4m3 {where}" + (" w8a8" if self.dynamic_activations else "")
 
 
 @dataclass(frozen=True)

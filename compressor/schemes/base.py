@@ -156,6 +156,16 @@ class Scheme(ABC):
     def root_part(self, args: Args) -> str:
         return self.parts[0]
 
+    def for_width(self, args: Args, cols: int) -> tuple[Args, str] | None:
+        """None when `args` suits a weight of `cols` inputs; else the fallback the plan uses
+        (noted in the report) and a short note such as "fp8 block 128 → per-channel"."""
+        return None
+
+    def row_align(self, args: Args) -> int:
+        """Chunks start at multiples of this many rows (32: zero points packed along rows fill
+        whole int32 words; a scheme with taller blocks asks for a multiple of 32)."""
+        return 32
+
     # -- layout ------------------------------------------------------------------------------
     @abstractmethod
     def outputs(

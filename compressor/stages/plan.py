@@ -237,8 +237,20 @@ def _effective_args(
     codebook layouts (NF4's last block of a row may be shorter) take any width.
     """
     args = rule.args()
-    if not isinstance(args, QuantArgs):  # codebook and FP8 schemes have no groups
-        return args, None
+    if not isinstance(args, QuantArgs):  # codebook and FP8 schemes: their own width rule
+        narrowed = for_args(args).for_width(args, cols)
+        if narrowed is None:
+            return args, None
+        if strict:
+            raise ConfigError(
+                f"{args.describe()} does not fit the input dimension {cols}",
+                path=source,
+                tensor=name,
+                hint=f"drop --strict-groups to fall back to {narrowed[0].describe()}",
+            )
+        fallback = narrowed[0]
+        assert not isinstance(fallback, BitmaskArgs)  # a quantizing scheme narrows to its own
+        return fallback, f"{name}: {narrowed[1]} ({cols} inputs)"
     if args.strategy != "group" or for_args(args).partial_groups or cols % args.group_size == 0:
         return args, None
     if strict:
@@ -261,8 +273,12 @@ def _effective_args(
     return channel, f"{name}: group {args.group_size} → per-channel ({cols} inputs)"
 
 
-def _row_chunks(rows: int, row_bytes: int, chunk_bytes: int) -> tuple[tuple[int, int], ...]:
-    per_chunk = max(ROW_ALIGN, (chunk_bytes // max(row_bytes, 1)) // ROW_ALIGN * ROW_ALIGN)
+def _row_chunks(
+    rows: int, row_bytes: int, chunk_bytes: int, align: int = ROW_ALIGN
+) -> tuple[tuple[int, int], ...]:
+    """Row blocks of about `chunk_bytes`, each a multiple of `align` rows (a multiple of 32; a
+    scheme may ask for more, e.g. FP8's 128-row blocks, so no block straddles two chunks)."""
+    per_chunk = max(align, (chunk_bytes // max(row_bytes, 1)) // align * align)
     return tuple((r, min(r + per_chunk, rows)) for r in range(0, rows, per_chunk))
 
 
@@ -315,7 +331,8 @@ def make_plan(config: RunConfig) -> Plan:
                     hint="use --preset w4a16-asym (its integer zero point represents 0 exactly) "
                     "or w4a16",
                 )
-        chunks = _row_chunks(rows, cols * dtypes.itemsize(info.dtype), chunk_bytes)
+        align = for_args(args).row_align(args) if args is not None else ROW_ALIGN
+        chunks = _row_chunks(rows, cols * dtypes.itemsize(info.dtype), chunk_bytes, align)
         rounding = found[1].rounding if found is not None else "rtn"
         tensors.append(TensorPlan(index, name, source, info, args, chunks, note, prune, rounding))
     for k, rule in enumerate(rules):

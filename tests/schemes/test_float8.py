@@ -52,7 +52,7 @@ def test_codes_are_the_nearest_e4m3_values_of_x_over_s() -> None:
     assert torch.all(x_hat[5] == 0)
 
 
-@pytest.mark.parametrize("preset", ["fp8", "fp8a16"])
+@pytest.mark.parametrize("preset", ["fp8", "fp8a16", "fp8-block"])
 def test_compressed_tensors_decompresses_fp8_to_exactly_ours(
     src: Path, tmp_path: Path, preset: str
 ) -> None:
@@ -62,8 +62,9 @@ def test_compressed_tensors_decompresses_fp8_to_exactly_ours(
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "float-quantized"
     group = qc["config_groups"]["group_0"]
-    assert group["weights"]["type"] == "float" and group["weights"]["strategy"] == "channel"
-    assert (group["input_activations"] is not None) == (preset == "fp8")
+    strategy = "block" if preset == "fp8-block" else "channel"
+    assert group["weights"]["type"] == "float" and group["weights"]["strategy"] == strategy
+    assert (group["input_activations"] is not None) == (preset != "fp8a16")
     stored = load_dir(out)
     assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
     ours = load_dir(decompress_checkpoint(out, tmp_path / f"ours-{preset}"))
@@ -110,3 +111,32 @@ def test_transformers_loads_fp8_and_gives_our_decompressed_logits(
         w8a8 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)(ids).logits
     assert torch.isfinite(w8a8).all()
     assert (w8a8 - ref).float().norm() / ref.float().norm() < 0.1
+
+
+def test_fp8_block_with_partial_blocks_and_several_chunks(tmp_path: Path) -> None:
+    """A height that 128 does not divide (2880 rows: 22.5 blocks) cut into two chunks (2048 +
+    832 rows): block scales of partial blocks, chunks aligned to 128 rows, and compressed-tensors'
+    decompression equal to ours. A width that 128 does not divide (down_proj's 2880 inputs)
+    falls back to per-channel, noted (compressed-tensors cannot decompress a partial column
+    block, and servers split inputs by block)."""
+    shape = LlamaShape(hidden_size=256, intermediate_size=2880, num_hidden_layers=1, vocab_size=64)
+    src = generate_llama_checkpoint(tmp_path / "src", shape, seed=4)
+    out = tmp_path / "out"
+    report = compress_checkpoint(
+        build_config(str(src), str(out), preset="fp8-block", workers=0, chunk_mb=1)
+    )
+    assert any(
+        "down_proj.weight: fp8 block 128 → per-channel (2880 inputs)" in n for n in report.notes
+    )
+    assert verify_checkpoint(out).ok
+    stored = load_dir(out)
+    assert stored["model.layers.0.mlp.gate_proj.weight_scale"].shape == (23, 2)
+    assert stored["model.layers.0.mlp.down_proj.weight_scale"].shape == (256, 1)
+    ours = load_dir(decompress_checkpoint(out, tmp_path / "ours"))
+    theirs = load_dir(ct_decompress(out, tmp_path / "ct"))
+    assert_same_tensors(ours, theirs)
+    # each block's scale is its own absmax / 448 (float32 math, one rounding)
+    x = load_dir(src)["model.layers.0.mlp.gate_proj.weight"]
+    block = x[2816:2880, 128:256].float()  # the partial last row block, in the second chunk
+    expected = (block.abs().max() / FP8_MAX).to(x.dtype)
+    assert stored["model.layers.0.mlp.gate_proj.weight_scale"][22, 1] == expected
