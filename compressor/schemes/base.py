@@ -249,8 +249,18 @@ class Scheme(ABC):
         return []
 
     def declared(self, qc: dict[str, Any]) -> dict[str, str]:
-        """Modules the block names explicitly, with the root part each must have."""
-        return {}
+        """Modules the block's config groups name explicitly (not "Linear" or "re:"
+        patterns), with the root part each must have."""
+        return {
+            target: self.group_root(group)
+            for group in (qc.get("config_groups") or {}).values()
+            for target in group["targets"]
+            if target != "Linear" and not target.startswith("re:")
+        }
+
+    def group_root(self, group: dict[str, Any]) -> str:
+        """The root part of the modules one config group declares."""
+        return self.parts[0]
 
     # -- reading -----------------------------------------------------------------------------
     @abstractmethod
@@ -262,6 +272,15 @@ class Scheme(ABC):
         self, tensors: Mapping[str, tuple[str, TensorInfo]], module: CompressedModule, where: Where
     ) -> list[tuple[str | None, str]]:
         """(file, message) for each problem of one module's stored parts."""
+
+
+def merge_dtypes(groups: Mapping[tuple[Args, str], Sequence[str]]) -> dict[Any, list[str]]:
+    """(args, weight dtype) → modules, merged to args → modules, for blocks whose config group
+    does not depend on the weight dtype (compressed-tensors': the scale carries it)."""
+    merged: dict[Any, list[str]] = {}
+    for (args, _), modules in groups.items():
+        merged.setdefault(args, []).extend(modules)
+    return merged
 
 
 def expected_problems(

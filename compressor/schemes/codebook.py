@@ -268,13 +268,8 @@ class CodebookScheme(Scheme):
                 )
         return errors
 
-    def declared(self, qc: dict[str, Any]) -> dict[str, str]:
-        return {
-            target: "weight_nf4" if group.get("type") == "nf4" else "weight_indices"
-            for group in (qc.get("config_groups") or {}).values()
-            for target in group["targets"]
-            if target != "Linear" and not target.startswith("re:")
-        }
+    def group_root(self, group: dict[str, Any]) -> str:
+        return "weight_nf4" if group.get("type") == "nf4" else "weight_indices"
 
     def discover(self, checkpoint: Checkpoint, qc: object) -> dict[str, CompressedModule]:
         """NF4 and k-means weights, with their config group's scheme."""

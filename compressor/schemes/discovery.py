@@ -11,7 +11,7 @@ from compressor.formats.safetensors_io import read_tensor
 if TYPE_CHECKING:
     from compressor.formats.checkpoint import Checkpoint
 
-__all__ = ["module_parts", "target_matches"]
+__all__ = ["compressed_tensors_errors", "module_parts", "target_matches"]
 
 
 def target_matches(target: str, module: str) -> bool:
@@ -54,3 +54,23 @@ def module_parts(
         )
     rows, cols = (int(v) for v in values)
     return parts, (rows, cols)
+
+
+def compressed_tensors_errors(qc: dict[str, Any]) -> list[str]:
+    """What compressed-tensors' own pydantic model (`QuantizationConfig`) rejects in a
+    quantization_config block; nothing when the package is not installed (it is optional: each
+    scheme's structural checks stand alone)."""
+    try:
+        from compressed_tensors.quantization import QuantizationConfig
+        from pydantic import ValidationError
+    except ImportError:
+        return []
+    try:
+        QuantizationConfig.model_validate(qc)
+    except ValidationError as e:
+        return [
+            f"compressed-tensors rejects {'.'.join(str(p) for p in item['loc']) or '(top level)'}: "
+            f"{item['msg']}"
+            for item in e.errors()
+        ]
+    return []

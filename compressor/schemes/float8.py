@@ -43,9 +43,10 @@ from compressor.schemes.base import (
     StagedArray,
     Where,
     expected_problems,
+    merge_dtypes,
     read_part,
 )
-from compressor.schemes.discovery import target_matches
+from compressor.schemes.discovery import compressed_tensors_errors, target_matches
 from compressor.schemes.int_packed import BLOCK_ROWS, GPU_BLOCK_ROWS, device
 
 if TYPE_CHECKING:
@@ -261,34 +262,10 @@ class Float8Scheme(Scheme):
     def config_block(
         self, groups: Mapping[tuple[Args, str], Sequence[str]], dense_linear: Sequence[str]
     ) -> dict[str, Any]:
-        merged: dict[Float8Args, list[str]] = {}
-        for (args, _), modules in groups.items():
-            assert isinstance(args, Float8Args)
-            merged.setdefault(args, []).extend(modules)
-        return float_config(merged, dense_linear)
+        return float_config(merge_dtypes(groups), dense_linear)
 
     def config_errors(self, qc: dict[str, Any]) -> list[str]:
-        errors = _structural_errors(qc)
-        try:
-            from compressed_tensors.quantization import QuantizationConfig
-            from pydantic import ValidationError
-        except ImportError:
-            return errors
-        try:
-            QuantizationConfig.model_validate(qc)
-        except ValidationError as e:
-            for item in e.errors():
-                where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-                errors.append(f"compressed-tensors rejects {where}: {item['msg']}")
-        return errors
-
-    def declared(self, qc: dict[str, Any]) -> dict[str, str]:
-        return {
-            target: "weight"
-            for group in (qc.get("config_groups") or {}).values()
-            for target in group["targets"]
-            if target != "Linear" and not target.startswith("re:")
-        }
+        return _structural_errors(qc) + compressed_tensors_errors(qc)
 
     def discover(self, checkpoint: Checkpoint, qc: object) -> dict[str, CompressedModule]:
         if not isinstance(qc, dict) or qc.get("format") != FLOAT_FORMAT:

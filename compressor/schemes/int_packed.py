@@ -48,9 +48,10 @@ from compressor.schemes.base import (
     StagedArray,
     Where,
     expected_problems,
+    merge_dtypes,
     read_part,
 )
-from compressor.schemes.discovery import module_parts, target_matches
+from compressor.schemes.discovery import compressed_tensors_errors, module_parts, target_matches
 
 if TYPE_CHECKING:
     from compressor.formats.checkpoint import Checkpoint
@@ -485,11 +486,7 @@ class IntScheme(Scheme):
     def config_block(
         self, groups: Mapping[tuple[Args, str], Sequence[str]], dense_linear: Sequence[str]
     ) -> dict[str, Any]:
-        merged: dict[QuantArgs, list[str]] = {}  # one group per scheme, whatever the dtype
-        for (args, _), modules in groups.items():
-            assert isinstance(args, QuantArgs)
-            merged.setdefault(args, []).extend(modules)
-        return self._block(merged, dense_linear)
+        return self._block(merge_dtypes(groups), dense_linear)
 
     def _block(
         self, groups: Mapping[QuantArgs, Sequence[str]], dense_linear: Sequence[str]
@@ -497,27 +494,7 @@ class IntScheme(Scheme):
         return compressed_tensors_config(groups, dense_linear)
 
     def config_errors(self, qc: dict[str, Any]) -> list[str]:
-        errors = structural_errors(qc, minmax=False)
-        try:
-            from compressed_tensors.quantization import QuantizationConfig
-            from pydantic import ValidationError
-        except ImportError:  # compressed-tensors is optional: the structural checks stand alone
-            return errors
-        try:
-            QuantizationConfig.model_validate(qc)
-        except ValidationError as e:
-            for item in e.errors():
-                where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-                errors.append(f"compressed-tensors rejects {where}: {item['msg']}")
-        return errors
-
-    def declared(self, qc: dict[str, Any]) -> dict[str, str]:
-        return {
-            target: "weight_packed"
-            for group in (qc.get("config_groups") or {}).values()
-            for target in group["targets"]
-            if target != "Linear" and not target.startswith("re:")
-        }
+        return structural_errors(qc, minmax=False) + compressed_tensors_errors(qc)
 
     # -- reading -----------------------------------------------------------------------------
     def _reads(self, qc: object) -> bool:
