@@ -230,47 +230,23 @@ def _rule_for(
 def _effective_args(
     rule: QuantRule, name: str, source: str, cols: int, strict: bool
 ) -> tuple[QuantArgs | CodebookArgs | Float8Args, str | None]:
-    """The scheme actually used for a tensor with `cols` inputs, after group-size fallback.
-
-    compressed-tensors (and so transformers and vLLM) refuses a group size that does not divide
-    the input dimension. Schemes that allow a partial last group (our minmax layout) and
-    codebook layouts (NF4's last block of a row may be shorter) take any width.
-    """
+    """The scheme actually used for a tensor with `cols` inputs, after its scheme's width
+    fallback (`Scheme.for_width`: a group size that does not divide the width, an FP8 block
+    width), noted in the report; `strict` refuses instead."""
     args = rule.args()
-    if not isinstance(args, QuantArgs):  # codebook and FP8 schemes: their own width rule
-        narrowed = for_args(args).for_width(args, cols)
-        if narrowed is None:
-            return args, None
-        if strict:
-            raise ConfigError(
-                f"{args.describe()} does not fit the input dimension {cols}",
-                path=source,
-                tensor=name,
-                hint=f"drop --strict-groups to fall back to {narrowed[0].describe()}",
-            )
-        fallback = narrowed[0]
-        assert not isinstance(fallback, BitmaskArgs)  # a quantizing scheme narrows to its own
-        return fallback, f"{name}: {narrowed[1]} ({cols} inputs)"
-    if args.strategy != "group" or for_args(args).partial_groups or cols % args.group_size == 0:
+    narrowed = for_args(args).for_width(args, cols)
+    if narrowed is None:
         return args, None
+    fallback, note = narrowed
     if strict:
         raise ConfigError(
-            f"group size {args.group_size} does not divide the input dimension {cols}",
+            f"{args.describe()} does not fit the input dimension {cols}",
             path=source,
             tensor=name,
-            hint="drop --strict-groups to fall back to a dividing group size, or pick a group "
-            f"size that divides {cols}",
+            hint=f"drop --strict-groups to fall back ({note}), or pick a size that divides {cols}",
         )
-    g = args.group_size // 2
-    while g >= 32:
-        if cols % g == 0:
-            fallback = rule.args(group_size=g)
-            return fallback, f"{name}: group {args.group_size} → {g} ({cols} inputs)"
-        g //= 2
-    channel = QuantArgs(
-        bits=args.bits, method=args.method, symmetric=args.symmetric, strategy="channel"
-    )
-    return channel, f"{name}: group {args.group_size} → per-channel ({cols} inputs)"
+    assert not isinstance(fallback, BitmaskArgs)  # a quantizing scheme narrows to its own
+    return fallback, f"{name}: {note} ({cols} inputs)"
 
 
 def _row_chunks(
