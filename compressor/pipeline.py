@@ -429,7 +429,7 @@ class Pipeline:
             for t in data["tensors"]
         ]
         self.report = RunReport(
-            destination=_shown(dest),
+            destination=storage.shown(dest),
             input_bytes=data["totals"]["input_bytes"],
             output_bytes=data["totals"]["output_bytes"],
             tensors=tensors,
@@ -503,7 +503,7 @@ class Pipeline:
                 }
             )
         return RunReport(
-            destination=_shown(self.config.destination),
+            destination=storage.shown(self.config.destination),
             input_bytes=plan.checkpoint.total_bytes,
             output_bytes=sum(s.nbytes for s in self.shards),
             tensors=rows,
@@ -558,11 +558,6 @@ class Pipeline:
             "timings_s": report.timings,
             "tensors": [_json_safe(t) for t in report.tensors],
         }
-
-
-def _shown(destination: str) -> str:
-    """The destination as reports show it: a URL as given, a local path made absolute."""
-    return destination if storage.is_url(destination) else str(Path(destination).resolve())
 
 
 def _scheme(t: TensorPlan) -> str:

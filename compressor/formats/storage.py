@@ -63,6 +63,11 @@ def is_url(path: str | os.PathLike[str]) -> bool:
     return bool(sep) and scheme.isidentifier() and scheme != "file" and len(scheme) > 1
 
 
+def shown(location: str) -> str:
+    """A location as reports and manifests show it: a URL as given, a local path absolute."""
+    return location if is_url(location) else str(Path(local_path(location)).resolve())
+
+
 def local_path(path: str | os.PathLike[str]) -> str:
     """`path` as a local path string (``file://`` stripped); URLs are returned unchanged."""
     text = os.fspath(path)

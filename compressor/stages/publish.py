@@ -288,7 +288,7 @@ def _manifest(
     manifest: dict[str, Any] = {"version": 1, "files": dict(sorted(entries.items()))}
     if digests:
         manifest["source"] = {
-            "location": _shown(plan.checkpoint.location),
+            "location": storage.shown(plan.checkpoint.location),
             "files": {
                 f.name: {"sha256": digests[f.name], "size": f.size}
                 for f in plan.sources
@@ -373,10 +373,6 @@ def _finish_and_copy(
         storage.copy_file(storage.join(directory, rel), storage.join(dest, rel))
     storage.copy_file(storage.join(directory, MANIFEST_NAME), storage.join(dest, MANIFEST_NAME))
     storage.remove(directory)
-
-
-def _shown(location: str) -> str:
-    return location if storage.is_url(location) else str(Path(location).resolve())
 
 
 def _json_bytes(data: Any) -> bytes:
