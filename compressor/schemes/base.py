@@ -156,9 +156,9 @@ class Scheme(ABC):
     def root_part(self, args: Args) -> str:
         return self.parts[0]
 
-    def for_width(self, args: Args, cols: int) -> tuple[Args, str] | None:
-        """None when `args` suits a weight of `cols` inputs; else the fallback the plan uses
-        (noted in the report) and a short note such as "fp8 block 128 → per-channel"."""
+    def for_width(self, args: Args, cols: int) -> tuple[Args, str, str] | None:
+        """None when `args` suits a weight of `cols` inputs; else the fallback the plan uses,
+        a short note for the report ("group 128 → 64") and why (for `--strict-groups`)."""
         return None
 
     def row_align(self, args: Args) -> int:

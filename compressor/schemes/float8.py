@@ -181,14 +181,15 @@ class Float8Scheme(Scheme):
             OutputSpec(f"{m}.weight_scale", dtype, _scale_shape(shape, args), "scale", tensor_name),
         ]
 
-    def for_width(self, args: Args, cols: int) -> tuple[Args, str] | None:
+    def for_width(self, args: Args, cols: int) -> tuple[Args, str, str] | None:
         """Block scales need whole blocks along the input dimension: compressed-tensors' own
         decompressor fails on a partial column block, and servers split inputs by block. Rows
         may end in a partial block (DeepSeek-V3's kv_a_proj_with_mqa has 576)."""
         assert isinstance(args, Float8Args)
         if args.strategy != "block" or cols % args.block[1] == 0:
             return None
-        return replace(args, strategy="channel"), f"fp8 block {args.block[1]} → per-channel"
+        why = f"fp8 block width {args.block[1]} does not divide the input dimension {cols}"
+        return replace(args, strategy="channel"), f"fp8 block {args.block[1]} → per-channel", why
 
     def row_align(self, args: Args) -> int:
         assert isinstance(args, Float8Args)

@@ -332,19 +332,20 @@ class IntScheme(Scheme):
     def accepts(self, args: Args) -> bool:
         return isinstance(args, QuantArgs) and args.method == "int"
 
-    def for_width(self, args: Args, cols: int) -> tuple[Args, str] | None:
+    def for_width(self, args: Args, cols: int) -> tuple[Args, str, str] | None:
         """compressed-tensors (and so transformers and vLLM) refuses a group size that does not
         divide the input dimension: halve it down to 32 while it does not, else per channel.
         Our minmax layout allows a partial last group."""
         assert isinstance(args, QuantArgs)
         if args.strategy != "group" or self.partial_groups or cols % args.group_size == 0:
             return None
+        why = f"group size {args.group_size} does not divide the input dimension {cols}"
         g = args.group_size // 2
         while g >= 32:
             if cols % g == 0:
-                return replace(args, group_size=g), f"group {args.group_size} → {g}"
+                return replace(args, group_size=g), f"group {args.group_size} → {g}", why
             g //= 2
-        return replace(args, strategy="channel"), f"group {args.group_size} → per-channel"
+        return replace(args, strategy="channel"), f"group {args.group_size} → per-channel", why
 
     # -- layout ------------------------------------------------------------------------------
     def outputs(

@@ -237,10 +237,10 @@ def _effective_args(
     narrowed = for_args(args).for_width(args, cols)
     if narrowed is None:
         return args, None
-    fallback, note = narrowed
+    fallback, note, why = narrowed
     if strict:
         raise ConfigError(
-            f"{args.describe()} does not fit the input dimension {cols}",
+            why,
             path=source,
             tensor=name,
             hint=f"drop --strict-groups to fall back ({note}), or pick a size that divides {cols}",
