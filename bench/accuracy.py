@@ -47,6 +47,10 @@ CONFIGS: list[tuple[str, str, list[str]]] = [
     ("w4a16-asym", "w4a16-asym", ["--preset", "w4a16-asym"]),
     ("minmax-8", "minmax 8 bit", ["--preset", "minmax", "--bits", "8"]),
     ("minmax-4", "minmax 4 bit", ["--preset", "minmax", "--bits", "4"]),
+    ("fp8", "fp8 (W8A8 dynamic)", ["--preset", "fp8"]),
+    ("fp8-block", "fp8-block (128×128, W8A8)", ["--preset", "fp8-block"]),
+    ("nvfp4a16", "nvfp4a16", ["--preset", "nvfp4a16"]),
+    ("mxfp4a16", "mxfp4a16", ["--preset", "mxfp4a16"]),
     ("budget-4.25", "automatic budget 4.25 bits", ["--target-bits", "4.25"]),
     ("budget-4.5", "automatic budget 4.5 bits", ["--target-bits", "4.5"]),
     (

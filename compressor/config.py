@@ -47,7 +47,7 @@ from pydantic import (
 
 from compressor import defaults
 from compressor.errors import ConfigError
-from compressor.formats.layout import CodebookArgs, Float8Args
+from compressor.formats.layout import CodebookArgs, Float4Args, Float8Args
 from compressor.math.quant import QuantArgs
 
 __all__ = [
@@ -76,10 +76,13 @@ Preset = Literal[
     "fp8",
     "fp8a16",
     "fp8-block",
+    "nvfp4a16",
+    "mxfp4a16",
     "dense",
     "recipe",
 ]
 CODEBOOK_METHODS = ("nf4", "kmeans")
+FLOAT_METHODS = ("fp8", "nvfp4", "mxfp4")  # fixed float codes: each its own format
 
 
 class _Frozen(BaseModel):
@@ -109,14 +112,16 @@ class QuantRule(_Frozen):
         default_factory=lambda: [LINEAR],
         description='Module or tensor names, "re:<regex>" patterns, or "Linear" for all linear layers.',
     )
-    method: Literal["int", "minmax", "nf4", "kmeans", "fp8"] = Field(
+    method: Literal["int", "minmax", "nf4", "kmeans", "fp8", "nvfp4", "mxfp4"] = Field(
         "int",
         description='"int": compressed-tensors integer codes; "minmax": the float-offset formula '
         'round((x-min)/(max-min)·(2^b-1)) in this tool\'s own layout; "nf4": NormalFloat4 '
         'codes with an absmax per block of 64 along each row; "kmeans": a learned codebook of '
         '2^bits centroids per tensor (the last two in this tool\'s codebook layout); "fp8": '
         "FP8 E4M3 weights with a scale per channel or tensor (compressed-tensors float-quantized; "
-        "bits is 8).",
+        'bits is 8); "nvfp4": FP4 E2M1 weights, an FP8 scale per 16 inputs and a global scale; '
+        '"mxfp4": FP4 E2M1 weights, a power-of-two scale per 32 inputs (compressed-tensors '
+        "nvfp4/mxfp4-pack-quantized, weight-only).",
     )
     activations: Literal["none", "fp8-dynamic"] = Field(
         "none",
@@ -157,6 +162,8 @@ class QuantRule(_Frozen):
             self._check_codebook()
         if self.method == "fp8":
             self._check_fp8()
+        elif self.method in ("nvfp4", "mxfp4"):
+            self._check_fp4()
         elif self.strategy == "block":
             raise ValueError(
                 "strategy block (a scale per 128×128 block) goes with method fp8; integer "
@@ -195,6 +202,22 @@ class QuantRule(_Frozen):
         if wrong:
             raise ValueError(f"method fp8 does not take {', '.join(wrong)}")
 
+    def _check_fp4(self) -> None:
+        """FP4 formats fix everything but the targets: E2M1 codes, symmetric, a group of 16
+        (nvfp4) or 32 (mxfp4); refuse fields that would otherwise be silently ignored."""
+        defaults_ = {"strategy": "group", "group_size": 128, "symmetric": True, "rounding": "rtn"}
+        given = [f"{k} {getattr(self, k)}" for k, v in defaults_.items() if getattr(self, k) != v]
+        if self.bits != 4:
+            given.insert(0, f"bits {self.bits}")
+        if self.activations != "none":
+            given.append(f"activations {self.activations}")
+        if given:
+            group = 16 if self.method == "nvfp4" else 32
+            raise ValueError(
+                f"method {self.method} has fixed 4-bit E2M1 codes with a scale per {group} "
+                f"inputs: drop {', '.join(given)}"
+            )
+
     def _check_codebook(self) -> None:
         """Integer-scheme fields mean nothing to a codebook: refuse them rather than ignore them
         (a value equal to the default cannot be told apart from an absent one, and is fine)."""
@@ -216,7 +239,11 @@ class QuantRule(_Frozen):
                 f"{', '.join(given)} (they apply to methods int and minmax)"
             )
 
-    def args(self, group_size: int | None = None) -> QuantArgs | CodebookArgs | Float8Args:
+    def args(
+        self, group_size: int | None = None
+    ) -> QuantArgs | CodebookArgs | Float8Args | Float4Args:
+        if self.method == "nvfp4" or self.method == "mxfp4":
+            return Float4Args(method=self.method)
         if self.method == "fp8":
             return Float8Args(
                 strategy="block" if self.strategy == "block" else "channel",
@@ -386,22 +413,25 @@ class Recipe(_Frozen):
         return data
 
     @model_validator(mode="after")
-    def _fp8_alone(self) -> Recipe:
-        """FP8 writes compressed-tensors `float-quantized`; one output holds one format here
-        (integer pack-quantized or float-quantized), and the budget's candidates are integer."""
+    def _float_alone(self) -> Recipe:
+        """FP8 writes compressed-tensors `float-quantized`, NVFP4 and MXFP4 their own
+        `*-pack-quantized`; one output holds one format here, and the budget's candidates are
+        integer."""
         methods = {r.method for r in self.quantization}
-        if "fp8" not in methods:
+        floats = sorted(methods & set(FLOAT_METHODS))
+        if not floats:
             return self
-        if methods != {"fp8"}:
-            others = sorted(methods - {"fp8"})
+        if methods != {floats[0]}:
+            other = sorted(methods - {floats[0]})[0]
             raise ValueError(
-                f"rules with method fp8 cannot be mixed with method {others[0]} rules in one "
-                "run: use fp8 for every rule (ignore what stays dense), or no fp8 rule"
+                f"rules with method {floats[0]} cannot be mixed with method {other} rules in "
+                f"one run (one output, one format): use {floats[0]} for every rule (ignore what "
+                f"stays dense), or no {floats[0]} rule"
             )
         if self.budget is not None:
             raise ValueError(
                 "an automatic budget chooses among integer schemes and cannot be combined with "
-                "method fp8: drop the budget, or the fp8 rules"
+                f"method {floats[0]}: drop the budget, or the {floats[0]} rules"
             )
         return self
 
@@ -452,6 +482,8 @@ PRESETS: dict[str, Recipe] = {
     "fp8-block": Recipe(
         quantization=[QuantRule(method="fp8", bits=8, strategy="block", activations="fp8-dynamic")]
     ),
+    "nvfp4a16": Recipe(quantization=[QuantRule(method="nvfp4")]),
+    "mxfp4a16": Recipe(quantization=[QuantRule(method="mxfp4")]),
 }
 
 

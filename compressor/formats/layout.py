@@ -22,6 +22,7 @@ __all__ = [
     "MINMAX_FORMAT",
     "SPARSE_BITMASK_FORMAT",
     "CodebookArgs",
+    "Float4Args",
     "Float8Args",
     "OutputRole",
     "OutputSpec",
@@ -46,6 +47,7 @@ OutputRole = Literal[
     "row_offsets",
     "absmax",
     "codebook",
+    "global_scale",
 ]
 
 
@@ -107,6 +109,28 @@ class Float8Args:
     def describe(self) -> str:
         where = f"block {self.block[0]}x{self.block[1]}" if self.strategy == "block" else "channel"
         return f"fp8 e4m3 {where}" + (" w8a8" if self.dynamic_activations else "")
+
+
+@dataclass(frozen=True)
+class Float4Args:
+    """FP4 (E2M1) weights in compressed-tensors' microscale layouts, weight-only:
+
+    - ``nvfp4``: an FP8 E4M3 scale per 16 inputs and one FP32 global scale per tensor (shared by
+      the members of a fused group, as servers need), `nvfp4-pack-quantized`;
+    - ``mxfp4``: a power-of-two (E8M0) scale per 32 inputs, `mxfp4-pack-quantized`.
+    """
+
+    method: Literal["nvfp4", "mxfp4"] = "nvfp4"
+    bits: int = 4
+    symmetric: bool = True
+    strategy: Literal["group"] = "group"  # never "tensor": no per-tensor integer scale
+
+    @property
+    def group_size(self) -> int:
+        return 16 if self.method == "nvfp4" else 32
+
+    def describe(self) -> str:
+        return f"{self.method} g{self.group_size}"
 
 
 @dataclass(frozen=True)

@@ -110,10 +110,12 @@ def _attach(block: dict[str, Any], modules: Sequence[str]) -> dict[str, Any]:
 def _register_builtin() -> None:
     from compressor.schemes.bitmask import BitmaskScheme
     from compressor.schemes.codebook import CodebookScheme
+    from compressor.schemes.float4 import Mxfp4Scheme, Nvfp4Scheme
     from compressor.schemes.float8 import Float8Scheme
     from compressor.schemes.int_packed import IntScheme, MinmaxScheme
 
-    for cls in (IntScheme, MinmaxScheme, CodebookScheme, BitmaskScheme, Float8Scheme):
+    builtin = (IntScheme, MinmaxScheme, CodebookScheme, BitmaskScheme, Float8Scheme)
+    for cls in (*builtin, Nvfp4Scheme, Mxfp4Scheme):
         register(cls)
 
 

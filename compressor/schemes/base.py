@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from compressor.formats import dtypes
-from compressor.formats.layout import CodebookArgs, Float8Args, OutputSpec
+from compressor.formats.layout import CodebookArgs, Float4Args, Float8Args, OutputSpec
 from compressor.formats.safetensors_io import TensorInfo, read_rows
 from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats
@@ -54,7 +54,7 @@ class BitmaskArgs:
         return "sparse bitmask"
 
 
-Args = QuantArgs | CodebookArgs | Float8Args | BitmaskArgs
+Args = QuantArgs | CodebookArgs | Float8Args | Float4Args | BitmaskArgs
 
 
 class RowSink(Protocol):
@@ -146,6 +146,7 @@ class Scheme(ABC):
     sized_after_compress: ClassVar[bool] = False  # output sizes known only once values are kept
     exact_zero: ClassVar[bool] = True  # 0.0 decodes to exactly 0.0 (pruning needs it)
     served: ClassVar[bool] = False  # inference servers (vLLM) load it: fused groups apply
+    fused_range: ClassVar[bool] = False  # fused-group members share the per-tensor parameters
     ours: ClassVar[bool] = True  # our own layout (its block carries "tool", no quant_method)
 
     # -- which weights -----------------------------------------------------------------------
@@ -156,9 +157,10 @@ class Scheme(ABC):
     def root_part(self, args: Args) -> str:
         return self.parts[0]
 
-    def for_width(self, args: Args, cols: int) -> tuple[Args, str, str] | None:
-        """None when `args` suits a weight of `cols` inputs; else the fallback the plan uses,
-        a short note for the report ("group 128 → 64") and why (for `--strict-groups`)."""
+    def for_width(self, args: Args, cols: int) -> tuple[Args | None, str, str] | None:
+        """None when `args` suits a weight of `cols` inputs; else the fallback the plan uses
+        (None: the weight stays dense), a short note for the report ("group 128 → 64") and
+        why (for `--strict-groups`)."""
         return None
 
     def row_align(self, args: Args) -> int:
@@ -199,6 +201,20 @@ class Scheme(ABC):
         first dimension)."""
         for r0, r1 in chunks:
             yield read(role, *self.staged_span(role, r0, r1, args, rows_out))
+
+    # -- per-tensor parameters (thresholds stage) --------------------------------------------
+    def needs_range(self, args: Args) -> bool:
+        """Whether a parameter depends on the whole tensor's range (the ingest stage's min and
+        max), fixed by `tensor_params` before compress."""
+        return False
+
+    def tensor_params(
+        self, args: Args, lo: float, hi: float, dtype: str
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The per-tensor (scale, zero) of a weight whose values span [lo, hi] (over its whole
+        fused group when `fused_range`), handed to every chunk as `ChunkInput.scale/zero` and
+        to `small_outputs`."""
+        return None, None
 
     # -- compress ----------------------------------------------------------------------------
     def fits_codebook(self, args: Args) -> bool:

@@ -181,7 +181,7 @@ class Float8Scheme(Scheme):
             OutputSpec(f"{m}.weight_scale", dtype, _scale_shape(shape, args), "scale", tensor_name),
         ]
 
-    def for_width(self, args: Args, cols: int) -> tuple[Args, str, str] | None:
+    def for_width(self, args: Args, cols: int) -> tuple[Args | None, str, str] | None:
         """Block scales need whole blocks along the input dimension: compressed-tensors' own
         decompressor fails on a partial column block, and servers split inputs by block. Rows
         may end in a partial block (DeepSeek-V3's kv_a_proj_with_mqa has 576)."""

@@ -36,7 +36,13 @@ from compressor.formats.quant_config import OUR_TOOL
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math import kernels
 from compressor.math.pack import pack_rows, packed_width, unpack_rows
-from compressor.math.quant import QuantArgs, Strategy, dequantize, quantized_range
+from compressor.math.quant import (
+    QuantArgs,
+    Strategy,
+    dequantize,
+    qparams_from_range,
+    quantized_range,
+)
 from compressor.math.rounding import RoundingMode, quantize_rows, search_qparams
 from compressor.math.stats import ErrorStats, combine_errors, error_stats
 from compressor.schemes.base import (
@@ -332,7 +338,7 @@ class IntScheme(Scheme):
     def accepts(self, args: Args) -> bool:
         return isinstance(args, QuantArgs) and args.method == "int"
 
-    def for_width(self, args: Args, cols: int) -> tuple[Args, str, str] | None:
+    def for_width(self, args: Args, cols: int) -> tuple[Args | None, str, str] | None:
         """compressed-tensors (and so transformers and vLLM) refuses a group size that does not
         divide the input dimension: halve it down to 32 while it does not, else per channel.
         Our minmax layout allows a partial last group."""
@@ -419,6 +425,24 @@ class IntScheme(Scheme):
             return r0, r1
         assert isinstance(args, QuantArgs)  # packed along rows: chunk rows → words
         return r0 * args.bits // 32, min(rows_out, -(-r1 * args.bits // 32))
+
+    # -- per-tensor parameters ----------------------------------------------------------------
+    def needs_range(self, args: Args) -> bool:
+        return isinstance(args, QuantArgs) and args.strategy == "tensor"
+
+    def tensor_params(
+        self, args: Args, lo: float, hi: float, dtype: str
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The tensor strategy's one scale and zero point (offset, minmax), from the range of
+        the whole tensor, which no single chunk sees."""
+        assert isinstance(args, QuantArgs)
+        scale, zero = qparams_from_range(
+            torch.tensor([[lo]], dtype=torch.float64),
+            torch.tensor([[hi]], dtype=torch.float64),
+            args,
+            dtypes.torch_dtype(dtype),
+        )
+        return scale, zero
 
     # -- compress ----------------------------------------------------------------------------
     def takes_fused_kernels(self, args: Args, dtype: str, rounding: str) -> bool:
@@ -513,8 +537,14 @@ class IntScheme(Scheme):
 
     # -- reading -----------------------------------------------------------------------------
     def _reads(self, qc: object) -> bool:
-        """Whether packed modules under this block are ours to read."""
-        return not (isinstance(qc, dict) and qc.get("format") == MINMAX_FORMAT)
+        """Whether packed modules under this block are ours to read (not when another scheme
+        owns its format: minmax, FP4)."""
+        from compressor import schemes  # the registry imports this module
+
+        if not isinstance(qc, dict):
+            return True
+        owner = schemes.by_format(qc.get("format"))
+        return owner is None or owner is self
 
     def discover(self, checkpoint: Checkpoint, qc: object) -> dict[str, CompressedModule]:
         packed = [

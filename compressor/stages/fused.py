@@ -38,6 +38,7 @@ __all__ = [
     "check_groups",
     "find_groups",
     "rules_for",
+    "shared_ranges",
 ]
 
 EXPERTS = "experts"
@@ -83,6 +84,7 @@ class FusedGroup:
 
     name: str
     members: tuple[str, ...]  # tensor names, in checkpoint order
+    experts: bool = False  # all expert linears of one MoE block (else sibling modules)
 
 
 def rules_for(config: Mapping[str, object] | None) -> tuple[tuple[str, ...] | str, ...]:
@@ -129,10 +131,37 @@ def find_groups(
                 found.setdefault(key, []).append(name)
                 break
     return tuple(
-        FusedGroup(labels[key], tuple(members))
+        FusedGroup(labels[key], tuple(members), key.startswith("experts:"))
         for key, members in found.items()
         if len(members) > 1
     )
+
+
+# Within one expert, the projections a server fuses into its w13 (gate and up).
+_EXPERT_PAIR = (("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def shared_ranges(groups: Iterable[FusedGroup]) -> dict[str, tuple[str, ...]]:
+    """Tensor → the tensors whose value range it shares, for schemes with a per-tensor
+    parameter that a fused module keeps once (NVFP4's global scale: vLLM keeps one for q/k/v
+    and for gate/up, and one per expert for its gate/up pair; `down_proj` keeps its own)."""
+    shared: dict[str, tuple[str, ...]] = {}
+    for group in groups:
+        if not group.experts:
+            for name in group.members:
+                shared[name] = group.members
+            continue
+        pairs: dict[tuple[str, int], list[str]] = {}
+        for name in group.members:
+            module = name.removesuffix(".weight")
+            expert, _, leaf = module.rpartition(".")
+            pair = next((k for k, p in enumerate(_EXPERT_PAIR) if leaf in p), None)
+            if pair is not None:
+                pairs.setdefault((expert, pair), []).append(name)
+        for members in pairs.values():
+            for name in members:
+                shared[name] = tuple(members)
+    return shared
 
 
 def check_groups(

@@ -64,8 +64,11 @@ def needs_ingest(plan: Plan) -> bool:
         or config.recipe.budget is not None
         or any(
             t.prune is not None
-            or (t.args is not None and t.args.strategy == "tensor")
-            or (t.scheme is not None and t.stored is not None and t.scheme.fits_codebook(t.stored))
+            or (
+                t.scheme is not None
+                and t.stored is not None
+                and (t.scheme.needs_range(t.stored) or t.scheme.fits_codebook(t.stored))
+            )
             for t in plan.staged
         )
     )

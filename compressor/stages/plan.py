@@ -21,7 +21,13 @@ from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats import dtypes, storage
 from compressor.formats.checkpoint import Checkpoint, open_checkpoint
 from compressor.formats.identity import SourceFile, checkpoint_files, source_file
-from compressor.formats.layout import CodebookArgs, Float8Args, OutputSpec, module_name
+from compressor.formats.layout import (
+    CodebookArgs,
+    Float4Args,
+    Float8Args,
+    OutputSpec,
+    module_name,
+)
 from compressor.formats.paths import check_disjoint, check_parent_writable, overlap
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math.quant import QuantArgs
@@ -70,7 +76,7 @@ class TensorPlan:
     name: str
     source: str
     info: TensorInfo
-    args: QuantArgs | CodebookArgs | Float8Args | None  # None: not quantized
+    args: QuantArgs | CodebookArgs | Float8Args | Float4Args | None  # None: not quantized
     chunks: tuple[tuple[int, int], ...] = ()
     note: str | None = None  # e.g. the group-size fallback, shown in the summary
     prune: PrunePlan | None = None  # None: not pruned
@@ -229,7 +235,7 @@ def _rule_for(
 
 def _effective_args(
     rule: QuantRule, name: str, source: str, cols: int, strict: bool
-) -> tuple[QuantArgs | CodebookArgs | Float8Args, str | None]:
+) -> tuple[QuantArgs | CodebookArgs | Float8Args | Float4Args | None, str | None]:
     """The scheme actually used for a tensor with `cols` inputs, after its scheme's width
     fallback (`Scheme.for_width`: a group size that does not divide the width, an FP8 block
     width), noted in the report; `strict` refuses instead."""
@@ -237,7 +243,7 @@ def _effective_args(
     narrowed = for_args(args).for_width(args, cols)
     if narrowed is None:
         return args, None
-    fallback, note, why = narrowed
+    fallback, note, why = narrowed  # fallback None: the weight stays dense
     if strict:
         raise ConfigError(
             why,
@@ -298,7 +304,7 @@ def make_plan(config: RunConfig) -> Plan:
             args, note = _effective_args(rule, name, source, cols, config.strict_groups)
             if note:
                 notes.append(note)
-            if prune is not None and not for_args(args).exact_zero:
+            if prune is not None and args is not None and not for_args(args).exact_zero:
                 raise ConfigError(
                     f"pruning with the {for_args(args).format} layout: it cannot represent 0 "
                     "exactly, so pruned weights would not decompress to 0.0",

@@ -3,8 +3,9 @@
 For now: handle targets with NaN/Inf (a scale computed from them would poison the whole group)
 — refuse them, or with `skip_nonfinite` demote them to plain copies (`Plan.demote`: they are
 streamed bit for bit from the source by the write stage and listed in the report's notes) —
-and compute per-tensor scales and zero points for the `tensor` strategy, which needs the range
-of the whole tensor — something no single chunk can see.
+and compute the parameters that need the range of the whole tensor, which no single chunk sees
+(`Scheme.tensor_params`: the integer `tensor` strategy's scale and zero point, NVFP4's global
+scale).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from compressor.errors import InputError
-from compressor.formats import dtypes
-from compressor.math.quant import qparams_from_range
 from compressor.math.stats import RangeStats
+from compressor.stages.fused import shared_ranges
 from compressor.stages.plan import Plan
 
 __all__ = ["TensorThresholds", "check_finite", "nonfinite_error", "thresholds"]
@@ -24,9 +24,10 @@ __all__ = ["TensorThresholds", "check_finite", "nonfinite_error", "thresholds"]
 
 @dataclass(frozen=True)
 class TensorThresholds:
-    """Per-tensor parameters fixed before compression (tensor strategy only, for now)."""
+    """Per-tensor parameters fixed before compression (`Scheme.tensor_params`)."""
 
-    scale: torch.Tensor | None = None  # (1, 1) in the weight's dtype
+    scale: torch.Tensor | None = None  # int tensor strategy: (1, 1) in the weight's dtype;
+    # NVFP4: the (1,) float32 global scale
     zero: torch.Tensor | None = None  # (1, 1) int8 zero point, or float offset for minmax
 
 
@@ -61,15 +62,22 @@ def check_finite(plan: Plan, ranges: dict[str, RangeStats]) -> Plan:
 
 
 def thresholds(plan: Plan, ranges: dict[str, RangeStats]) -> dict[str, TensorThresholds]:
-    """Per-tensor parameters of every target (the tensor strategy's scale and zero point)."""
+    """Per-tensor parameters of every target whose scheme needs its whole range (the integer
+    tensor strategy's scale and zero point, NVFP4's global scale), over the tensor's fused
+    group where the scheme keeps one parameter per fused module."""
+    shared = shared_ranges(plan.fused)
     out: dict[str, TensorThresholds] = {}
     for t in plan.staged:
-        r = ranges.get(t.name)
-        if r is None or t.args is None or t.args.strategy != "tensor":
+        scheme, args = t.scheme, t.stored
+        if scheme is None or args is None or not scheme.needs_range(args):
             out[t.name] = TensorThresholds()
             continue
-        lo = torch.tensor([[r.min]], dtype=torch.float64)
-        hi = torch.tensor([[r.max]], dtype=torch.float64)
-        scale, zero = qparams_from_range(lo, hi, t.args, dtypes.torch_dtype(t.info.dtype))
+        names = shared.get(t.name, (t.name,)) if scheme.fused_range else (t.name,)
+        spans = [ranges[n] for n in names if n in ranges]
+        if not spans:  # not staged (demoted): copied as is
+            out[t.name] = TensorThresholds()
+            continue
+        lo, hi = min(r.min for r in spans), max(r.max for r in spans)
+        scale, zero = scheme.tensor_params(args, lo, hi, t.info.dtype)
         out[t.name] = TensorThresholds(scale=scale, zero=zero)
     return out

@@ -11,11 +11,16 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import compressor
 from compressor import schemes
-from compressor.formats.layout import CODEBOOK_FORMAT, CT_FORMAT, CodebookArgs, Float8Args
+from compressor.formats.layout import (
+    CODEBOOK_FORMAT,
+    CT_FORMAT,
+    CodebookArgs,
+    Float4Args,
+    Float8Args,
+)
 from compressor.math.quant import QuantArgs
 from compressor.schemes import BitmaskArgs, Scheme
 
@@ -29,6 +34,8 @@ ARGS = [
     CodebookArgs(method="kmeans", bits=3),
     Float8Args(),
     Float8Args(dynamic_activations=True),
+    Float4Args(method="nvfp4"),
+    Float4Args(method="mxfp4"),
     BitmaskArgs(),
 ]
 
@@ -42,7 +49,9 @@ def test_every_args_has_exactly_one_scheme_and_formats_map_back() -> None:
     assert schemes.by_format("mixed-precision") is schemes.by_format(CT_FORMAT)
     assert schemes.by_format(CODEBOOK_FORMAT) is schemes.by_name("codebook")
     assert schemes.by_format("float-quantized") is schemes.by_name("float8")
-    assert schemes.by_format("nvfp4-pack-quantized") is None
+    assert schemes.by_format("nvfp4-pack-quantized") is schemes.by_name("nvfp4")
+    assert schemes.by_format("mxfp4-pack-quantized") is schemes.by_name("mxfp4")
+    assert schemes.by_format("marlin-24") is None
 
 
 def test_a_duplicate_name_or_format_is_refused() -> None:
@@ -65,13 +74,11 @@ def test_staged_arrays_match_the_row_roles_of_the_outputs(args) -> None:
     rows, cols, chunk_rows = 96, 320, 32
     outputs = scheme.outputs("m.weight", (rows, cols), "BF16", args, kept=1000)
     staged = {a.role: a for a in scheme.staged_arrays((rows, cols), "BF16", args, chunk_rows)}
-    per_tensor = getattr(args, "strategy", None) == "tensor"
+    scale, zero = (
+        scheme.tensor_params(args, -1.0, 1.0, "BF16") if scheme.needs_range(args) else (None, None)
+    )
     small = scheme.small_outputs(
-        "m",
-        args,
-        torch.ones(1, 1, dtype=torch.bfloat16) if per_tensor else None,
-        torch.zeros(1, 1, dtype=torch.int8) if per_tensor else None,
-        [0.0] * 8 if schemes.for_args(args).fits_codebook(args) else None,
+        "m", args, scale, zero, [0.0] * 8 if scheme.fits_codebook(args) else None
     )
     for spec in outputs:
         if spec.name in small:  # written whole from the client
