@@ -12,6 +12,9 @@ vectorises, and never materialise x̂ or the integer codes:
                       figures of x̂ = to16((q − z)·s) against the reference weights; [lo, hi]
                       is [qmin, qmax] narrowed, per group, to the codes whose x̂ is finite
                       (`quant.finite_code_bounds`)
+    fp4_pack_16       FP4 E2M1 codes of x / m for given per-group float32 multipliers m
+                      (NVFP4, MXFP4: `schemes/float4.py` computes the scales), two per byte,
+                      and the error figures of x̂ = bf16(E2M1[code] · m)
 
 Contract (pinned by tests/math/test_kernels.py against the torch path, bit for bit on the packed
 words and the max error; sums of squares to float64 rounding):
@@ -49,6 +52,8 @@ from numba.extending import intrinsic
 __all__ = [
     "BF16",
     "F16",
+    "fp4_pack_16",
+    "group_absmax_16",
     "quantize_pack_16",
     "quantize_pack_rtn_16",
     "warm_up",
@@ -320,6 +325,75 @@ def _pack_row(codes, bits, words, word_bytes):
             words[w] = np.int32(np.uint32(acc & np.uint64(0xFFFFFFFF)))
 
 
+@_jit(fastmath=_FASTMATH)
+def _group_absmax(keys, kind, g, out):
+    rows, cols = keys.shape
+    for r in range(rows):
+        for gi in range(cols // g):
+            lo, hi = _range_of(keys[r, gi * g : gi * g + g], kind)
+            if lo != lo or hi != hi:
+                out[r, gi] = np.float32(np.nan)
+            else:
+                out[r, gi] = hi if hi > -lo else -lo
+
+
+@_jit(fastmath=_FASTMATH)
+def _fp4_pack(raw, ref, kind, g, mult, out):
+    """Codes of x / m per group (m = mult[r, group]), packed two per byte (even column in the
+    low nibble); returns (sq_error, sq_signal, max |x − x̂|) with x̂ = bf16(E2M1[code]·m)."""
+    rows, cols = raw.shape
+    ngroups = mult.shape[1]
+    sq_error = 0.0
+    sq_signal = 0.0
+    max_key = np.int64(0)
+    codes = np.empty(cols, np.uint8)
+    for r in range(rows):
+        xr = raw[r]
+        rr = ref[r]
+        for gi in range(ngroups):
+            m = mult[r, gi]
+            e_acc = 0.0
+            s_acc = 0.0
+            mk = np.int64(0)
+            for c in range(gi * g, gi * g + g):
+                v = _widen(xr[c], kind) / m
+                a = min(abs(v), np.float32(6.0))
+                # nearest E2M1 value, ties to the even code (see schemes/float4.encode_fp4)
+                index = (
+                    np.int32(a > 0.25)
+                    + np.int32(a >= 0.75)
+                    + np.int32(a > 1.25)
+                    + np.int32(a >= 1.75)
+                    + np.int32(a > 2.5)
+                    + np.int32(a >= 3.5)
+                    + np.int32(a > 5.0)
+                )
+                # its value, branch-free: the steps between E2M1 values are .5 ×4, 1, 1, 2
+                value = np.float32(
+                    0.5 * (np.int32(a > 0.25) + np.int32(a >= 0.75) + np.int32(a > 1.25))
+                    + 0.5 * np.int32(a >= 1.75)
+                    + np.int32(a > 2.5)
+                    + np.int32(a >= 3.5)
+                    + 2.0 * np.int32(a > 5.0)
+                )
+                negative = v < 0 and index > 0
+                codes[c] = np.uint8(index + (8 if negative else 0))
+                x_hat = _narrow((-value if negative else value) * m, BF16)
+                x_ref = np.float64(_widen(rr[c], kind))
+                d = np.float64(x_hat) - x_ref
+                e_acc += d * d
+                s_acc += x_ref * x_ref
+                key = _f64_as_i64(abs(d))
+                mk = key if key > mk else mk
+            sq_error += e_acc
+            sq_signal += s_acc
+            max_key = mk if mk > max_key else max_key
+        o = out[r]
+        for j in range(cols // 2):
+            o[j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
+    return sq_error, sq_signal, _i64_as_f64(max_key)
+
+
 # --------------------------------------------------------------------------------------------
 # Public wrappers: shapes and dtypes checked here, once per chunk, not per weight
 # --------------------------------------------------------------------------------------------
@@ -401,6 +475,45 @@ def quantize_pack_rtn_16(
     return packed, scale, None if symmetric else zero, stats, int(nonfinite)
 
 
+def fp4_pack_16(
+    raw: np.ndarray,
+    kind: int,
+    group: int,
+    multiplier: np.ndarray,
+    reference: np.ndarray | None = None,
+) -> tuple[np.ndarray, float, float, float]:
+    """FP4 E2M1 codes of a block for given per-group multipliers, packed, and their error.
+
+    `raw` (rows, cols) uint16 16-bit weights to quantize, `reference` the weights the error is
+    measured against (default `raw`), `multiplier` (rows, cols/group) float32: what a code is
+    multiplied by on decoding. Returns `(packed, sq_error, sq_signal, max_abs_error)`, `packed`
+    uint8 (rows, cols/2). Finite weights only: the caller checks the group maxima first.
+    """
+    rows, cols = _check_block(raw, kind, 4, reference)
+    if cols % group or cols % 2:
+        raise ValueError(f"{cols} columns are not a multiple of the group {group}")
+    if multiplier.shape != (rows, cols // group) or multiplier.dtype != np.float32:
+        raise ValueError(f"multiplier must be float32 {(rows, cols // group)}")
+    packed = np.empty((rows, cols // 2), np.uint8)
+    ref = raw if reference is None else reference
+    sq_error, sq_signal, max_abs = _fp4_pack(
+        raw, ref, kind, group, np.ascontiguousarray(multiplier), packed
+    )
+    return packed, float(sq_error), float(sq_signal), float(max_abs)
+
+
+def group_absmax_16(raw: np.ndarray, kind: int, group: int) -> np.ndarray:
+    """(rows, cols/group) float32 max |x| of each group of a 16-bit block (NaN where a group
+    holds a NaN, inf where it holds ±inf)."""
+    _check_raw(raw, kind)
+    rows, cols = raw.shape
+    if cols % group:
+        raise ValueError(f"{cols} columns are not a multiple of the group {group}")
+    out = np.empty((rows, cols // group), np.float32)
+    _group_absmax(raw.view(np.int16), kind, group, out)
+    return out
+
+
 def _check_block(
     raw: np.ndarray, kind: int, bits: int, reference: np.ndarray | None
 ) -> tuple[int, int]:
@@ -421,3 +534,5 @@ def warm_up() -> None:
     raw = np.zeros((1, 32), np.uint16)
     quantize_pack_16(raw, BF16, 32, np.ones((1, 1), np.float32), None, (-8, 7), 4)
     quantize_pack_rtn_16(raw, BF16, 32, True, (-8, 7), 4)
+    fp4_pack_16(raw, BF16, 16, np.ones((1, 2), np.float32))
+    group_absmax_16(raw, BF16, 16)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from compressor.errors import InputError
 from compressor.formats import dtypes
 from compressor.formats.layout import Float4Args, OutputSpec, module_name
 from compressor.formats.safetensors_io import TensorInfo
+from compressor.math import kernels
 from compressor.math.stats import ErrorStats, combine_errors, error_stats
 from compressor.schemes.base import (
     Args,
@@ -54,7 +55,7 @@ from compressor.schemes.base import (
     read_part,
 )
 from compressor.schemes.discovery import compressed_tensors_errors, target_matches
-from compressor.schemes.int_packed import BLOCK_ROWS, GPU_BLOCK_ROWS, device
+from compressor.schemes.int_packed import BLOCK_ROWS, GPU_BLOCK_ROWS, NonFiniteWeights, device
 
 if TYPE_CHECKING:
     from compressor.formats.checkpoint import Checkpoint
@@ -79,6 +80,7 @@ MXFP4_FORMAT = "mxfp4-pack-quantized"
 FP4_MAX = 6.0
 FP8_MAX = 448.0
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_KINDS = {torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}  # fused-kernel inputs
 NVFP4_ZERO_SCALE = 0.125  # the scale of an all-zero group (compressed-tensors' choice too)
 # Round to nearest, ties to the even code: |v| crosses into code i+1 past each midpoint,
 # strictly (">") where the lower code is even, inclusively (">=") where it is odd.
@@ -127,7 +129,11 @@ def nvfp4_global_scale(absmax: float) -> torch.Tensor:
 
 def nvfp4_scales(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """(rows, cols/16) FP8 E4M3 local scales fp8(G · absmax / 6); 0.125 where that is 0."""
-    local = _group_absmax(x, 16) / FP4_MAX * global_scale.to(x.device)
+    return _nvfp4_scales_of(_group_absmax(x, 16), global_scale)
+
+
+def _nvfp4_scales_of(absmax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    local = absmax / FP4_MAX * global_scale.to(absmax.device)
     fp8 = local.clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     zero = fp8.float() == 0
     return torch.where(zero, torch.full_like(local, NVFP4_ZERO_SCALE), fp8.float()).to(
@@ -138,7 +144,10 @@ def nvfp4_scales(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
 def mx_exponents(x: torch.Tensor) -> torch.Tensor:
     """(rows, cols/32) uint8 E8M0 exponents: absmax rounded to 2^k (up from mantissa 1.75),
     e = 127 + k − 2, within [0, 254]; 0 for an all-zero group."""
-    absmax = _group_absmax(x, 32)
+    return _mx_exponents_of(_group_absmax(x, 32))
+
+
+def _mx_exponents_of(absmax: torch.Tensor) -> torch.Tensor:
     mantissa, exponent = torch.frexp(absmax)  # absmax = mantissa · 2^exponent, mantissa ∈ [.5, 1)
     k = exponent - 1 + (mantissa >= 0.875).to(exponent.dtype)  # 1.75·2^(e-1) = .875·2^e
     e = (k + 127 - 2).clamp(0, 254)
@@ -226,14 +235,30 @@ class _Fp4Scheme(Scheme):
             StagedArray("scale", (rows, cols // self.group), self.scale_dtype, chunk_rows),
         ]
 
+    def takes_fused_kernels(self, args: Args, dtype: str, rounding: str) -> bool:
+        return dtype in ("BF16", "F16")
+
     def encode_chunk(self, out: RowSink, args: Args, chunk: ChunkInput) -> ErrorStats:
+        x = chunk.x
         where = device()
+        if where.type == "cpu" and x.dtype in _KINDS:
+            packed, scale, error = self._encode_fused(chunk)
+        else:
+            packed, scale, error = self._encode_torch(chunk, where)
+        out.put("packed", chunk.first_row, packed)
+        out.put("scale", chunk.first_row, dtypes.to_raw(scale))
+        return replace(error, pruned=chunk.removed)
+
+    def _encode_torch(
+        self, chunk: ChunkInput, where: torch.device
+    ) -> tuple[np.ndarray, torch.Tensor, ErrorStats]:
+        """Row blocks through torch (GPU workers, 32-bit weights)."""
         step = GPU_BLOCK_ROWS if where.type == "cuda" else BLOCK_ROWS
         x, pruned = chunk.x, chunk.pruned
         packed, scales, errors = [], [], []
         for b0 in range(0, x.shape[0], step):
             block = pruned[b0 : b0 + step].to(where)
-            scale, multiplier = self._scales(block, chunk.scale)
+            scale, multiplier = self._scales(_group_absmax(block, self.group), chunk.scale)
             per_value = multiplier.repeat_interleave(self.group, dim=1)
             codes = encode_fp4(block.float() / per_value)
             # bfloat16: what the checkpoint decodes to (compressed-tensors' decompression too)
@@ -241,14 +266,29 @@ class _Fp4Scheme(Scheme):
             errors.append(error_stats(x[b0 : b0 + step].to(where), x_hat, count_zeros=False))
             packed.append(pack_fp4(codes).cpu())
             scales.append(scale.cpu())
-        out.put("packed", chunk.first_row, torch.cat(packed).numpy())
-        out.put("scale", chunk.first_row, dtypes.to_raw(torch.cat(scales)))
-        return replace(combine_errors(*errors), pruned=chunk.removed)
+        return torch.cat(packed).numpy(), torch.cat(scales), combine_errors(*errors)
+
+    def _encode_fused(self, chunk: ChunkInput) -> tuple[np.ndarray, torch.Tensor, ErrorStats]:
+        """Scales in torch (one reduction per group), codes, packing and error figures in one
+        fused kernel pass (`kernels.fp4_pack_16`): the same float32 steps as `_encode_torch`."""
+        x, pruned = chunk.x, chunk.pruned
+        kind = _KINDS[x.dtype]
+        raw = dtypes.to_raw(pruned.contiguous()).view(np.uint16)
+        absmax = torch.from_numpy(kernels.group_absmax_16(raw, kind, self.group))
+        if not bool(torch.isfinite(absmax).all()):
+            raise NonFiniteWeights(int((~torch.isfinite(pruned)).sum()))
+        scale, multiplier = self._scales(absmax, chunk.scale)
+        reference = None if pruned is x else dtypes.to_raw(x.contiguous()).view(np.uint16)
+        packed, sq_error, sq_signal, max_abs = kernels.fp4_pack_16(
+            raw, kind, self.group, multiplier.contiguous().numpy(), reference
+        )
+        return packed, scale, ErrorStats(x.numel(), sq_error, sq_signal, max_abs)
 
     def _scales(
-        self, block: torch.Tensor, fixed: torch.Tensor | None
+        self, absmax: torch.Tensor, fixed: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A block's stored scales and the float32 multiplier of each group's codes."""
+        """The stored scales of groups with these float32 maxima, and the float32 multiplier
+        of each group's codes."""
         raise NotImplementedError
 
     def decode_rows(
@@ -345,10 +385,10 @@ class _Fp4Scheme(Scheme):
             out[module] = CompressedModule(
                 module,
                 self,
-                Float4Args(self.method),
+                Float4Args(cast(Literal["nvfp4", "mxfp4"], self.method)),
                 (rows, 2 * half),
                 parts,
-                "BF16",  # type: ignore[arg-type]
+                "BF16",
             )
         return out
 
@@ -381,10 +421,10 @@ class Nvfp4Scheme(_Fp4Scheme):
         return [OutputSpec(f"{m}.weight_global_scale", "F32", (1,), "global_scale", tensor_name)]
 
     def _scales(
-        self, block: torch.Tensor, fixed: torch.Tensor | None
+        self, absmax: torch.Tensor, fixed: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert fixed is not None, "the thresholds stage gives every NVFP4 tensor its global scale"
-        scale = nvfp4_scales(block, fixed)
+        scale = _nvfp4_scales_of(absmax, fixed)
         return scale, _nvfp4_effective(scale, fixed)
 
     def small_outputs(
@@ -411,9 +451,9 @@ class Mxfp4Scheme(_Fp4Scheme):
     parts = ("weight_packed", "weight_scale")
 
     def _scales(
-        self, block: torch.Tensor, fixed: torch.Tensor | None
+        self, absmax: torch.Tensor, fixed: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = mx_exponents(block)
+        exponents = _mx_exponents_of(absmax)
         return exponents, _mx_scale(exponents)
 
     def _multiplier(self, module: CompressedModule, scale: torch.Tensor) -> torch.Tensor:

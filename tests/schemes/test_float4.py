@@ -192,3 +192,34 @@ def test_recipes_refuse_what_fp4_cannot_store() -> None:
         QuantRule(method="mxfp4", group_size=64)
     with pytest.raises(ValueError, match="cannot be mixed with method int"):
         Recipe(quantization=[QuantRule(method="nvfp4"), QuantRule(targets=["lm_head"])])
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kernel_gives_the_torch_paths_bytes(name: str, dtype: torch.dtype) -> None:
+    """CPU chunks of 16-bit weights take `kernels.fp4_pack_16`; GPU workers and 32-bit
+    weights the torch path. Same packed codes and scales, same error figures."""
+    from compressor.schemes import ChunkInput, by_name
+    from compressor.schemes.float4 import nvfp4_global_scale
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(96, 512, generator=g) * torch.rand(96, 1, generator=g) * 0.1).to(dtype)
+    x[4, :64] = 0  # all-zero groups
+    pruned = x.clone()
+    pruned[10:20, ::3] = 0  # pruning: error measured against x
+    scheme = by_name(name)
+    global_scale = nvfp4_global_scale(float(x.float().abs().max())) if name == "nvfp4" else None
+    chunk = ChunkInput(x, pruned, 0, 0, 0, scale=global_scale, tensor="t")
+    fused_packed, fused_scale, fused_error = scheme._encode_fused(chunk)  # type: ignore[attr-defined]
+    torch_packed, torch_scale, torch_error = scheme._encode_torch(  # type: ignore[attr-defined]
+        chunk, torch.device("cpu")
+    )
+    assert np.array_equal(fused_packed, torch_packed)
+    assert torch.equal(fused_scale.view(torch.uint8), torch_scale.view(torch.uint8))
+    assert fused_error.max_abs_error == torch_error.max_abs_error
+    assert fused_error.sq_error == pytest.approx(torch_error.sq_error, rel=1e-12)
+    assert fused_error.sq_signal == pytest.approx(torch_error.sq_signal, rel=1e-12)
+    bad = x.clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        scheme._encode_fused(ChunkInput(bad, bad, 0, 0, 0, scale=global_scale, tensor="t"))  # type: ignore[attr-defined]
