@@ -467,7 +467,7 @@ class Pipeline:
     def _quantization_config(self) -> dict[str, Any] | None:
         """The config.json block, or None when the output is an ordinary dense model."""
         compressed = [
-            (t.stored, t.info.dtype, module_name(t.name))
+            (t.stored, t.dtype, module_name(t.name))
             for t in self.plan.staged
             if t.stored is not None
         ]

@@ -40,7 +40,7 @@ class BudgetChoice:
 
 
 def _dtype(t: TensorPlan) -> torch.dtype:
-    return dtypes.torch_dtype(t.info.dtype)
+    return dtypes.torch_dtype(t.dtype)
 
 
 def _infeasible(

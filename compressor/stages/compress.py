@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from compressor.formats import dtypes
-from compressor.formats.safetensors_io import read_rows
 from compressor.formats.staging import Staging
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
 from compressor.math.stats import ErrorStats, combine_errors, error_stats, range_stats
@@ -36,6 +35,7 @@ from compressor.schemes.int_packed import (
 from compressor.stages import assemble
 from compressor.stages.assemble import RowTarget
 from compressor.stages.executor import Executor, Progress
+from compressor.stages.ingest import source_rows
 from compressor.stages.plan import Plan, TensorPlan
 from compressor.stages.stats import ChunkPrune, chunk_importance, staged_rows
 from compressor.stages.thresholds import TensorThresholds, nonfinite_error
@@ -106,7 +106,7 @@ def takes_fused_kernels(t: TensorPlan) -> bool:
         scheme is not None
         and t.args is not None
         and t.prune is None
-        and scheme.takes_fused_kernels(t.args, t.info.dtype, t.rounding)
+        and scheme.takes_fused_kernels(t.args, t.dtype, t.rounding)
     )
 
 
@@ -132,9 +132,8 @@ def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
     if recorded is not None:
         return ErrorStats(**recorded)
     r0, r1 = t.chunks[job.chunk]
-    dtype = t.info.dtype
     if job.direct:
-        x = dtypes.to_torch(read_rows(t.source, t.info, r0, r1), dtype)
+        x = source_rows(t, r0, r1)
         # Ingest checks for NaN/inf when it runs; here it did not. The fused kernels find them
         # in their range pass (NonFiniteWeights below), every other path checks here.
         if not (takes_fused_kernels(t) and device().type == "cpu"):
@@ -182,9 +181,9 @@ def prepare_outputs(plan: Plan, staging: Staging) -> None:
         chunk_rows = t.chunks[0][1] - t.chunks[0][0]
         scheme, stored = t.scheme, t.stored
         if scheme is None or stored is None:  # pruned only, written dense
-            staging.create(f"out/{t.key}/dense", t.info.shape, t.info.dtype, chunk_rows)
+            staging.create(f"out/{t.key}/dense", t.info.shape, t.dtype, chunk_rows)
             continue
-        for array in scheme.staged_arrays(t.shape2d, t.info.dtype, stored, chunk_rows):
+        for array in scheme.staged_arrays(t.shape2d, t.dtype, stored, chunk_rows):
             staging.create(f"out/{t.key}/{array.role}", array.shape, array.dtype, array.chunk_rows)
 
 

@@ -19,14 +19,23 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from compressor.formats import dtypes
+import torch
+
+from compressor.formats import dtypes, fp8_source
 from compressor.formats.safetensors_io import read_rows
 from compressor.formats.staging import Staging
 from compressor.math.stats import RangeStats, combine_ranges, range_stats
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 
-__all__ = ["IngestJob", "ingest", "ingest_chunk", "needs_ingest", "prepare_staging"]
+__all__ = [
+    "IngestJob",
+    "ingest",
+    "ingest_chunk",
+    "needs_ingest",
+    "prepare_staging",
+    "source_rows",
+]
 
 STAGE = "ingest"
 
@@ -38,6 +47,14 @@ class IngestJob:
     chunk: int
 
 
+def source_rows(t: TensorPlan, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of an input tensor as the chunks work on them (an FP8 block-scaled weight
+    decoded to bfloat16, anything else as stored)."""
+    if t.encoded is not None:
+        return fp8_source.decode_rows(t.source, t.info, t.encoded, r0, r1)
+    return dtypes.to_torch(read_rows(t.source, t.info, r0, r1), t.info.dtype)
+
+
 def ingest_chunk(job: IngestJob) -> RangeStats:
     """Stage one row block; return its range statistics (recorded for resume)."""
     t = job.tensor
@@ -45,13 +62,13 @@ def ingest_chunk(job: IngestJob) -> RangeStats:
     if recorded is not None:
         return RangeStats(**recorded)
     r0, r1 = t.chunks[job.chunk]
-    raw = read_rows(t.source, t.info, r0, r1)
-    job.staging.write_rows(f"in/{t.key}", r0, raw)
+    x = source_rows(t, r0, r1)
+    job.staging.write_rows(f"in/{t.key}", r0, dtypes.to_raw(x))
     if t.prune is not None and t.prune.gradient is not None:
         # The gradient is a side input of the same shape: staged in the same row blocks.
         grad_file, grad_info = t.prune.gradient
         job.staging.write_rows(f"in/{t.key}.grad", r0, read_rows(grad_file, grad_info, r0, r1))
-    stats = range_stats(dtypes.to_torch(raw, t.info.dtype))
+    stats = range_stats(x)
     job.staging.mark_done(STAGE, t.key, job.chunk, asdict(stats))
     return stats
 
@@ -80,7 +97,7 @@ def prepare_staging(plan: Plan) -> Staging:
     staging.root.mkdir(parents=True, exist_ok=True)
     for t in plan.staged:
         rows = t.chunks[0][1] - t.chunks[0][0]
-        staging.create(f"in/{t.key}", t.info.shape, t.info.dtype, rows)
+        staging.create(f"in/{t.key}", t.info.shape, t.dtype, rows)
         if t.prune is not None and t.prune.gradient is not None:
             grad = t.prune.gradient[1]
             staging.create(f"in/{t.key}.grad", grad.shape, grad.dtype, rows)

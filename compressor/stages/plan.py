@@ -20,6 +20,7 @@ from compressor.config import LINEAR, PruneConfig, QuantRule, RunConfig
 from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats import dtypes, storage
 from compressor.formats.checkpoint import Checkpoint, open_checkpoint
+from compressor.formats.fp8_source import DENSE_DTYPE, BlockScaled, block_scaled_weights
 from compressor.formats.identity import SourceFile, checkpoint_files, source_file
 from compressor.formats.layout import (
     CodebookArgs,
@@ -50,7 +51,12 @@ __all__ = [
 ROW_ALIGN = 32
 # The default "Linear" target leaves these alone: transformers cannot load quantized embeddings,
 # and lm_head is usually kept dense for accuracy (llm-compressor does the same).
-_NOT_LINEAR = re.compile(r".*(embed|lm_head|wte|wpe|norm)")
+# Not "Linear": embeddings, lm_head, norms, and MoE routers (`mlp.gate`, Mixtral's
+# `block_sparse_moe.gate`, gpt-oss's `router`, Qwen2-MoE's `shared_expert_gate`), which
+# servers keep unquantized (vLLM builds them without a quantization config).
+_NOT_LINEAR = re.compile(
+    r".*(embed|lm_head|wte|wpe|norm)|.*\.(gate|router|shared_expert_gate)\.weight$"
+)
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,21 @@ class TensorPlan:
     note: str | None = None  # e.g. the group-size fallback, shown in the summary
     prune: PrunePlan | None = None  # None: not pruned
     rounding: str = "rtn"  # how scales are chosen (same format either way)
+    # An FP8 block-scaled input weight (formats/fp8_source.py): chunks decode it to bfloat16
+    # and it is never copied as is (its scale tensor is consumed).
+    encoded: BlockScaled | None = None
 
     @property
     def staged(self) -> bool:
-        """Quantized or pruned: its chunks go through staging; otherwise it is copied as is."""
-        return self.args is not None or self.prune is not None
+        """Quantized, pruned or decoded: its chunks go through staging; otherwise it is copied
+        as is."""
+        return self.args is not None or self.prune is not None or self.encoded is not None
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the weights the chunks work on (the input's, or bfloat16 once an FP8
+        input is decoded)."""
+        return DENSE_DTYPE if self.encoded is not None else self.info.dtype
 
     @property
     def stored(self) -> Args | None:
@@ -268,7 +284,9 @@ def make_plan(config: RunConfig) -> Plan:
     """Read headers, match rules, validate, and lay out chunks and output shards."""
     _check_destination(config)
     checkpoint = open_checkpoint(config.source)
-    _refuse_unsupported_input(checkpoint, config)
+    encoded = block_scaled_weights(checkpoint)
+    _refuse_unsupported_input(checkpoint, config, encoded)
+    consumed = {e.scale_name for e in encoded.values()}  # scale tensors: decoded, not carried
     rules = config.recipe.quantization
     ignore = list(config.recipe.ignore)
     pruning = config.recipe.pruning
@@ -278,9 +296,12 @@ def make_plan(config: RunConfig) -> Plan:
     notes: list[str] = []
     chunk_bytes = config.chunk_mb * 2**20
     for index, (name, (source, info)) in enumerate(checkpoint.tensors.items()):
+        if name in consumed:
+            continue
         found = _rule_for(rules, ignore, name, info)
         prune = _prune_for(pruning, ignore, name, info, source, sides) if pruning else None
-        if found is None and prune is None:
+        decoded = encoded.get(name)
+        if found is None and prune is None and decoded is None:
             tensors.append(TensorPlan(index, name, source, info, None))
             continue
         what = f"quantization rule {found[0]}" if found else "the pruning targets"
@@ -314,9 +335,12 @@ def make_plan(config: RunConfig) -> Plan:
                     "or w4a16",
                 )
         align = for_args(args).row_align(args) if args is not None else ROW_ALIGN
-        chunks = _row_chunks(rows, cols * dtypes.itemsize(info.dtype), chunk_bytes, align)
+        dtype = DENSE_DTYPE if decoded is not None else info.dtype
+        chunks = _row_chunks(rows, cols * dtypes.itemsize(dtype), chunk_bytes, align)
         rounding = found[1].rounding if found is not None else "rtn"
-        tensors.append(TensorPlan(index, name, source, info, args, chunks, note, prune, rounding))
+        tensors.append(
+            TensorPlan(index, name, source, info, args, chunks, note, prune, rounding, decoded)
+        )
     for k, rule in enumerate(rules):
         if k not in used_rules:
             raise ConfigError(
@@ -377,11 +401,16 @@ def _fused_groups(
 _PACKED_SUFFIXES = tuple(sorted({f".{p}" for s in all_schemes() for p in s.root_parts}))
 
 
-def _refuse_unsupported_input(checkpoint: Checkpoint, config: RunConfig) -> None:
+def _refuse_unsupported_input(
+    checkpoint: Checkpoint, config: RunConfig, encoded: Mapping[str, BlockScaled]
+) -> None:
     """Refuse, before any work, an input that would come out broken: FP8 weights among the
-    targets (not supported yet), or a checkpoint that is already compressed (its packed tensors
-    would be copied as opaque data and its config.json no longer describe them)."""
+    targets that are not block-scaled (`encoded`: those are decoded), or a checkpoint that is
+    already compressed (its packed tensors would be copied as opaque data and its config.json
+    no longer describe them)."""
     rules, ignore, pruning = config.recipe.quantization, config.recipe.ignore, config.recipe.pruning
+    if encoded:
+        return  # an FP8 block-scaled checkpoint: every FP8 weight has its scale (checked)
     for name, (source, info) in checkpoint.tensors.items():
         if not info.dtype.startswith("F8_"):
             continue
@@ -554,10 +583,10 @@ def output_specs(t: TensorPlan, kept: int | None = None) -> list[OutputSpec]:
     stored = t.stored
     if stored is not None:
         n = t.info.numel if kept is None else kept
-        return for_args(stored).outputs(t.name, t.shape2d, t.info.dtype, stored, n)
-    if t.prune is None:
+        return for_args(stored).outputs(t.name, t.shape2d, t.dtype, stored, n)
+    if not t.staged:
         return [OutputSpec(t.name, t.info.dtype, t.info.shape, "copy", t.name)]
-    return [OutputSpec(t.name, t.info.dtype, t.info.shape, "dense", t.name)]
+    return [OutputSpec(t.name, t.dtype, t.info.shape, "dense", t.name)]  # pruned or decoded
 
 
 def lay_out_shards(

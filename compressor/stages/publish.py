@@ -237,6 +237,9 @@ def _metadata_files(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         )
     config = dict(plan.checkpoint.config or {})
+    # The input's own block goes (an FP8 block-scaled input is decoded; other quantized inputs
+    # are refused by the plan): the output's describes the new scheme only.
+    config.pop("quantization_config", None)
     if quantization_config is not None:  # None: the output is an ordinary dense model
         config["quantization_config"] = quantization_config
     files["config.json"] = _json_bytes(config)

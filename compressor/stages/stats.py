@@ -111,7 +111,7 @@ class _Job:
 def staged_rows(staging: Staging, t: TensorPlan, chunk: int) -> torch.Tensor:
     """The staged input rows of chunk `chunk` of `t`, as a tensor of its dtype."""
     r0, r1 = t.chunks[chunk]
-    return dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), t.info.dtype)
+    return dtypes.to_torch(staging.read_rows(f"in/{t.key}", r0, r1), t.dtype)
 
 
 def chunk_importance(

@@ -78,6 +78,6 @@ def thresholds(plan: Plan, ranges: dict[str, RangeStats]) -> dict[str, TensorThr
             out[t.name] = TensorThresholds()
             continue
         lo, hi = min(r.min for r in spans), max(r.max for r in spans)
-        scale, zero = scheme.tensor_params(args, lo, hi, t.info.dtype)
+        scale, zero = scheme.tensor_params(args, lo, hi, t.dtype)
         out[t.name] = TensorThresholds(scale=scale, zero=zero)
     return out

@@ -1,0 +1,221 @@
+"""Small test checkpoints in the layouts MoE models ship in, with their real config.json keys.
+
+`generate_deepseek_fp8_checkpoint`: DeepSeek-V3's checkpoint layout, as DeepSeek-V3/R1 and
+Kimi-K2 ship it: MLA attention (`q_a_proj`, `q_a_layernorm`, `q_b_proj`, `kv_a_proj_with_mqa`,
+`kv_a_layernorm`, `kv_b_proj`, `o_proj`), dense MLPs in the first `first_k_dense_replace`
+layers, then MoE layers with a router (`mlp.gate.weight`, bf16, and
+`mlp.gate.e_score_correction_bias`, float32), routed experts stored per expert as 2-D tensors
+(`mlp.experts.<j>.{gate,up,down}_proj.weight`) and shared experts. Every linear weight of the
+layers is FP8 E4M3 with a float32 `weight_scale_inv` per 128×128 block; embeddings, norms, the
+router and lm_head stay bf16; config.json has `quantization_config: {quant_method: fp8, fmt:
+e4m3, activation_scheme: dynamic, weight_block_size: [128, 128]}`. Default widths make partial
+blocks on both axes (kv_a_proj_with_mqa's rows, q_b_proj's inputs), as the real model has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.formats import dtypes
+from compressor.formats.safetensors_io import SafetensorsWriter
+
+__all__ = ["DeepseekShape", "deepseek_tensors", "generate_deepseek_fp8_checkpoint"]
+
+FP8_BLOCK = (128, 128)
+FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class DeepseekShape:
+    hidden_size: int = 256
+    intermediate_size: int = 512  # dense layers' MLP
+    moe_intermediate_size: int = 128  # each expert's
+    num_hidden_layers: int = 2
+    first_k_dense_replace: int = 1
+    n_routed_experts: int = 4
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    num_attention_heads: int = 4
+    q_lora_rank: int = 192
+    kv_lora_rank: int = 128
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    vocab_size: int = 256
+
+
+def _layer_shapes(shape: DeepseekShape, i: int) -> list[tuple[str, tuple[int, ...]]]:
+    h, p = shape.hidden_size, f"model.layers.{i}"
+    heads = shape.num_attention_heads
+    qk = shape.qk_nope_head_dim + shape.qk_rope_head_dim
+    out: list[tuple[str, tuple[int, ...]]] = [
+        (f"{p}.input_layernorm.weight", (h,)),
+        (f"{p}.self_attn.q_a_proj.weight", (shape.q_lora_rank, h)),
+        (f"{p}.self_attn.q_a_layernorm.weight", (shape.q_lora_rank,)),
+        (f"{p}.self_attn.q_b_proj.weight", (heads * qk, shape.q_lora_rank)),
+        (
+            f"{p}.self_attn.kv_a_proj_with_mqa.weight",
+            (shape.kv_lora_rank + shape.qk_rope_head_dim, h),
+        ),
+        (f"{p}.self_attn.kv_a_layernorm.weight", (shape.kv_lora_rank,)),
+        (
+            f"{p}.self_attn.kv_b_proj.weight",
+            (heads * (shape.qk_nope_head_dim + shape.v_head_dim), shape.kv_lora_rank),
+        ),
+        (f"{p}.self_attn.o_proj.weight", (h, heads * shape.v_head_dim)),
+        (f"{p}.post_attention_layernorm.weight", (h,)),
+    ]
+    if i < shape.first_k_dense_replace:
+        m = shape.intermediate_size
+        return [
+            *out,
+            (f"{p}.mlp.gate_proj.weight", (m, h)),
+            (f"{p}.mlp.up_proj.weight", (m, h)),
+            (f"{p}.mlp.down_proj.weight", (h, m)),
+        ]
+    m = shape.moe_intermediate_size
+    out += [
+        (f"{p}.mlp.gate.weight", (shape.n_routed_experts, h)),
+        (f"{p}.mlp.gate.e_score_correction_bias", (shape.n_routed_experts,)),
+    ]
+    for j in range(shape.n_routed_experts):
+        e = f"{p}.mlp.experts.{j}"
+        out += [
+            (f"{e}.gate_proj.weight", (m, h)),
+            (f"{e}.up_proj.weight", (m, h)),
+            (f"{e}.down_proj.weight", (h, m)),
+        ]
+    s = m * shape.n_shared_experts
+    return [
+        *out,
+        (f"{p}.mlp.shared_experts.gate_proj.weight", (s, h)),
+        (f"{p}.mlp.shared_experts.up_proj.weight", (s, h)),
+        (f"{p}.mlp.shared_experts.down_proj.weight", (h, s)),
+    ]
+
+
+def _is_fp8(name: str, dims: tuple[int, ...]) -> bool:
+    """DeepSeek-V3's FP8 weights: every 2-D linear of the layers except the router."""
+    return name.startswith("model.layers.") and len(dims) == 2 and not name.endswith("mlp.gate.weight")
+
+
+def _values(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if name.endswith("e_score_correction_bias"):
+        return (0.01 * rng.standard_normal(dims)).astype(np.float32)
+    if len(dims) == 1:
+        return (1.0 + 0.05 * rng.standard_normal(dims)).astype(np.float32)
+    w = rng.standard_t(df=4, size=dims).astype(np.float32) * (0.5 / math.sqrt(dims[1]))
+    return w
+
+
+def fp8_block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 codes, float32 scale_inv per 128×128 block): s = absmax(block)/448, codes the
+    nearest E4M3 values of w/s (DeepSeek's `act_quant`/`weight_quant` convention)."""
+    bh, bw = FP8_BLOCK
+    rows, cols = w.shape
+    nr, nc = -(-rows // bh), -(-cols // bw)
+    padded = torch.nn.functional.pad(w.float(), (0, nc * bw - cols, 0, nr * bh - rows))
+    absmax = padded.abs().reshape(nr, bh, nc, bw).amax(dim=(1, 3))
+    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+    full = scale.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+    codes = torch.clamp(w.float() / full, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def deepseek_tensors(shape: DeepseekShape, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stored tensor in checkpoint order: FP8 weights each followed by their
+    `weight_scale_inv`, the rest bf16 (float32 for the router's correction bias)."""
+    names = [("model.embed_tokens.weight", (shape.vocab_size, shape.hidden_size))]
+    for i in range(shape.num_hidden_layers):
+        names += _layer_shapes(shape, i)
+    names += [
+        ("model.norm.weight", (shape.hidden_size,)),
+        ("lm_head.weight", (shape.vocab_size, shape.hidden_size)),
+    ]
+    for index, (name, dims) in enumerate(names):
+        values = torch.from_numpy(_values(name, dims, np.random.default_rng([seed, index])))
+        if _is_fp8(name, dims):
+            codes, scale_inv = fp8_block_quantize(values.bfloat16())
+            yield name, codes
+            yield name + "_scale_inv", scale_inv
+        elif name.endswith("e_score_correction_bias"):
+            yield name, values
+        else:
+            yield name, values.bfloat16()
+
+
+def generate_deepseek_fp8_checkpoint(
+    path: str | Path, shape: DeepseekShape | None = None, *, shard_mb: float = 1.0, seed: int = 0
+) -> Path:
+    """Write a DeepSeek-V3-style FP8 checkpoint to `path` (created; must not exist)."""
+    shape = shape or DeepseekShape()
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=False)
+    try:
+        _write(root, shape, shard_mb, seed)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return root
+
+
+def _write(root: Path, shape: DeepseekShape, shard_mb: float, seed: int) -> None:
+    tensors = list(deepseek_tensors(shape, seed))
+    limit = int(shard_mb * 2**20)
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit and not name.endswith("_scale_inv"):
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    weight_map = {}
+    total = 0
+    for file_name, entries in zip(files, shards, strict=True):
+        specs = [(n, dtypes.safetensors_dtype_of(t.dtype), tuple(t.shape)) for n, t in entries]
+        with SafetensorsWriter(root / file_name, specs, metadata={"format": "pt"}) as writer:
+            for name, t in entries:
+                raw = dtypes.to_raw(t)
+                writer.write(name, raw)
+                weight_map[name] = file_name
+                total += raw.nbytes
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        **shape.__dict__,
+        "num_key_value_heads": shape.num_attention_heads,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "quantization_config": {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(FP8_BLOCK),
+        },
+    }
+    (root / "config.json").write_text(json.dumps(config, indent=2))
