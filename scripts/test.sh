@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-venv.sh test,eval
+# vLLM's CPU build in .venv-vllm/ for tests/serving (vLLM as the judge of our outputs).
+./scripts/setup-vllm.sh
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.cache/prefect}"
 mkdir -p "$PREFECT_HOME"  # Prefect creates only the last level itself

@@ -140,3 +140,21 @@ def test_fp8_block_with_partial_blocks_and_several_chunks(tmp_path: Path) -> Non
     block = x[2816:2880, 128:256].float()  # the partial last row block, in the second chunk
     expected = (block.abs().max() / FP8_MAX).to(x.dtype)
     assert stored["model.layers.0.mlp.gate_proj.weight_scale"][22, 1] == expected
+
+
+@pytest.mark.parametrize("preset", ["fp8a16", "fp8-block"])
+def test_transformers_loads_fp8a16_and_fp8_block(src: Path, tmp_path: Path, preset: str) -> None:
+    """A plain `from_pretrained` of the weight-only and the block-scaled outputs: close to our
+    dense model (fp8-block also runs its activations in FP8, per group of 128)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / preset
+    compress_checkpoint(build_config(str(src), str(out), preset=preset, workers=0))
+    dense = decompress_checkpoint(out, tmp_path / "dense")
+    ids = torch.tensor([[1, 5, 9, 22, 7, 100]])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)(ids).logits
+    assert torch.isfinite(got).all()
+    assert (got - ref).float().norm() / ref.float().norm() < 0.1

@@ -79,6 +79,10 @@ EXPECTED: dict[str, str | tuple[str, str]] = {
     "fp8a16": ("refused", "Failed to find a kernel that can implement the ScaledMM linear layer"),
     # down_proj's 128x128 blocks need AMX (Sapphire Rapids or newer); on an AMX CPU this may run:
     "fp8-block": ("refused", "requires AMX tile support"),
+    # FP4 weight-only: vLLM parses the config and picks its NVFP4 / MXFP4 W4A16 scheme, then
+    # finds no CPU kernel (GPU: Marlin, or FP4 tensor cores on Blackwell):
+    "nvfp4a16": ("refused", "Marlin FP4 not available"),
+    "mxfp4a16": ("refused", "Failed to find a kernel that can implement the MXFP4 linear layer"),
     # the automatic budget picks int8 per channel for layer 0's q/k/v, int4 elsewhere:
     "target-bits-4.5": "stand-in",
     # attention q/k/v int8 per channel, MLP int4 g64 (o_proj unquantized): fused groups whole
