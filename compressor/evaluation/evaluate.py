@@ -157,6 +157,13 @@ def _load_model(path: Path, dtype: torch.dtype, device: str, **kwargs: Any):
             raise InputError(
                 f"transformers cannot load the checkpoint: {exc}", path=str(path)
             ) from exc
+    if dtype == torch.float32:
+        # compressed-tensors decompresses FP4 layouts to bfloat16 whatever dtype was asked
+        # for (on load with dequantize=True); widen such weights (exactly) so a float32
+        # evaluation does not mix dtypes.
+        for param in model.parameters():
+            if param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.float()
     return model.to(device).eval()
 
 
@@ -228,9 +235,17 @@ def evaluate(
     ) -> tuple[PerplexityResult, WeightComparison | None]:
         # Load, score and (for the compressed side) compare; the model is freed on return.
         model = _load_model(path, dtype, device, **kwargs)
-        result = score_tokens(
-            model, ids, window=window, stride=stride, bos_id=bos_id, device=device
-        )
+        try:
+            result = score_tokens(
+                model, ids, window=window, stride=stride, bos_id=bos_id, device=device
+            )
+        except RuntimeError as exc:
+            # e.g. compressed-tensors' run-compressed FP4 layers decompress to bfloat16 at the
+            # first forward, inside a float32 model; the next loader (dequantize on load) works
+            raise InputError(
+                f"transformers cannot run the checkpoint: {exc}", path=str(path)
+            ) from exc
+
         weights = compare_weights(original_dir, model.state_dict()) if compare else None
         del model
         _free_memory()
