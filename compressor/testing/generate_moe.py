@@ -133,7 +133,9 @@ def fp8_block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def deepseek_tensors(shape: DeepseekShape, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """Every stored tensor in checkpoint order: FP8 weights each followed by their
     `weight_scale_inv`, the rest bf16 (float32 for the router's correction bias)."""
-    names = [("model.embed_tokens.weight", (shape.vocab_size, shape.hidden_size))]
+    names: list[tuple[str, tuple[int, ...]]] = [
+        ("model.embed_tokens.weight", (shape.vocab_size, shape.hidden_size))
+    ]
     for i in range(shape.num_hidden_layers):
         names += _layer_shapes(shape, i)
     names += [
