@@ -334,6 +334,14 @@ def _print_summary(report: dict[str, Any]) -> None:
         out.print(f"[yellow]note:[/] {escape(note)}")
     if len(notes) > 5:
         out.print(f"[yellow]note:[/] … and {len(notes) - 5} more (listed in compression.json)")
+    families = report.get("coverage") or {}
+    if families:
+        shown = " · ".join(
+            f"{fam} {row['quantized'] / row['total']:.0%}"
+            for fam, row in families.items()
+            if row["total"]
+        )
+        out.print(f"coverage (parameters quantized): {shown}")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())
     out.print(
         f"[bold]{_human(report['input_bytes'])} → {_human(report['output_bytes'])}[/] "

@@ -34,6 +34,7 @@ from compressor.stages import ingest as ingest_stage
 from compressor.stages import publish as publish_stage
 from compressor.stages import write as write_stage
 from compressor.stages.budget import choose_schemes
+from compressor.stages.coverage import coverage
 from compressor.stages.executor import DaskExecutor, Executor, Progress, SerialExecutor
 from compressor.stages.plan import (
     OutputShard,
@@ -200,6 +201,8 @@ class RunReport:
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
     run_key: str = ""
+    # parameters quantized / in total per module family (stages/coverage.py)
+    coverage: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -214,6 +217,7 @@ class RunReport:
             "ratio": self.ratio,
             "timings_s": self.timings,
             "notes": self.notes,
+            "coverage": self.coverage,
             "tensors": [_json_safe(t) for t in self.tensors],
         }
 
@@ -510,6 +514,7 @@ class Pipeline:
             timings=dict(self.timings),
             notes=list(plan.notes),
             run_key=plan.run_key,
+            coverage=coverage(plan.tensors),
         )
 
     def _format(self) -> str:
@@ -544,6 +549,7 @@ class Pipeline:
                 "ratio": round(report.ratio, 4),
             },
             "notes": report.notes,
+            "coverage": report.coverage,
             **({"budget": self.budget_summary} if self.budget_summary else {}),
             **({"kmeans": self._kmeans_summary()} if self.codebooks else {}),
             "pruning_scopes": [

@@ -20,6 +20,7 @@ from compressor.config import LINEAR, PruneConfig, QuantRule, RunConfig
 from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats import dtypes, storage
 from compressor.formats.checkpoint import Checkpoint, open_checkpoint
+from compressor.formats.experts import split_fused_experts
 from compressor.formats.fp8_source import DENSE_DTYPE, BlockScaled, block_scaled_weights
 from compressor.formats.identity import SourceFile, checkpoint_files, source_file
 from compressor.formats.layout import (
@@ -33,6 +34,7 @@ from compressor.formats.paths import check_disjoint, check_parent_writable, over
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math.quant import QuantArgs
 from compressor.schemes import Args, BitmaskArgs, Scheme, all_schemes, for_args
+from compressor.stages.coverage import check_coverage
 from compressor.stages.fused import FusedGroup, check_groups, find_groups, rules_for
 
 __all__ = [
@@ -295,7 +297,7 @@ def make_plan(config: RunConfig) -> Plan:
     tensors: list[TensorPlan] = []
     notes: list[str] = []
     chunk_bytes = config.chunk_mb * 2**20
-    for index, (name, (source, info)) in enumerate(checkpoint.tensors.items()):
+    for index, (name, (source, info)) in enumerate(_input_tensors(checkpoint)):
         if name in consumed:
             continue
         found = _rule_for(rules, ignore, name, info)
@@ -363,6 +365,8 @@ def make_plan(config: RunConfig) -> Plan:
             )
     shards = lay_out_shards(tensors, config.max_shard_mb * 2**20)
     _refuse_name_collisions(tensors, shards)
+    _refuse_split_expert_collisions(checkpoint, tensors)
+    check_coverage(config, tensors, lambda name: matches(ignore, name))
     fused = _fused_groups(config, checkpoint, tensors)
     sources = source_files(checkpoint, config.source, sides, pruning)
     run_key = _run_key(checkpoint, config, sources)
@@ -387,7 +391,9 @@ def _fused_groups(
     refusing one that the recipe splits."""
     given = config.recipe.fused
     rules = rules_for(checkpoint.config) if given is None else given
-    found = find_groups(checkpoint.tensors, [r if isinstance(r, str) else tuple(r) for r in rules])
+    found = find_groups(
+        [t.name for t in tensors], [r if isinstance(r, str) else tuple(r) for r in rules]
+    )
     # Only what servers load matters: our own layouts (minmax, codebook) are not served.
     served = {t.name for t in tensors if t.scheme is not None and t.scheme.served}
     groups = tuple(g for g in found if served.intersection(g.members))
@@ -399,6 +405,35 @@ def _fused_groups(
 # Tensors only a compressed checkpoint holds: each scheme's root parts (packed codes, code
 # indices, a sparse bitmask).
 _PACKED_SUFFIXES = tuple(sorted({f".{p}" for s in all_schemes() for p in s.root_parts}))
+
+
+def _input_tensors(checkpoint: Checkpoint) -> list[tuple[str, tuple[str, TensorInfo]]]:
+    """The checkpoint's tensors as the plan sees them: fused 3-D expert tensors become their
+    per-expert 2-D views (formats/experts.py), everything else as stored."""
+    out: list[tuple[str, tuple[str, TensorInfo]]] = []
+    for name, (source, info) in checkpoint.tensors.items():
+        views = split_fused_experts(name, info, checkpoint.config)
+        if views is None:
+            out.append((name, (source, info)))
+        else:
+            out.extend((view_name, (source, view)) for view_name, view in views)
+    return out
+
+
+def _refuse_split_expert_collisions(checkpoint: Checkpoint, tensors: list[TensorPlan]) -> None:
+    """A checkpoint holding both fused 3-D experts and per-expert tensors of the same names
+    cannot be written: refuse it, naming both."""
+    seen: set[str] = set()
+    for t in tensors:
+        if t.name in seen:
+            raise InputError(
+                "appears twice once the fused 3-D expert tensors are split per expert (the "
+                "checkpoint holds both layouts)",
+                path=t.source,
+                tensor=t.name,
+                hint="keep one layout of the experts in the checkpoint",
+            )
+        seen.add(t.name)
 
 
 def _refuse_unsupported_input(

@@ -10,6 +10,10 @@ layers is FP8 E4M3 with a float32 `weight_scale_inv` per 128×128 block; embeddi
 router and lm_head stay bf16; config.json has `quantization_config: {quant_method: fp8, fmt:
 e4m3, activation_scheme: dynamic, weight_block_size: [128, 128]}`. Default widths make partial
 blocks on both axes (kv_a_proj_with_mqa's rows, q_b_proj's inputs), as the real model has.
+
+`generate_qwen3_moe_checkpoint`: Qwen3-MoE (bf16; q/k norms, a router per layer), experts either
+per expert as 2-D tensors (Qwen's published layout) or fused 3-D as transformers v5 keeps them.
+Both write one tensor at a time, so the scale benchmark can make tens of GB with them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ import torch
 from compressor.formats import dtypes
 from compressor.formats.safetensors_io import SafetensorsWriter
 
-__all__ = ["DeepseekShape", "deepseek_tensors", "generate_deepseek_fp8_checkpoint"]
+__all__ = [
+    "DeepseekShape",
+    "Qwen3MoeShape",
+    "deepseek_tensors",
+    "generate_deepseek_fp8_checkpoint",
+    "generate_qwen3_moe_checkpoint",
+    "write_checkpoint",
+]
 
 FP8_BLOCK = (128, 128)
 FP8_MAX = 448.0
@@ -104,7 +115,9 @@ def _layer_shapes(shape: DeepseekShape, i: int) -> list[tuple[str, tuple[int, ..
 
 def _is_fp8(name: str, dims: tuple[int, ...]) -> bool:
     """DeepSeek-V3's FP8 weights: every 2-D linear of the layers except the router."""
-    return name.startswith("model.layers.") and len(dims) == 2 and not name.endswith("mlp.gate.weight")
+    return (
+        name.startswith("model.layers.") and len(dims) == 2 and not name.endswith("mlp.gate.weight")
+    )
 
 
 def _values(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -130,9 +143,7 @@ def fp8_block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-def deepseek_tensors(shape: DeepseekShape, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every stored tensor in checkpoint order: FP8 weights each followed by their
-    `weight_scale_inv`, the rest bf16 (float32 for the router's correction bias)."""
+def _deepseek_shapes(shape: DeepseekShape) -> list[tuple[str, tuple[int, ...]]]:
     names: list[tuple[str, tuple[int, ...]]] = [
         ("model.embed_tokens.weight", (shape.vocab_size, shape.hidden_size))
     ]
@@ -142,7 +153,28 @@ def deepseek_tensors(shape: DeepseekShape, seed: int = 0) -> Iterator[tuple[str,
         ("model.norm.weight", (shape.hidden_size,)),
         ("lm_head.weight", (shape.vocab_size, shape.hidden_size)),
     ]
-    for index, (name, dims) in enumerate(names):
+    return names
+
+
+def _deepseek_specs(shape: DeepseekShape) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every stored tensor, in checkpoint order."""
+    specs: list[tuple[str, str, tuple[int, ...]]] = []
+    bh, bw = FP8_BLOCK
+    for name, dims in _deepseek_shapes(shape):
+        if _is_fp8(name, dims):
+            specs.append((name, "F8_E4M3", dims))
+            specs.append((name + "_scale_inv", "F32", (-(-dims[0] // bh), -(-dims[1] // bw))))
+        elif name.endswith("e_score_correction_bias"):
+            specs.append((name, "F32", dims))
+        else:
+            specs.append((name, "BF16", dims))
+    return specs
+
+
+def deepseek_tensors(shape: DeepseekShape, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stored tensor in checkpoint order, made one at a time: FP8 weights each followed
+    by their `weight_scale_inv`, the rest bf16 (float32 for the router's correction bias)."""
+    for index, (name, dims) in enumerate(_deepseek_shapes(shape)):
         values = torch.from_numpy(_values(name, dims, np.random.default_rng([seed, index])))
         if _is_fp8(name, dims):
             codes, scale_inv = fp8_block_quantize(values.bfloat16())
@@ -157,43 +189,9 @@ def deepseek_tensors(shape: DeepseekShape, seed: int = 0) -> Iterator[tuple[str,
 def generate_deepseek_fp8_checkpoint(
     path: str | Path, shape: DeepseekShape | None = None, *, shard_mb: float = 1.0, seed: int = 0
 ) -> Path:
-    """Write a DeepSeek-V3-style FP8 checkpoint to `path` (created; must not exist)."""
+    """Write a DeepSeek-V3-style FP8 checkpoint to `path` (created; must not exist), one
+    tensor in memory at a time (so it also makes the scale benchmark's tens of GB)."""
     shape = shape or DeepseekShape()
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=False)
-    try:
-        _write(root, shape, shard_mb, seed)
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    return root
-
-
-def _write(root: Path, shape: DeepseekShape, shard_mb: float, seed: int) -> None:
-    tensors = list(deepseek_tensors(shape, seed))
-    limit = int(shard_mb * 2**20)
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit and not name.endswith("_scale_inv"):
-            shards.append([])
-            size = 0
-        shards[-1].append((name, t))
-        size += nbytes
-    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    weight_map = {}
-    total = 0
-    for file_name, entries in zip(files, shards, strict=True):
-        specs = [(n, dtypes.safetensors_dtype_of(t.dtype), tuple(t.shape)) for n, t in entries]
-        with SafetensorsWriter(root / file_name, specs, metadata={"format": "pt"}) as writer:
-            for name, t in entries:
-                raw = dtypes.to_raw(t)
-                writer.write(name, raw)
-                weight_map[name] = file_name
-                total += raw.nbytes
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -220,4 +218,155 @@ def _write(root: Path, shape: DeepseekShape, shard_mb: float, seed: int) -> None
             "weight_block_size": list(FP8_BLOCK),
         },
     }
+    return write_checkpoint(
+        path, _deepseek_specs(shape), deepseek_tensors(shape, seed), config, shard_mb
+    )
+
+
+@dataclass(frozen=True)
+class Qwen3MoeShape:
+    hidden_size: int = 256
+    moe_intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    vocab_size: int = 256
+
+
+def _qwen3_moe_shapes(shape: Qwen3MoeShape, fused: bool) -> list[tuple[str, tuple[int, ...]]]:
+    h, e, m = shape.hidden_size, shape.num_experts, shape.moe_intermediate_size
+    heads, kv, d = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (shape.vocab_size, h))]
+    for i in range(shape.num_hidden_layers):
+        p = f"model.layers.{i}"
+        out += [
+            (f"{p}.input_layernorm.weight", (h,)),
+            (f"{p}.self_attn.q_proj.weight", (heads * d, h)),
+            (f"{p}.self_attn.k_proj.weight", (kv * d, h)),
+            (f"{p}.self_attn.v_proj.weight", (kv * d, h)),
+            (f"{p}.self_attn.o_proj.weight", (h, heads * d)),
+            (f"{p}.self_attn.q_norm.weight", (d,)),
+            (f"{p}.self_attn.k_norm.weight", (d,)),
+            (f"{p}.post_attention_layernorm.weight", (h,)),
+            (f"{p}.mlp.gate.weight", (e, h)),
+        ]
+        if fused:  # transformers v5's own layout
+            out += [
+                (f"{p}.mlp.experts.gate_up_proj", (e, 2 * m, h)),
+                (f"{p}.mlp.experts.down_proj", (e, h, m)),
+            ]
+        else:  # Qwen3-MoE's published checkpoints
+            for j in range(e):
+                out += [
+                    (f"{p}.mlp.experts.{j}.gate_proj.weight", (m, h)),
+                    (f"{p}.mlp.experts.{j}.up_proj.weight", (m, h)),
+                    (f"{p}.mlp.experts.{j}.down_proj.weight", (h, m)),
+                ]
+    return [
+        *out,
+        ("model.norm.weight", (shape.hidden_size,)),
+        ("lm_head.weight", (shape.vocab_size, h)),
+    ]
+
+
+def _qwen3_values(name: str, dims: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
+    """bf16 values; a fused expert tensor is made expert by expert."""
+    if len(dims) == 3:
+        return torch.stack(
+            [_qwen3_values(name, dims[1:], seed, index * 1000 + j) for j in range(dims[0])]
+        )
+    values = _values(name, dims, np.random.default_rng([seed, index]))
+    return torch.from_numpy(values).bfloat16()
+
+
+def generate_qwen3_moe_checkpoint(
+    path: str | Path,
+    shape: Qwen3MoeShape | None = None,
+    *,
+    fused_experts: bool = False,
+    shard_mb: float = 1.0,
+    seed: int = 0,
+) -> Path:
+    """Write a Qwen3-MoE-style bf16 checkpoint: experts per expert as 2-D tensors (Qwen's
+    published layout), or with `fused_experts` as transformers v5 keeps them, two 3-D tensors
+    per MoE block (`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I))."""
+    shape = shape or Qwen3MoeShape()
+    shapes = _qwen3_moe_shapes(shape, fused_experts)
+    specs = [(name, "BF16", dims) for name, dims in shapes]
+    tensors = ((name, _qwen3_values(name, dims, seed, k)) for k, (name, dims) in enumerate(shapes))
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        **shape.__dict__,
+        "intermediate_size": 4 * shape.moe_intermediate_size,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
+    return write_checkpoint(path, specs, tensors, config, shard_mb)
+
+
+def write_checkpoint(
+    path: str | Path,
+    specs: list[tuple[str, str, tuple[int, ...]]],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    config: dict[str, object],
+    shard_mb: float,
+) -> Path:
+    """Shards of about `shard_mb` MB (a weight and its `_scale_inv` stay together), the index
+    and config.json; `tensors` yields the tensors of `specs` in order, one at a time. `path` is
+    created (it must not exist) and removed again if anything fails."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=False)
+    try:
+        _write(root, specs, tensors, config, shard_mb)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return root
+
+
+def _write(
+    root: Path,
+    specs: list[tuple[str, str, tuple[int, ...]]],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    config: dict[str, object],
+    shard_mb: float,
+) -> None:
+    limit = int(shard_mb * 2**20)
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, dtype, dims in specs:
+        nbytes = math.prod(dims) * dtypes.itemsize(dtype)
+        if shards[-1] and size + nbytes > limit and not name.endswith("_scale_inv"):
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dtype, dims))
+        size += nbytes
+    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    weight_map = {}
+    total = 0
+    for file_name, entries in zip(files, shards, strict=True):
+        with SafetensorsWriter(root / file_name, entries, metadata={"format": "pt"}) as writer:
+            for name, _, _ in entries:
+                made, t = next(tensors)
+                assert made == name, (made, name)
+                raw = dtypes.to_raw(t)
+                writer.write(name, raw)
+                weight_map[name] = file_name
+                total += raw.nbytes
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (root / "config.json").write_text(json.dumps(config, indent=2))
