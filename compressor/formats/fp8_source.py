@@ -20,12 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from compressor.errors import InputError
 from compressor.formats import dtypes
 from compressor.formats.checkpoint import Checkpoint
 from compressor.formats.safetensors_io import TensorInfo, read_rows
+from compressor.math import kernels
 
 __all__ = [
     "DENSE_DTYPE",
@@ -116,14 +118,21 @@ def block_scaled_weights(checkpoint: Checkpoint) -> dict[str, BlockScaled]:
     return found
 
 
-def decode_rows(file: str, info: TensorInfo, source: BlockScaled, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) of the dense bfloat16 weight: float32(code) · scale_inv of its block."""
-    codes = dtypes.to_torch(read_rows(file, info, r0, r1), info.dtype)
+def decode_rows(
+    file: str, info: TensorInfo, source: BlockScaled, r0: int, r1: int, fused: bool = True
+) -> torch.Tensor:
+    """Rows [r0, r1) of the dense bfloat16 weight: float32(code) · scale_inv of its block
+    (`fused`: through the CPU kernel, else torch)."""
+    raw = read_rows(file, info, r0, r1)
     bh, bw = source.block
     first, stop = r0 // bh, -(-r1 // bh)
     scale = dtypes.to_torch(
         read_rows(source.scale_file, source.scale, first, stop), source.scale.dtype
     ).float()
+    if fused:  # one pass, no expanded scale tensor (math/kernels.py); the same bits as below
+        bits = kernels.fp8_block_decode_bf16(raw.view(np.uint8), scale.numpy(), source.block, r0)
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    codes = dtypes.to_torch(raw, info.dtype)
     rows = scale.repeat_interleave(bh, dim=0)[r0 - first * bh : r1 - first * bh]
     full = rows.repeat_interleave(bw, dim=1)[:, : info.shape[1]]
     return (codes.float() * full).to(torch.bfloat16)

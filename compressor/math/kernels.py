@@ -53,6 +53,7 @@ __all__ = [
     "BF16",
     "F16",
     "fp4_pack_16",
+    "fp8_block_decode_bf16",
     "group_absmax_16",
     "quantize_pack_16",
     "quantize_pack_rtn_16",
@@ -394,6 +395,21 @@ def _fp4_pack(raw, ref, kind, g, mult, out):
     return sq_error, sq_signal, _i64_as_f64(max_key)
 
 
+@_jit(fastmath=_FASTMATH)
+def _fp8_block_decode(codes, lut, scale, bh, bw, first_row, out):
+    """out[r, c] = bf16(lut[codes[r, c]] · scale[(first_row + r) // bh - first_row // bh,
+    c // bw]): one float32 product, rounded once to bfloat16 (bits)."""
+    rows, cols = codes.shape
+    base = first_row // bh
+    for r in range(rows):
+        srow = scale[(first_row + r) // bh - base]
+        cr = codes[r]
+        o = out[r]
+        for c in range(cols):
+            v = _narrow(lut[cr[c]] * srow[c // bw], BF16)
+            o[c] = np.uint16(_f32_as_u32(v) >> np.uint32(16))
+
+
 # --------------------------------------------------------------------------------------------
 # Public wrappers: shapes and dtypes checked here, once per chunk, not per weight
 # --------------------------------------------------------------------------------------------
@@ -514,6 +530,32 @@ def group_absmax_16(raw: np.ndarray, kind: int, group: int) -> np.ndarray:
     return out
 
 
+_E4M3_VALUES: np.ndarray | None = None
+
+
+def fp8_block_decode_bf16(
+    codes: np.ndarray, scale: np.ndarray, block: tuple[int, int], first_row: int
+) -> np.ndarray:
+    """bfloat16 bits (uint16, codes' shape) of float32(E4M3 code) · its block's float32 scale,
+    for rows `first_row`… of a block-scaled FP8 weight; `scale` holds the block rows those rows
+    touch. The same float32 product and one rounding as torch's
+    `(codes.float() * scale).to(torch.bfloat16)`, without the expanded scale tensor."""
+    global _E4M3_VALUES
+    if _E4M3_VALUES is None:  # every E4M3 value, exactly, by code (via torch's conversion)
+        import torch
+
+        every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        _E4M3_VALUES = every.float().numpy()
+    if codes.dtype != np.uint8 or codes.ndim != 2 or scale.dtype != np.float32:
+        raise ValueError("expected (rows, cols) uint8 codes and float32 block scales")
+    out = np.empty(codes.shape, np.uint16)
+    _fp8_block_decode(
+        np.ascontiguousarray(codes), _E4M3_VALUES, np.ascontiguousarray(scale),
+        block[0], block[1], first_row, out,
+    )  # fmt: skip
+    return out
+
+
 def _check_block(
     raw: np.ndarray, kind: int, bits: int, reference: np.ndarray | None
 ) -> tuple[int, int]:
@@ -536,3 +578,4 @@ def warm_up() -> None:
     quantize_pack_rtn_16(raw, BF16, 32, True, (-8, 7), 4)
     fp4_pack_16(raw, BF16, 16, np.ones((1, 2), np.float32))
     group_absmax_16(raw, BF16, 16)
+    fp8_block_decode_bf16(np.zeros((1, 32), np.uint8), np.ones((1, 1), np.float32), (128, 128), 0)

@@ -171,11 +171,34 @@ def _deepseek_specs(shape: DeepseekShape) -> list[tuple[str, str, tuple[int, ...
     return specs
 
 
-def deepseek_tensors(shape: DeepseekShape, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def _random_fp8(
+    dims: tuple[int, ...], rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random E4M3 codes (any byte but the two NaNs) and block scales in [1e-4, 1e-3): as fast
+    as the disk, for benchmarks whose work does not depend on the values."""
+    codes = rng.integers(0, 256, size=dims, dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x7E  # 0x7F / 0xFF are NaN in float8_e4m3fn
+    bh, bw = FP8_BLOCK
+    scale = rng.uniform(1e-4, 1e-3, size=(-(-dims[0] // bh), -(-dims[1] // bw)))
+    return torch.from_numpy(codes).view(torch.float8_e4m3fn), torch.from_numpy(
+        scale.astype(np.float32)
+    )
+
+
+def deepseek_tensors(
+    shape: DeepseekShape, seed: int = 0, random_codes: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Every stored tensor in checkpoint order, made one at a time: FP8 weights each followed
-    by their `weight_scale_inv`, the rest bf16 (float32 for the router's correction bias)."""
+    by their `weight_scale_inv`, the rest bf16 (float32 for the router's correction bias).
+    `random_codes`: FP8 weights are random bytes (see `_random_fp8`)."""
     for index, (name, dims) in enumerate(_deepseek_shapes(shape)):
-        values = torch.from_numpy(_values(name, dims, np.random.default_rng([seed, index])))
+        rng = np.random.default_rng([seed, index])
+        if random_codes and _is_fp8(name, dims):
+            codes, scale_inv = _random_fp8(dims, rng)
+            yield name, codes
+            yield name + "_scale_inv", scale_inv
+            continue
+        values = torch.from_numpy(_values(name, dims, rng))
         if _is_fp8(name, dims):
             codes, scale_inv = fp8_block_quantize(values.bfloat16())
             yield name, codes
@@ -187,10 +210,16 @@ def deepseek_tensors(shape: DeepseekShape, seed: int = 0) -> Iterator[tuple[str,
 
 
 def generate_deepseek_fp8_checkpoint(
-    path: str | Path, shape: DeepseekShape | None = None, *, shard_mb: float = 1.0, seed: int = 0
+    path: str | Path,
+    shape: DeepseekShape | None = None,
+    *,
+    shard_mb: float = 1.0,
+    seed: int = 0,
+    random_codes: bool = False,
 ) -> Path:
     """Write a DeepSeek-V3-style FP8 checkpoint to `path` (created; must not exist), one
-    tensor in memory at a time (so it also makes the scale benchmark's tens of GB)."""
+    tensor in memory at a time (so it also makes the scale benchmark's tens of GB; with
+    `random_codes` in about the time the disk takes)."""
     shape = shape or DeepseekShape()
     config = {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -218,9 +247,8 @@ def generate_deepseek_fp8_checkpoint(
             "weight_block_size": list(FP8_BLOCK),
         },
     }
-    return write_checkpoint(
-        path, _deepseek_specs(shape), deepseek_tensors(shape, seed), config, shard_mb
-    )
+    tensors = deepseek_tensors(shape, seed, random_codes)
+    return write_checkpoint(path, _deepseek_specs(shape), tensors, config, shard_mb)
 
 
 @dataclass(frozen=True)

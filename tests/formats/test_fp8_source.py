@@ -167,3 +167,22 @@ def test_transformers_runs_the_outputs_against_the_dequantized_original(
     got = logits(decompress_checkpoint(w8, tmp_path / "w8-dense"))
     assert torch.isfinite(got).all()
     assert float((got - ref).norm() / ref.norm()) < 0.25
+
+
+def test_fused_decode_gives_the_torch_bits_for_any_row_range(fp8_src: Path) -> None:
+    """kv_a_proj_with_mqa: 144 rows (a partial row block), row ranges that start inside a
+    block; q_b_proj: 192 inputs (a partial column block)."""
+    from compressor.formats.checkpoint import open_checkpoint
+    from compressor.formats.fp8_source import block_scaled_weights, decode_rows
+
+    checkpoint = open_checkpoint(str(fp8_src))
+    encoded = block_scaled_weights(checkpoint)
+    for name in (
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+        "model.layers.1.self_attn.q_b_proj.weight",
+    ):
+        file, info = checkpoint.tensors[name]
+        for r0, r1 in ((0, info.shape[0]), (100, 140), (128, 129), (5, 6)):
+            fused = decode_rows(file, info, encoded[name], r0, r1)
+            plain = decode_rows(file, info, encoded[name], r0, r1, fused=False)
+            assert torch.equal(fused.view(torch.int16), plain.view(torch.int16)), (name, r0, r1)
