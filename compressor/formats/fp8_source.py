@@ -44,12 +44,28 @@ DENSE_DTYPE = "BF16"  # what the decoded weights are (DeepSeek's reference dequa
 
 @dataclass(frozen=True)
 class BlockScaled:
-    """How one FP8 weight of the input decodes: its scale tensor and the block size."""
+    """How one FP8 weight of the input decodes: its scale tensor and the block size. The
+    `plan.Encoded` interface: `dtype`, `consumed`, `decode`."""
 
     scale_name: str
     scale_file: str
     scale: TensorInfo
     block: tuple[int, int]
+    weight_file: str = ""
+    weight: TensorInfo | None = None
+
+    @property
+    def dtype(self) -> str:
+        return DENSE_DTYPE
+
+    @property
+    def consumed(self) -> tuple[str, ...]:
+        """Input tensors this weight's decoding reads besides the weight itself."""
+        return (self.scale_name,)
+
+    def decode(self, r0: int, r1: int) -> torch.Tensor:
+        assert self.weight is not None
+        return decode_rows(self.weight_file, self.weight, self, r0, r1)
 
 
 def is_fp8_block_config(qc: object) -> bool:
@@ -114,7 +130,7 @@ def block_scaled_weights(checkpoint: Checkpoint) -> dict[str, BlockScaled]:
                 hint="the checkpoint is incomplete or not in DeepSeek's FP8 layout; restore "
                 "its shards and config.json",
             )
-        found[name] = BlockScaled(scale_name, scale[0], scale[1], block)
+        found[name] = BlockScaled(scale_name, scale[0], scale[1], block, file, info)
     return found
 
 

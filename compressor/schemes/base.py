@@ -123,6 +123,16 @@ class CompressedModule:
     def nbytes(self) -> int:
         return sum(info.nbytes for _, info in self.parts.values())
 
+    # -- as an input to compress again (`plan.Encoded`) --------------------------------------
+    @property
+    def consumed(self) -> tuple[str, ...]:
+        """Its stored tensors other than the root part (decoding reads them too)."""
+        return tuple(f"{self.module}.{s}" for s in self.parts if s != self.root)
+
+    def decode(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of the dense weight, in its dtype (r0 a multiple of 32)."""
+        return self.scheme.decode_rows(self, r0, r1, None)
+
 
 def read_part(module: CompressedModule, suffix: str, r0: int, r1: int) -> torch.Tensor:
     """Rows [r0, r1) of one stored part, as a torch tensor of its dtype."""

@@ -556,9 +556,11 @@ class IntScheme(Scheme):
             return {}
         if not isinstance(qc, dict):
             raise InputError(
-                "holds packed weights but config.json has no quantization_config",
+                "is a packed weight but config.json has no quantization_config to decode it",
                 path=str(checkpoint.root),
-                hint="restore the config.json written with the checkpoint",
+                tensor=f"{packed[0]}.weight_packed",
+                hint="restore the config.json written with the checkpoint, or start from the "
+                "original (unquantized) checkpoint",
             )
         fmt = qc.get("format")
         if qc.get("quant_method") == "compressed-tensors" and fmt not in (

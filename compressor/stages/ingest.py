@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from compressor.formats import dtypes, fp8_source
+from compressor.formats import dtypes
 from compressor.formats.safetensors_io import read_rows
 from compressor.formats.staging import Staging
 from compressor.math.stats import RangeStats, combine_ranges, range_stats
@@ -51,7 +51,7 @@ def source_rows(t: TensorPlan, r0: int, r1: int) -> torch.Tensor:
     """Rows [r0, r1) of an input tensor as the chunks work on them (an FP8 block-scaled weight
     decoded to bfloat16, anything else as stored)."""
     if t.encoded is not None:
-        return fp8_source.decode_rows(t.source, t.info, t.encoded, r0, r1)
+        return t.encoded.decode(r0, r1)
     return dtypes.to_torch(read_rows(t.source, t.info, r0, r1), t.info.dtype)
 
 

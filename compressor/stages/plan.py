@@ -14,14 +14,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from compressor import __version__
 from compressor.config import LINEAR, PruneConfig, QuantRule, RunConfig
 from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats import dtypes, storage
 from compressor.formats.checkpoint import Checkpoint, open_checkpoint
+from compressor.formats.compressed import quantized_modules
 from compressor.formats.experts import split_fused_experts
-from compressor.formats.fp8_source import DENSE_DTYPE, BlockScaled, block_scaled_weights
+from compressor.formats.fp8_source import block_scaled_weights
 from compressor.formats.identity import SourceFile, checkpoint_files, source_file
 from compressor.formats.layout import (
     CodebookArgs,
@@ -36,6 +38,9 @@ from compressor.math.quant import QuantArgs
 from compressor.schemes import Args, BitmaskArgs, Scheme, all_schemes, for_args
 from compressor.stages.coverage import check_coverage
 from compressor.stages.fused import FusedGroup, check_groups, find_groups, rules_for
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "OutputShard",
@@ -76,6 +81,23 @@ class PrunePlan:
     activation: tuple[str, TensorInfo] | None = None  # where its input-norm vector is
 
 
+class Encoded(Protocol):
+    """An input weight stored in an encoded layout: an FP8 block-scaled weight
+    (`fp8_source.BlockScaled`) or a compressed module of any registered scheme
+    (`schemes.CompressedModule`, e.g. our own or llm-compressor's outputs, compressed again)."""
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the decoded weight."""
+
+    @property
+    def consumed(self) -> tuple[str, ...]:
+        """Input tensors read with it, which the output does not carry."""
+
+    def decode(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of the dense weight."""
+
+
 @dataclass(frozen=True)
 class TensorPlan:
     """One input tensor: where it is, and what happens to it."""
@@ -89,9 +111,9 @@ class TensorPlan:
     note: str | None = None  # e.g. the group-size fallback, shown in the summary
     prune: PrunePlan | None = None  # None: not pruned
     rounding: str = "rtn"  # how scales are chosen (same format either way)
-    # An FP8 block-scaled input weight (formats/fp8_source.py): chunks decode it to bfloat16
-    # and it is never copied as is (its scale tensor is consumed).
-    encoded: BlockScaled | None = None
+    # An input weight stored encoded (FP8 block-scaled, or any layout a registered scheme
+    # reads): chunks decode their rows, and it is never copied as is.
+    encoded: Encoded | None = None
 
     @property
     def staged(self) -> bool:
@@ -103,7 +125,7 @@ class TensorPlan:
     def dtype(self) -> str:
         """The dtype of the weights the chunks work on (the input's, or bfloat16 once an FP8
         input is decoded)."""
-        return DENSE_DTYPE if self.encoded is not None else self.info.dtype
+        return self.encoded.dtype if self.encoded is not None else self.info.dtype
 
     @property
     def stored(self) -> Args | None:
@@ -286,9 +308,10 @@ def make_plan(config: RunConfig) -> Plan:
     """Read headers, match rules, validate, and lay out chunks and output shards."""
     _check_destination(config)
     checkpoint = open_checkpoint(config.source)
-    encoded = block_scaled_weights(checkpoint)
+    encoded = _encoded_inputs(checkpoint)
     _refuse_unsupported_input(checkpoint, config, encoded)
-    consumed = {e.scale_name for e in encoded.values()}  # scale tensors: decoded, not carried
+    # Tensors read to decode an encoded weight (scales, zero points...): not carried over.
+    consumed = {n for _, e, _ in encoded.values() for n in e.consumed}
     rules = config.recipe.quantization
     ignore = list(config.recipe.ignore)
     pruning = config.recipe.pruning
@@ -300,9 +323,11 @@ def make_plan(config: RunConfig) -> Plan:
     for index, (name, (source, info)) in enumerate(_input_tensors(checkpoint)):
         if name in consumed:
             continue
+        decoded = None
+        if name in encoded:  # its plan name (the dense weight's) and a dense view of it
+            name, decoded, info = encoded[name]
         found = _rule_for(rules, ignore, name, info)
         prune = _prune_for(pruning, ignore, name, info, source, sides) if pruning else None
-        decoded = encoded.get(name)
         if found is None and prune is None and decoded is None:
             tensors.append(TensorPlan(index, name, source, info, None))
             continue
@@ -337,7 +362,7 @@ def make_plan(config: RunConfig) -> Plan:
                     "or w4a16",
                 )
         align = for_args(args).row_align(args) if args is not None else ROW_ALIGN
-        dtype = DENSE_DTYPE if decoded is not None else info.dtype
+        dtype = decoded.dtype if decoded is not None else info.dtype
         chunks = _row_chunks(rows, cols * dtypes.itemsize(dtype), chunk_bytes, align)
         rounding = found[1].rounding if found is not None else "rtn"
         tensors.append(
@@ -436,18 +461,46 @@ def _refuse_split_expert_collisions(checkpoint: Checkpoint, tensors: list[Tensor
         seen.add(t.name)
 
 
+def _encoded_inputs(checkpoint: Checkpoint) -> dict[str, tuple[str, Encoded, TensorInfo]]:
+    """The input's encoded weights, by the tensor that stands for each in the checkpoint's
+    order (the FP8 weight; a compressed module's root part): the name the plan gives it (the
+    dense weight's), how it decodes, and a dense view of it (dtype and 2-D shape of the decoded
+    weight; its byte range covers the stored parts, for the report's sizes).
+
+    Raises:
+        InputError: a compressed checkpoint whose config or parts are inconsistent.
+    """
+    found: dict[str, tuple[str, Encoded, TensorInfo]] = {
+        name: (name, scaled, checkpoint.tensors[name][1])
+        for name, scaled in block_scaled_weights(checkpoint).items()
+    }
+    for module in quantized_modules(checkpoint).values():
+        root = f"{module.module}.{module.root}"
+        _, root_info = module.parts[module.root]
+        dense = TensorInfo(
+            f"{module.module}.weight",
+            module.dtype,
+            module.shape,
+            root_info.start,
+            root_info.start + module.nbytes,
+        )
+        found[root] = (dense.name, module, dense)
+    return found
+
+
 def _refuse_unsupported_input(
-    checkpoint: Checkpoint, config: RunConfig, encoded: Mapping[str, BlockScaled]
+    checkpoint: Checkpoint,
+    config: RunConfig,
+    encoded: Mapping[str, tuple[str, Encoded, TensorInfo]],
 ) -> None:
     """Refuse, before any work, an input that would come out broken: FP8 weights among the
-    targets that are not block-scaled (`encoded`: those are decoded), or a checkpoint that is
-    already compressed (its packed tensors would be copied as opaque data and its config.json
-    no longer describe them)."""
+    targets that are not block-scaled, or a checkpoint compressed in a way no registered scheme
+    reads (its packed tensors would be copied as opaque data). Encoded weights that decode
+    (`encoded`) are fine: they are compressed again from their dense values."""
     rules, ignore, pruning = config.recipe.quantization, config.recipe.ignore, config.recipe.pruning
-    if encoded:
-        return  # an FP8 block-scaled checkpoint: every FP8 weight has its scale (checked)
+    decodable = set(encoded) | {n for _, e, _ in encoded.values() for n in e.consumed}
     for name, (source, info) in checkpoint.tensors.items():
-        if not info.dtype.startswith("F8_"):
+        if not info.dtype.startswith("F8_") or name in decodable:
             continue
         pruned = (
             pruning is not None
@@ -459,7 +512,9 @@ def _refuse_unsupported_input(
         )
         if pruned or _rule_for(rules, ignore, name, info) is not None:
             raise InputError(
-                f"is an {info.dtype} (FP8) weight; FP8 sources are not supported yet",
+                f"is an {info.dtype} (FP8) weight without block scales (no FP8 "
+                "quantization_config with weight_block_size and weight_scale_inv tensors, no "
+                "compressed-tensors block); it cannot be decoded",
                 path=source,
                 tensor=name,
                 hint="dequantize the checkpoint to bfloat16 first, or keep the FP8 tensors as "
@@ -471,12 +526,19 @@ def _refuse_unsupported_input(
         else None
     )
     names = set(checkpoint.tensors)
-    packed = next((n for n in checkpoint.tensors if n.endswith(_PACKED_SUFFIXES)), None) or next(
-        (n for n in checkpoint.tensors if n.endswith(".weight_scale") and n[:-6] not in names),
+    packed = next(
+        (n for n in checkpoint.tensors if n.endswith(_PACKED_SUFFIXES) and n not in decodable),
+        None,
+    ) or next(
+        (
+            n
+            for n in checkpoint.tensors
+            if n.endswith(".weight_scale") and n[:-6] not in names and n not in decodable
+        ),
         None,
     )
-    if qc is None and packed is None:
-        return
+    if packed is None and (qc is None or encoded):
+        return  # dense, or every compressed weight decodes
     if qc is not None:
         method = (qc.get("quant_method") or qc.get("tool")) if isinstance(qc, dict) else None
         what = f"its quantization_config says {method or 'an unknown method'}"
