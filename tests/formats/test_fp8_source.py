@@ -77,6 +77,9 @@ def test_fp8_input_gives_the_bytes_of_its_dequantized_copy(
     if preset == "dense":
         assert "quantization_config" not in config  # the input's FP8 block is gone
         assert_same_tensors(ours, load_dir(bf16_src))
+    else:  # compressed-tensors reads the output back to exactly our decompression
+        dense = load_dir(decompress_checkpoint(from_fp8, tmp_path / "ours"))
+        assert_same_tensors(dense, load_dir(ct_decompress(from_fp8, tmp_path / "ct")))
 
 
 def test_router_stays_dense_and_experts_are_quantized(fp8_src: Path, tmp_path: Path) -> None:

@@ -126,3 +126,22 @@ def test_a_linear_run_that_would_skip_experts_is_refused(tmp_path: Path) -> None
     table = json.loads((tmp_path / "ok" / "compression.json").read_text())["coverage"]
     assert table["experts"] == {"quantized": 0, "total": 2 * 64 * 64 + 2 * 64 + 2 * 32 * 64}
     assert table["attention"]["quantized"] == 64 * 64
+
+
+def test_transformers_loads_the_compressed_moe_as_our_decompressed_model(
+    fused: Path, tmp_path: Path
+) -> None:
+    """The per-expert compressed-tensors output of a fused-experts input: transformers loads it
+    (mapping the per-expert weights onto its fused experts) and gives exactly the logits of our
+    decompressed model."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "w4a16"
+    compress_checkpoint(build_config(str(fused), str(out), preset="w4a16", workers=0))
+    dense = decompress_checkpoint(out, tmp_path / "dense")
+    ids = torch.tensor([[1, 5, 9, 22, 7, 100, 3, 40]])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)(ids).logits
+    assert torch.equal(got, ref)
