@@ -7,9 +7,12 @@ shared pages: what mmap-ing a file does not inflate), and the peak of the tree's
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,14 +84,23 @@ def run_sampled(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     timeout: float | None = None,
+    watch: Callable[[], bool] | None = None,
 ) -> Sampled:
+    """`watch`, when given, is called after every sample; once it returns True the command's
+    whole process group (it runs in a session of its own) is SIGKILLed, once."""
     start = time.perf_counter()
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=watch is not None,
     )
     root = psutil.Process(proc.pid)
     peaks: dict[int, ProcPeak] = {}
-    state = {"sum": 0, "sum_anon": 0, "n": 0}
+    state = {"sum": 0, "sum_anon": 0, "n": 0, "killed": 0}
     stop = threading.Event()
 
     def sample() -> None:
@@ -117,6 +129,9 @@ def run_sampled(
             state["sum"] = max(state["sum"], total)
             state["sum_anon"] = max(state["sum_anon"], total_anon)
             state["n"] += 1
+            if watch is not None and not state["killed"] and watch():
+                os.killpg(proc.pid, signal.SIGKILL)
+                state["killed"] = 1
             stop.wait(interval)
 
     thread = threading.Thread(target=sample, daemon=True)

@@ -27,15 +27,14 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from bench.sampler import run_sampled
 
 GB = 1e9
 RESULTS = Path(__file__).parent / "results"
@@ -94,58 +93,34 @@ def _compress_markers(staging: Path) -> int:
     )
 
 
-def run_watched(
-    argv: list[str], disk_root: str, kill_when: Any = None, interval: float = 0.2
-) -> dict[str, Any]:
-    """Run `argv` in its own process group; sample every process's RSS and the used bytes of
-    the filesystem under `disk_root`; SIGKILL the group when `kill_when()` turns true."""
+def run_watched(argv: list[str], disk_root: str, kill_when: Any = None) -> dict[str, Any]:
+    """`bench.sampler.run_sampled` (RSS of every process of the tree), plus the peak of the
+    used bytes of the filesystem under `disk_root` above its level at the start, sampled in
+    the same loop; `kill_when()` true SIGKILLs the whole process group."""
     used0 = shutil.disk_usage(disk_root).used
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    root = psutil.Process(proc.pid)
-    peaks: dict[int, dict[str, Any]] = {}
-    state: dict[str, Any] = {"disk": 0, "killed": False, "samples": 0}
-    stop = threading.Event()
+    disk = {"peak": 0, "killed": False}
 
-    def sample() -> None:
-        while not stop.is_set():
-            try:
-                tree = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                tree = []
-            for p in tree:
-                try:
-                    rss = p.memory_info().rss
-                    name = " ".join(p.cmdline()[1:4])[-70:]
-                except psutil.Error:
-                    continue
-                peak = peaks.setdefault(p.pid, {"pid": p.pid, "cmd": name, "peak_rss": 0})
-                peak["peak_rss"] = max(peak["peak_rss"], rss)
-            state["disk"] = max(state["disk"], shutil.disk_usage(disk_root).used - used0)
-            state["samples"] += 1
-            if kill_when is not None and not state["killed"] and kill_when():
-                os.killpg(proc.pid, signal.SIGKILL)
-                state["killed"] = True
-            stop.wait(interval)
+    def watch() -> bool:
+        disk["peak"] = max(disk["peak"], shutil.disk_usage(disk_root).used - used0)
+        if kill_when is not None and kill_when():
+            disk["killed"] = True
+            return True
+        return False
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    out, err = proc.communicate()
-    wall = time.perf_counter() - start
-    stop.set()
-    thread.join()
+    run = run_sampled(argv, interval=0.2, watch=watch)
     return {
         "argv": argv,
-        "returncode": proc.returncode,
-        "killed": state["killed"],
-        "wall_s": round(wall, 2),
-        "peak_disk_above_start": state["disk"],
-        "processes": sorted(peaks.values(), key=lambda p: -p["peak_rss"]),
-        "samples": state["samples"],
-        "stdout_tail": out[-2000:],
-        "stderr_tail": err[-2000:],
+        "returncode": run.returncode,
+        "killed": disk["killed"],
+        "wall_s": round(run.wall_s, 2),
+        "peak_disk_above_start": disk["peak"],
+        "processes": [
+            {"pid": p.pid, "cmd": p.name, "peak_rss": p.rss}
+            for p in sorted(run.procs, key=lambda p: -p.rss)
+        ],
+        "samples": run.samples,
+        "stdout_tail": run.stdout[-2000:],
+        "stderr_tail": run.stderr[-2000:],
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -103,6 +104,26 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert a[name].dtype == b[name].dtype, (name, a[name].dtype, b[name].dtype)
         assert a[name].shape == b[name].shape, (name, a[name].shape, b[name].shape)
         assert torch.equal(a[name], b[name]), f"{name}: values differ"
+
+
+def reported_vs_float64(
+    src: str | Path, out: str | Path, dense_dir: str | Path
+) -> list[tuple[str, float, float]]:
+    """(tensor, the relative error compression.json reports, the same figure computed here in
+    float64 from the input and our float32 decompression) for every compressed tensor."""
+    from compressor.formats.compressed import decompress_checkpoint
+
+    report = json.loads((Path(out) / "compression.json").read_text())["tensors"]
+    original = input_float64(src)
+    dense = load_dir(decompress_checkpoint(out, dense_dir, dtype="float32"))
+    rows = []
+    for row in report:
+        if row["scheme"] == "copy":
+            continue
+        x, x_hat = original[row["name"]], dense[row["name"]].double().numpy()
+        expected = math.sqrt(((x - x_hat) ** 2).sum() / (x**2).sum())
+        rows.append((row["name"], row["relative_error"], expected))
+    return rows
 
 
 def ct_decompress(compressed: str | Path, destination: str | Path) -> Path:

@@ -6,7 +6,6 @@ error figures agree with float64 math."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,13 @@ from compressor.schemes.float4 import (
     unpack_fp4,
 )
 from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
-from tests.conftest import assert_same_tensors, ct_decompress, input_float64, load_dir
+from tests.conftest import (
+    assert_same_tensors,
+    ct_decompress,
+    input_float64,
+    load_dir,
+    reported_vs_float64,
+)
 
 SHAPE = LlamaShape(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=256)
 PRESETS = ["nvfp4a16", "mxfp4a16"]
@@ -134,18 +139,9 @@ def test_fused_groups_share_one_nvfp4_global_scale(src: Path, outputs: dict[str,
 def test_error_figures_agree_with_float64(
     src: Path, outputs: dict[str, Path], tmp_path: Path, preset: str
 ) -> None:
-    out = outputs[preset]
-    report = {t["name"]: t for t in json.loads((out / "compression.json").read_text())["tensors"]}
-    original = input_float64(src)
-    dense = load_dir(decompress_checkpoint(out, tmp_path / "dense", dtype="float32"))
-    for name, row in report.items():
-        if row["scheme"] == "copy":
-            continue
-        x = original[name]
-        x_hat = dense[name].double().numpy()
-        expected = math.sqrt(((x - x_hat) ** 2).sum() / (x**2).sum())
-        assert row["relative_error"] == pytest.approx(expected, rel=1e-9), name
-        assert 0.02 < row["relative_error"] < 0.2  # 4-bit floats with small groups
+    for name, reported, expected in reported_vs_float64(src, outputs[preset], tmp_path / "d"):
+        assert reported == pytest.approx(expected, rel=1e-9), name
+        assert 0.02 < reported < 0.2  # 4-bit floats with small groups
 
 
 @pytest.mark.parametrize("preset", PRESETS)
