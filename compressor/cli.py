@@ -171,7 +171,9 @@ def compress(
         str | None, typer.Option(help="Pruned, unquantized tensors: dense | bitmask.")
     ] = None,
     prefect: Annotated[bool, typer.Option(help="Record the run as a Prefect flow run.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress, no table.")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="No progress, no table: only the output's location.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Compress SOURCE into DESTINATION."""
@@ -273,7 +275,9 @@ def compress(
             signal.signal(signal.SIGTERM, previous_sigterm)
     if as_json:
         out.print_json(json.dumps(report_json))
-    elif not quiet:
+    elif quiet:  # one line a script can use: where the output is
+        print(report_json["destination"])
+    else:
         _print_summary(report_json)
         if "evaluation" in report_json:
             _print_eval(report_json["evaluation"])

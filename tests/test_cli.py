@@ -290,3 +290,19 @@ def test_run_form_preset_decides_unless_the_recipe_brings_rules() -> None:
         {**base, "recipe": {"quantization": PRESETS["w8a16"].model_dump()["quantization"]}}
     )
     assert same.recipe.quantization == PRESETS["w8a16"].quantization
+
+
+def test_quiet_prints_only_where_the_output_is(tmp_path: Path) -> None:
+    """A script needs the output's location; --quiet printed nothing at all."""
+    from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
+
+    shape = LlamaShape(hidden_size=128, intermediate_size=256, num_hidden_layers=1, vocab_size=64)
+    src = generate_llama_checkpoint(tmp_path / "src", shape)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "compressor.cli", "compress", str(src), str(out), "--quiet",
+         "--workers", "0"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out) and done.stderr == ""
