@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from compressor.errors import CompressorError, OutputError
+from compressor.summary import note_lines
 
 app = typer.Typer(
     name="compressor",
@@ -333,11 +334,11 @@ def _print_summary(report: dict[str, Any]) -> None:
             f"{_human(t['input_bytes'])} → {_human(t['output_bytes'])}",
         )
     out.print(table)
-    notes = report["notes"]
-    for note in notes[:5]:
-        out.print(f"[yellow]note:[/] {escape(note)}")
-    if len(notes) > 5:
-        out.print(f"[yellow]note:[/] … and {len(notes) - 5} more (listed in compression.json)")
+    lines = note_lines(report["notes"])
+    for line in lines[:5]:
+        out.print(f"[yellow]note:[/] {escape(line)}")
+    if len(lines) > 5:
+        out.print(f"[yellow]note:[/] … and {len(lines) - 5} more (listed in compression.json)")
     families = report.get("coverage") or {}
     if families:
         shown = " · ".join(

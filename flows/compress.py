@@ -23,6 +23,7 @@ from compressor.config import RunConfig
 from compressor.pipeline import Pipeline, open_executor
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.publish import run_lock
+from compressor.summary import note_lines
 
 __all__ = ["compress_checkpoint", "run_name"]
 
@@ -150,7 +151,11 @@ def _report_artifacts(report: Any) -> None:
             f"## Time per stage\n\n| stage | time |\n|---|---|\n{timings}\n\n"
             f"## Worst tensors by relative error\n\n| tensor | scheme | rel. error | SQNR dB |\n"
             f"|---|---|---|---|\n{worst}\n"
-            + ("\n## Notes\n\n" + "\n".join(f"- {n}" for n in report.notes) if report.notes else "")
+            + (
+                "\n## Notes\n\n" + "\n".join(f"- {n}" for n in note_lines(report.notes))
+                if report.notes
+                else ""
+            )
         ),
     )
     create_table_artifact(
