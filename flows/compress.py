@@ -6,6 +6,7 @@ talk to Prefect, the client reports progress a few dozen times per stage.
 """
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
 from compressor.config import RunConfig
+from compressor.errors import CompressorError
 from compressor.pipeline import Pipeline, open_executor
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.publish import run_lock
@@ -32,30 +35,79 @@ __all__ = ["compress_checkpoint", "run_name"]
 # the flow function with its globals, and ContextVars cannot be pickled.
 _extra_progress: list[Progress] = []
 UPDATES_PER_STAGE = 25
+# The error that failed the last in-process run, for `run_flow` to raise as the CLI expects.
+_failures: list[CompressorError] = []
+
+
+class _NoTracebackForOurErrors(logging.Filter):
+    """Prefect logs a failed task with its traceback; for the errors this tool raises on
+    purpose (a one-line message and its fix) the traceback only buries the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], CompressorError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoTracebackForOurErrors())
+logging.getLogger("prefect.flow_runs").addFilter(_NoTracebackForOurErrors())
+
+
+def progress_line(
+    stage: str, done: int, total: int, elapsed: float, stage_bytes: int | None
+) -> str:
+    """ "compress: 120/6414 chunks (1.9 %), 0.8 of 41.2 GB, 0.32 GB/s, about 2 min 8 s left":
+    the bytes are the stage's input bytes in proportion to its chunks (chunks are of similar
+    size), the remaining time the rate so far applied to what is left."""
+    share = done / max(total, 1)
+    parts = [f"{stage}: {done}/{total} chunks ({100 * share:.1f} %)"]
+    rate = done / elapsed if elapsed > 0 else 0.0
+    if stage_bytes:
+        gb = stage_bytes / 1e9
+        parts.append(f"{share * gb:.1f} of {gb:.1f} GB")
+        if elapsed > 0 and done:
+            parts.append(f"{share * gb / elapsed:.2f} GB/s")
+    if done < total and rate > 0:
+        left = (total - done) / rate
+        parts.append(f"about {int(left // 60)} min {int(left % 60)} s left")
+    elif done == total:
+        parts.append(f"done in {elapsed:.1f} s")
+    return ", ".join(parts)
 
 
 class _ArtifactProgress:
-    """Turns (stage, done, total) into at most ~25 progress-artifact updates per stage."""
+    """Turns (stage, done, total) into at most ~25 progress-artifact updates per stage, each
+    with chunks, GB, GB/s and the remaining time in its description and in the run's log."""
 
     def __init__(self, also: Progress | None) -> None:
         self.also = also
         self.artifacts: dict[str, Any] = {}
         self.last: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+        self.stage_bytes: int | None = None  # the staged tensors' input bytes, once planned
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.also is not None:
             self.also(stage, done, total)
         step = max(1, total // UPDATES_PER_STAGE)
         if stage not in self.artifacts:
+            self.started[stage] = time.perf_counter()
             self.artifacts[stage] = create_progress_artifact(
-                progress=0.0, key=f"{stage}-progress", description=f"{stage}: chunks done"
+                progress=0.0, key=f"{stage}-progress", description=f"{stage}: starting"
             )
             self.last[stage] = 0
         if done == total or done - self.last[stage] >= step:
             self.last[stage] = done
-            update_progress_artifact(
-                artifact_id=self.artifacts[stage], progress=100.0 * done / max(total, 1)
+            line = progress_line(
+                stage, done, total, time.perf_counter() - self.started[stage], self.stage_bytes
             )
+            update_progress_artifact(
+                artifact_id=self.artifacts[stage],
+                progress=100.0 * done / max(total, 1),
+                description=line,
+            )
+            get_run_logger().info(line)
 
 
 def run_name() -> str:
@@ -175,7 +227,7 @@ def _report_artifacts(report: Any) -> None:
 
 
 @flow(name="compress-checkpoint", flow_run_name=run_name, log_prints=True)
-def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
+def compress_checkpoint(config: RunConfig) -> Any:
     """Compress a safetensors checkpoint: plan → ingest → stats → thresholds → compress → write →
     publish."""
     logger = get_run_logger()
@@ -186,8 +238,29 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
         from compressor.evaluation import require_eval_extra
 
         require_eval_extra("evaluate")
-    pipe = Pipeline(config, _ArtifactProgress(_extra_progress[-1] if _extra_progress else None))
+    progress = _ArtifactProgress(_extra_progress[-1] if _extra_progress else None)
+    pipe = Pipeline(config, progress)
+    try:
+        return _run(config, pipe, progress)
+    except CompressorError as e:
+        # One line and its fix, as the CLI prints it: the failed state's message and a
+        # markdown artifact an operator (or an automation on the failure event) reads.
+        message = f"{type(e).__name__}: {e}"
+        create_markdown_artifact(
+            key="compression-failure",
+            description="Why the compression failed, and the fix",
+            markdown=f"# Compression failed\n\n```\n{e}\n```\n\nSource `{config.source}`, "
+            f"destination `{config.destination}`.\n",
+        )
+        logger.error(message)
+        _failures.append(e)
+        return Failed(message=str(e))
+
+
+def _run(config: RunConfig, pipe: Pipeline, progress: _ArtifactProgress) -> dict[str, Any]:
+    logger = get_run_logger()
     summary = plan_task(pipe)
+    progress.stage_bytes = sum(t.info.nbytes for t in pipe.plan.staged)
     logger.info("plan: %s", summary)
     if pipe.plan.up_to_date and not config.overwrite:
         report = pipe.published_report()
@@ -196,7 +269,9 @@ def compress_checkpoint(config: RunConfig) -> dict[str, Any]:
     # Publish inside the lock, as `Pipeline.run` does: it removes stale runs' partial outputs
     # and staging, which only the lock holder may do.
     with run_lock(pipe.plan):
+        started = time.perf_counter()
         with open_executor(config, pipe.threaded()) as executor:
+            logger.info("cluster started in %.1f s", time.perf_counter() - started)
             pipe.start_workers(executor)
             ingest_task(pipe, executor)
             stats_task(pipe, executor)
@@ -221,7 +296,12 @@ def run_flow(config: RunConfig, progress: Progress | None = None) -> dict[str, A
     if progress is not None:
         _extra_progress.append(progress)
     try:
-        return compress_checkpoint(config=config)
+        state: State[Any] = compress_checkpoint(config=config, return_state=True)  # type: ignore[assignment]
+        if state.is_failed() and _failures:
+            raise _failures.pop()  # the CLI prints it as it prints its own errors
+        result: dict[str, Any] = state.result()  # raises what failed the run otherwise
+        return result
     finally:
+        _failures.clear()
         if progress is not None:
             _extra_progress.pop()

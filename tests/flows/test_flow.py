@@ -64,3 +64,65 @@ def test_flow_compresses_and_publishes_artifacts(prefect_harness, llama_src: Pat
     assert table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["tensor"] for r in rows} == {t["name"] for t in report["tensors"]}
+
+
+def _logs(flow_run_id) -> list[str]:
+    """The run's logs as the API has them, once every queued log record has been sent (the
+    log worker sends in batches: drain it first, waiting for that, not for time to pass)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [log.message for log in logs]
+
+
+def test_progress_says_chunks_gb_rate_and_time_left(
+    prefect_harness, llama_src: Path, tmp_path: Path
+) -> None:
+    """The compress stage's progress artifact ends with its chunks, GB, GB/s and time; the run
+    log has the same lines, and when the cluster started."""
+    from flows.compress import compress_checkpoint, progress_line
+
+    config = RunConfig(source=str(llama_src), destination=str(tmp_path / "out"), workers=0)
+    state = compress_checkpoint(config=config, return_state=True)
+    assert state.is_completed(), state
+    run_id = state.state_details.flow_run_id
+    (progress,) = _artifacts(run_id, ["compress-progress"])["compress-progress"]
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert progress.description.startswith("compress: ")
+    assert " chunks (100.0 %)" in progress.description and " GB" in progress.description
+    logs = _logs(run_id)
+    assert any(m.startswith("compress: ") and "done in" in m for m in logs), logs
+    assert any(m.startswith("cluster started in ") for m in logs), logs
+    # the line itself, mid-stage: rate and time left from the chunks done so far
+    line = progress_line("compress", 120, 480, 30.0, 8_000_000_000)
+    assert line == (
+        "compress: 120/480 chunks (25.0 %), 2.0 of 8.0 GB, 0.07 GB/s, about 1 min 30 s left"
+    )
+
+
+def test_a_failed_run_says_why_and_the_fix(prefect_harness, tmp_path: Path) -> None:
+    """The failed state's message is the CLI's one line with its fix, a markdown artifact says
+    the same, and no traceback-only failure is left to decode."""
+    from flows.compress import compress_checkpoint
+
+    missing = tmp_path / "no-such-checkpoint"
+    config = RunConfig(source=str(missing), destination=str(tmp_path / "out"), workers=0)
+    state = compress_checkpoint(config=config, return_state=True)
+    assert state.is_failed()
+    assert str(missing) in state.message and "fix: " in state.message, state.message
+    (artifact,) = _artifacts(state.state_details.flow_run_id, ["compression-failure"])[
+        "compression-failure"
+    ]
+    assert (
+        artifact.type == "markdown" and "fix: " in artifact.data and str(missing) in artifact.data
+    )
+    assert not (tmp_path / "out").exists()
+    logs = _logs(state.state_details.flow_run_id)
+    assert any("fix: " in m for m in logs) and not any("Traceback" in m for m in logs), logs
