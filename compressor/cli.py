@@ -642,6 +642,32 @@ def verify(
     )
 
 
+@app.command()
+def history(
+    model: Annotated[str, typer.Argument(help="The model: its source path or directory name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """The compression history of a model, from Prefect (PREFECT_API_URL, else the local
+    database): one row per flow run (date, preset, ratio, bits/weight, ΔPPL, wall, GB/s), as
+    the `compression-history-<model>` artifact shows it in the UI."""
+    from flows.history import history_key, read_history
+
+    rows = read_history(model)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    if not rows:
+        out.print(f"no runs recorded under {history_key(model)}", markup=False)
+        return
+    table = Table(title=history_key(model))
+    columns = ["date", "preset", "ratio", "bits_per_weight", "delta_ppl_pct", "wall_s", "gb_per_s"]
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
+    out.print(table)
+
+
 def main() -> None:
     """The console entry point (and `python -m compressor.cli`): `app` behind a guard. Errors
     raised on purpose keep their message and exit code; a usage error (unknown option, invalid

@@ -27,6 +27,7 @@ from compressor.pipeline import Pipeline, open_executor
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.publish import run_lock
 from compressor.summary import note_lines
+from flows.history import record_history, run_row
 
 __all__ = ["compress_checkpoint", "run_name"]
 
@@ -288,6 +289,7 @@ def _run(config: RunConfig, pipe: Pipeline, progress: _ArtifactProgress) -> dict
             result["evaluation"]["ppl_compressed"],
             result["evaluation"]["delta_ppl_pct"],
         )
+    record_history(config.source, run_row(config, result, result.get("evaluation")))
     return result
 
 

@@ -126,3 +126,32 @@ def test_a_failed_run_says_why_and_the_fix(prefect_harness, tmp_path: Path) -> N
     assert not (tmp_path / "out").exists()
     logs = _logs(state.state_details.flow_run_id)
     assert any("fix: " in m for m in logs) and not any("Traceback" in m for m in logs), logs
+
+
+def test_history_keeps_one_row_per_run_per_model(
+    prefect_harness, llama_src: Path, tmp_path: Path
+) -> None:
+    """Two runs of one model: its `compression-history-<model>` artifact's latest version holds
+    both rows, and `compressor history` reads them back through the API."""
+    from typer.testing import CliRunner
+
+    from compressor.cli import app
+    from flows.compress import compress_checkpoint
+    from flows.history import history_key, read_history
+
+    model = f"{llama_src}"
+    before = len(read_history(model))  # the session's other flow tests compress it too
+    for preset in ("w8a16", "w4a16"):
+        config = RunConfig(
+            source=model, destination=str(tmp_path / preset), preset=preset, workers=0
+        )
+        assert compress_checkpoint(config=config, return_state=True).is_completed()
+    rows = read_history(model)[before:]
+    assert [r["preset"] for r in rows] == ["w8a16", "w4a16"]
+    assert rows[0]["bits_per_weight"] > 7.9 and 4.0 < rows[1]["bits_per_weight"] < 4.5
+    assert rows[1]["ratio"] > rows[0]["ratio"] > 1.5
+    assert rows[1]["destination"] == str((tmp_path / "w4a16").resolve())
+    assert history_key(model) == "compression-history-llama-512"
+    done = CliRunner().invoke(app, ["history", model, "--json"])
+    assert done.exit_code == 0, done.output
+    assert [r["preset"] for r in json.loads(done.output)[before:]] == ["w8a16", "w4a16"]
