@@ -12,7 +12,12 @@ import hashlib
 import json
 import math
 import os
+import socket
 import struct
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -226,3 +231,81 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# -- S3 (moto) ---------------------------------------------------------------------------------
+S3_BUCKET = "ckpt-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    """A moto S3 server (a subprocess on loopback) with one bucket; the environment points
+    s3fs at it. Skipped when s3fs or moto is not installed (the `test` extra has both)."""
+    pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+
+    from compressor.formats import storage
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    saved = {k: os.environ.get(k) for k in _ENV}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip("moto's S3 server did not start")
+                time.sleep(0.2)
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
+        os.environ.pop("AWS_PROFILE", None)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs, _ = storage.filesystem(f"s3://{S3_BUCKET}")
+        fs.mkdir(S3_BUCKET)
+        yield f"s3://{S3_BUCKET}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+)
+
+
+def upload_dir(local: Path, url: str) -> None:
+    """Put every file under `local` at the same relative path under `url`."""
+    from compressor.formats import storage
+
+    for rel in storage.list_files(local):
+        storage.put_file(local / rel, storage.join(url, rel))

@@ -8,13 +8,6 @@ or moto is not installed (the `test` extra installs both).
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,76 +29,11 @@ from compressor.formats.verify import verify_checkpoint
 from compressor.pipeline import compress_checkpoint
 from compressor.stages.publish import destination_lock
 from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
+from tests.conftest import S3_BUCKET
+from tests.conftest import upload_dir as _upload
 
-BUCKET = "ckpt-test"
+BUCKET = S3_BUCKET
 SHAPE = LlamaShape(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=512)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    """A moto S3 server with one bucket; the environment points s3fs at it."""
-    import s3fs
-
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    saved = {k: os.environ.get(k) for k in _ENV}
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.skip("moto's S3 server did not start")
-                time.sleep(0.2)
-        os.environ.update(
-            {
-                "AWS_ENDPOINT_URL": endpoint,
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1",
-            }
-        )
-        os.environ.pop("AWS_PROFILE", None)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs, _ = storage.filesystem(f"s3://{BUCKET}")
-        fs.mkdir(BUCKET)
-        yield f"s3://{BUCKET}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        s3fs.S3FileSystem.clear_instance_cache()
-
-
-_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "AWS_PROFILE",
-)
-
-
-def _upload(local: Path, url: str) -> None:
-    for rel in storage.list_files(local):
-        storage.put_file(local / rel, storage.join(url, rel))
 
 
 def _download(url: str, local: Path) -> Path:
