@@ -557,7 +557,7 @@ def serve(
         _check_serve_options(cron, parameters.get("config"))
     except CompressorError as e:
         _fail(e)
-    flow.serve(name=defaults.DEPLOYMENT_NAME, cron=cron, parameters=parameters)
+    flow.serve(name=defaults.SERVE_DEPLOYMENT_NAME, cron=cron, parameters=parameters)
 
 
 def _check_serve_options(cron: str | None, config: dict[str, Any] | None) -> None:

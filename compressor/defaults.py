@@ -10,6 +10,7 @@ __all__ = [
     "FLOW_NAME",
     "MAX_SHARD_MB",
     "PREFECT_API_PORT",
+    "SERVE_DEPLOYMENT_NAME",
     "WORK_POOL",
 ]
 
@@ -18,7 +19,9 @@ DASK_DASHBOARD_PORT = 8787
 PREFECT_API_PORT = 4200
 WORK_POOL = "compress-pool"
 FLOW_NAME = "compress-checkpoint"
-DEPLOYMENT_NAME = "compress-checkpoint"
+DEPLOYMENT_NAME = "compress-checkpoint"  # prefect.yaml's, registered with `prefect deploy`
+# `compressor serve`'s: a name of its own, so `prefect deploy` never silently replaces it
+SERVE_DEPLOYMENT_NAME = "compress-checkpoint-served"
 
 # A chunk is a block of whole rows of one tensor of about this many input bytes. Tens of MB keeps
 # per-task overhead small next to the work while bounding worker memory (a few chunks at a time).

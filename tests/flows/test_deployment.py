@@ -99,7 +99,7 @@ def _trigger_and_check(api: str, source: Path, destination: Path) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    name = f"compress-checkpoint/{defaults.DEPLOYMENT_NAME}"
+    name = f"compress-checkpoint/{defaults.SERVE_DEPLOYMENT_NAME}"
     with (
         temporary_settings({PREFECT_API_URL: api}),
         get_client(sync_client=True) as client,
