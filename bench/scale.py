@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="w4a16")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--skip-resume", action="store_true")
+    p.add_argument("--worker-kind", default="auto", choices=["auto", "threads", "processes"])
+    p.add_argument("--results", default="scale.json", help="file name under bench/results/")
     args = p.parse_args(argv)
 
     from compressor.testing.generate_moe import generate_deepseek_fp8_checkpoint
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {input_bytes / GB:.1f} GB, {params / 1e9:.2f} B parameters", flush=True)
         cli = [sys.executable, "-m", "compressor.cli", "compress"]
         common = ["--preset", args.preset, "--workers", str(args.workers), "--json", "--quiet"]
+        common += ["--worker-kind", args.worker_kind]
 
         full = run_watched(
             [*cli, str(src), str(root / "out"), *common, "--staging", str(root / "staging")],
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result["resume"], default=str)[:1500], flush=True)
     finally:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "scale.json").write_text(json.dumps(result, indent=2, default=str))
+        (RESULTS / args.results).write_text(json.dumps(result, indent=2, default=str))
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     return 0
