@@ -44,6 +44,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from compressor import defaults
 from compressor.errors import ConfigError
@@ -386,7 +387,8 @@ class BudgetConfig(_Frozen):
 class Recipe(_Frozen):
     """What to do to the weights, as written in a recipe file."""
 
-    version: Literal[1] = 1
+    # Kept out of the JSON schema: the Prefect run form showed it as a constant to fill in.
+    version: SkipJsonSchema[Literal[1]] = 1
     quantization: list[QuantRule] = Field(default_factory=lambda: [QuantRule()])
     pruning: PruneConfig | None = Field(None, description="Prune before quantizing.")
     budget: BudgetConfig | None = Field(
@@ -490,7 +492,7 @@ PRESETS: dict[str, Recipe] = {
 class RunConfig(_Frozen):
     """Everything that decides a run's output, plus where and how it runs."""
 
-    version: Literal[1] = 1
+    version: SkipJsonSchema[Literal[1]] = 1  # not in the run form (see Recipe.version)
     source: str = Field(description="Input checkpoint directory or .safetensors file.")
     destination: str = Field(description="Output directory (must not exist unless overwrite).")
     preset: Preset = Field(

@@ -155,3 +155,50 @@ def test_history_keeps_one_row_per_run_per_model(
     done = CliRunner().invoke(app, ["history", model, "--json"])
     assert done.exit_code == 0, done.output
     assert [r["preset"] for r in json.loads(done.output)[before:]] == ["w8a16", "w4a16"]
+
+
+def _form_payload(schema: dict, node: dict) -> object:
+    """What the UI's run form submits for a schema node left at its defaults: each property's
+    default, nested objects filled the same way (it sends e.g. {"version": 1, "pruning": null,
+    "budget": null} for an untouched recipe)."""
+    if "$ref" in node:
+        node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
+    if "default" in node:
+        return node["default"]
+    if node.get("type") == "object" or "properties" in node:
+        return {
+            name: _form_payload(schema, prop)
+            for name, prop in node.get("properties", {}).items()
+            if "default" in prop or "$ref" in prop
+        }
+    return None
+
+
+@pytest.mark.parametrize(("preset", "bits"), [("w8a16", 8), ("w4a16", 4)])
+def test_the_run_form_produces_the_chosen_preset(
+    prefect_harness, llama_src: Path, tmp_path: Path, preset: str, bits: int
+) -> None:
+    """A run submitted as the UI does: every default the deployment's parameter schema holds,
+    the preset picked from the choice, source and destination typed in. The output has the
+    preset's bits, and the form shows no constants to fill in."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.compress import compress_checkpoint
+
+    schema = parameter_schema(compress_checkpoint.fn).model_dump()
+    form = schema["definitions"]["RunConfig"]
+    assert "version" not in form["properties"]
+    assert "version" not in schema["definitions"]["Recipe"]["properties"]
+    assert preset in form["properties"]["preset"]["enum"]
+    payload = _form_payload(schema, schema["properties"]["config"])
+    assert isinstance(payload, dict) and isinstance(payload.get("recipe"), dict)
+    payload |= {
+        "source": str(llama_src),
+        "destination": str(tmp_path / "out"),
+        "preset": preset,
+        "workers": 0,
+    }
+    state = compress_checkpoint(config=payload, return_state=True)
+    assert state.is_completed(), state
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert {g["weights"]["num_bits"] for g in qc["config_groups"].values()} == {bits}
