@@ -55,6 +55,15 @@ logging.getLogger("prefect.task_runs").addFilter(_NoTracebackForOurErrors())
 logging.getLogger("prefect.flow_runs").addFilter(_NoTracebackForOurErrors())
 
 
+def _quiet_distributed() -> None:
+    """distributed's loggers (the parent and every child already made) at WARNING."""
+    import distributed  # noqa: F401  (its import creates and configures the loggers)
+
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def progress_line(
     stage: str, done: int, total: int, elapsed: float, stage_bytes: int | None
 ) -> str:
@@ -233,8 +242,9 @@ def compress_checkpoint(config: RunConfig) -> Any:
     publish."""
     logger = get_run_logger()
     # Prefect routes the root logger to its run logs; distributed's per-connection INFO lines
-    # would drown the stage messages there.
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    # would drown the stage messages there. Its child loggers carry levels of their own (dask's
+    # logging config), so each is set, not just the parent.
+    _quiet_distributed()
     if config.evaluate:  # before any work: it would fail only after publishing
         from compressor.evaluation import require_eval_extra
 

@@ -306,3 +306,30 @@ def test_quiet_prints_only_where_the_output_is(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out) and done.stderr == ""
+
+
+@pytest.mark.slow
+def test_a_prefect_run_prints_no_distributed_chatter(tmp_path: Path) -> None:
+    """`--prefect` with a real Dask cluster: Prefect shows the run's log in the terminal, and
+    distributed's ~35 INFO lines per run (scheduler start, worker registration...) used to
+    drown it. With --quiet the output is the destination only."""
+    from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
+
+    shape = LlamaShape(hidden_size=128, intermediate_size=256, num_hidden_layers=1, vocab_size=64)
+    src = generate_llama_checkpoint(tmp_path / "src", shape)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "compressor.cli", "compress", str(src), str(out), "--prefect",
+         "--workers", "1", "--quiet"],
+        capture_output=True, text=True, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    chatter = [line for line in (done.stdout + done.stderr).splitlines() if "distributed." in line]
+    assert not chatter, chatter
+    assert done.stdout.strip().splitlines()[-1] == str(out)
