@@ -489,6 +489,27 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
+class SlurmCluster(_Frozen):
+    """A per-run Dask cluster of SLURM jobs (dask-jobqueue's SLURMCluster): each job runs
+    `processes` single-threaded workers; the run waits for all of them, then starts."""
+
+    jobs: int = Field(1, ge=1, description="SLURM jobs to submit.")
+    processes: int = Field(1, ge=1, description="Worker processes per job.")
+    memory: str = Field("16GB", description="Memory per job, e.g. 16GB.")
+    walltime: str = Field("04:00:00", description="Job time limit.")
+    queue: str | None = Field(None, description="Partition (sbatch -p).")
+    account: str | None = Field(None, description="Account (sbatch -A).")
+    python: str | None = Field(
+        None, description="Python the jobs run workers with (default: this one)."
+    )
+    job_extra_directives: list[str] = Field(
+        default_factory=list, description='Extra #SBATCH lines, e.g. ["--gres=gpu:1"].'
+    )
+    start_timeout_s: int = Field(
+        1800, ge=1, description="How long to wait for every worker to join before giving up."
+    )
+
+
 class RunConfig(_Frozen):
     """Everything that decides a run's output, plus where and how it runs."""
 
@@ -532,6 +553,12 @@ class RunConfig(_Frozen):
     gpu: bool = Field(
         False,
         description="Start a local dask-cuda cluster (one worker per GPU; needs the gpu extra).",
+    )
+    slurm: SlurmCluster | None = Field(
+        None,
+        description="Start this run's own Dask cluster as SLURM jobs (dask-jobqueue), stopped "
+        "when the run ends; its scheduler listens on `listen` (set it to an address the "
+        "compute nodes reach).",
     )
     staging_dir: str | None = Field(
         None, description="Where Zarr staging lives (default: beside the destination)."

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,6 +80,20 @@ def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor
         with _cuda_cluster(config) as cluster, Client(cluster) as client:
             yield DaskExecutor(client)
         return
+    if config.slurm is not None:
+        with _slurm_cluster(config) as cluster, Client(cluster) as client:
+            workers = config.slurm.jobs * config.slurm.processes
+            try:
+                client.wait_for_workers(workers, timeout=config.slurm.start_timeout_s)
+            except Exception as e:  # a timeout: the jobs did not start (queue, limits)
+                raise ConfigError(
+                    f"only {len(client.scheduler_info()['workers'])} of {workers} SLURM workers "
+                    f"joined within {config.slurm.start_timeout_s} s ({type(e).__name__})",
+                    hint="check `squeue` and the jobs' logs; raise slurm.start_timeout_s, or "
+                    "fewer slurm.jobs",
+                ) from None
+            yield DaskExecutor(client)
+        return
     n = config.workers or os.cpu_count() or 1
     if threads:
         # Nothing to spawn or import: workers start in milliseconds, and the fused kernels
@@ -119,6 +134,35 @@ def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor
         Client(cluster) as client,
     ):
         yield DaskExecutor(client)
+
+
+def _slurm_cluster(config: RunConfig) -> Any:
+    """dask-jobqueue's SLURMCluster for this run, its jobs submitted; closing it cancels them."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ConfigError(
+            "slurm needs dask-jobqueue", hint="pip install dask-jobqueue (or the slurm extra)"
+        ) from None
+    assert config.slurm is not None
+    s = config.slurm
+    cluster = SLURMCluster(
+        cores=s.processes,  # one thread per worker process, as the local processes cluster
+        processes=s.processes,
+        memory=s.memory,
+        walltime=s.walltime,
+        queue=s.queue,
+        account=s.account,
+        python=s.python or sys.executable,
+        job_extra_directives=list(s.job_extra_directives),
+        scheduler_options={"host": config.listen, "dashboard": config.dashboard},
+        # On loopback (the default) the workers listen there too: such a cluster only works
+        # on this machine, and opens nothing to the network unless `listen` says so.
+        worker_extra_args=["--host", config.listen] if config.listen == "127.0.0.1" else [],
+        silence_logs=logging.ERROR,
+    )
+    cluster.scale(jobs=s.jobs)
+    return cluster
 
 
 def _http_address(config: RunConfig, port: int) -> str:
