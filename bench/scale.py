@@ -83,10 +83,6 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def _markers(staging: Path) -> int:
-    return sum(1 for _ in staging.glob("*/done/*/*.json")) if staging.exists() else 0
-
-
 def _compress_markers(staging: Path) -> int:
     return sum(
         1 for p in staging.glob("*/done/*/*.json") if p.parent.name in ("compress", "assemble")
@@ -190,13 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             at_kill = _compress_markers(staging)
             resumed = run_watched(argv_resume, str(root))
-            after = _compress_markers(staging)
             result["resume"] = {
                 "total_chunks": total,
                 "killed_run": {k: v for k, v in killed.items() if k != "processes"},
                 "markers_at_kill": at_kill,
                 "resumed_run": {k: v for k, v in resumed.items() if k != "processes"},
-                "markers_after": after,
                 "chunks_computed_by_resume": total - at_kill,
                 "redone_fraction_upper_bound": round(args.workers / total, 4),
                 "resume_wall_over_full": round(resumed["wall_s"] / full["wall_s"], 3),

@@ -8,6 +8,7 @@ version; `compressor history MODEL` reads the latest table back through the API.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ def run_row(config: Any, report: dict[str, Any], evaluation: dict[str, Any] | No
     """One history row: date, preset, ratio, stored bits per quantized weight, ΔPPL when the
     run evaluated, wall time and input GB/s."""
     quantized = [t for t in report["tensors"] if t["scheme"] != "copy"]
-    weights = sum(_numel(t["shape"]) for t in quantized)
+    weights = sum(math.prod(t["shape"]) for t in quantized)
     bits = 8 * sum(t["output_bytes"] for t in quantized) / weights if weights else None
     wall = report["timings_s"].get("total") or sum(report["timings_s"].values())
     return {
@@ -41,13 +42,6 @@ def run_row(config: Any, report: dict[str, Any], evaluation: dict[str, Any] | No
         "gb_per_s": round(report["input_bytes"] / 1e9 / wall, 3) if wall else None,
         "destination": report["destination"],
     }
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def read_history(model: str) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from compressor.formats import dtypes
 from compressor.formats.checkpoint import Checkpoint
 from compressor.formats.safetensors_io import TensorInfo, read_rows
 from compressor.math import kernels
+from compressor.schemes.float8 import expand_blocks
 
 __all__ = [
     "DENSE_DTYPE",
@@ -51,8 +52,8 @@ class BlockScaled:
     scale_file: str
     scale: TensorInfo
     block: tuple[int, int]
-    weight_file: str = ""
-    weight: TensorInfo | None = None
+    weight_file: str
+    weight: TensorInfo
 
     @property
     def dtype(self) -> str:
@@ -64,7 +65,6 @@ class BlockScaled:
         return (self.scale_name,)
 
     def decode(self, r0: int, r1: int) -> torch.Tensor:
-        assert self.weight is not None
         return decode_rows(self.weight_file, self.weight, self, r0, r1)
 
 
@@ -140,7 +140,7 @@ def decode_rows(
     """Rows [r0, r1) of the dense bfloat16 weight: float32(code) · scale_inv of its block
     (`fused`: through the CPU kernel, else torch)."""
     raw = read_rows(file, info, r0, r1)
-    bh, bw = source.block
+    bh = source.block[0]
     first, stop = r0 // bh, -(-r1 // bh)
     scale = dtypes.to_torch(
         read_rows(source.scale_file, source.scale, first, stop), source.scale.dtype
@@ -149,6 +149,5 @@ def decode_rows(
         bits = kernels.fp8_block_decode_bf16(raw.view(np.uint8), scale.numpy(), source.block, r0)
         return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
     codes = dtypes.to_torch(raw, info.dtype)
-    rows = scale.repeat_interleave(bh, dim=0)[r0 - first * bh : r1 - first * bh]
-    full = rows.repeat_interleave(bw, dim=1)[:, : info.shape[1]]
-    return (codes.float() * full).to(torch.bfloat16)
+    full = expand_blocks(scale, source.block, (stop * bh, info.shape[1]))
+    return (codes.float() * full[r0 - first * bh : r1 - first * bh]).to(torch.bfloat16)

@@ -11,7 +11,26 @@ from compressor.formats.safetensors_io import read_tensor
 if TYPE_CHECKING:
     from compressor.formats.checkpoint import Checkpoint
 
-__all__ = ["compressed_tensors_errors", "module_parts", "target_matches"]
+__all__ = ["IGNORED", "compressed_tensors_errors", "config_group", "module_parts", "target_matches"]
+
+
+IGNORED: dict[str, Any] = {"ignored": True}  # `config_group`'s answer for an ignored module
+
+
+def config_group(qc: dict[str, Any], module: str) -> dict[str, Any] | None:
+    """The config group of a quantization_config block that targets `module` (the first, as
+    compressed-tensors takes it), `IGNORED` when its `ignore` list names the module, None when
+    no group targets it."""
+    if any(target_matches(p, module) for p in qc.get("ignore") or [] if p != "Linear"):
+        return IGNORED
+    return next(
+        (
+            g
+            for g in (qc.get("config_groups") or {}).values()
+            if any(target_matches(t, module) for t in g.get("targets", []))
+        ),
+        None,
+    )
 
 
 def target_matches(target: str, module: str) -> bool:

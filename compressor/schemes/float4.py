@@ -30,6 +30,7 @@ value of x / scale after clamping to ±6, ties to the even code. A group of zero
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
@@ -54,7 +55,7 @@ from compressor.schemes.base import (
     expected_problems,
     read_part,
 )
-from compressor.schemes.discovery import compressed_tensors_errors, target_matches
+from compressor.schemes.discovery import IGNORED, compressed_tensors_errors, config_group
 from compressor.schemes.int_packed import BLOCK_ROWS, GPU_BLOCK_ROWS, NonFiniteWeights, device
 
 if TYPE_CHECKING:
@@ -284,12 +285,12 @@ class _Fp4Scheme(Scheme):
         )
         return packed, scale, ErrorStats(x.numel(), sq_error, sq_signal, max_abs)
 
+    @abstractmethod
     def _scales(
         self, absmax: torch.Tensor, fixed: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored scales of groups with these float32 maxima, and the float32 multiplier
         of each group's codes."""
-        raise NotImplementedError
 
     def decode_rows(
         self, module: CompressedModule, r0: int, r1: int, dtype: torch.dtype | None
@@ -300,8 +301,9 @@ class _Fp4Scheme(Scheme):
         dense = values.to(torch.bfloat16)  # the stored weight, as compressed-tensors decodes it
         return dense if dtype is None else dense.to(dtype)
 
+    @abstractmethod
     def _multiplier(self, module: CompressedModule, scale: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """What each group's codes are multiplied by on decoding, from its stored scales."""
 
     def config_block(
         self, groups: Mapping[tuple[Args, str], Sequence[str]], dense_linear: Sequence[str]
@@ -357,16 +359,15 @@ class _Fp4Scheme(Scheme):
     def discover(self, checkpoint: Checkpoint, qc: object) -> dict[str, CompressedModule]:
         if not isinstance(qc, dict) or qc.get("format") != self.format:
             return {}
-        groups = list((qc.get("config_groups") or {}).values())
-        ignore = [p for p in qc.get("ignore") or [] if p != "Linear"]
         out = {}
         for name, (file, info) in checkpoint.tensors.items():
             if not name.endswith(".weight_packed"):
                 continue
             module = name.removesuffix(".weight_packed")
-            if any(target_matches(p, module) for p in ignore):
+            group = config_group(qc, module)
+            if group is IGNORED:
                 continue
-            in_group = any(target_matches(t, module) for g in groups for t in g.get("targets", []))
+            in_group = group is not None
             parts = {
                 suffix: checkpoint.tensors[f"{module}.{suffix}"]
                 for suffix in self.parts

@@ -46,7 +46,7 @@ from compressor.schemes.base import (
     merge_dtypes,
     read_part,
 )
-from compressor.schemes.discovery import compressed_tensors_errors, target_matches
+from compressor.schemes.discovery import IGNORED, compressed_tensors_errors, config_group
 from compressor.schemes.int_packed import BLOCK_ROWS, GPU_BLOCK_ROWS, device
 
 if TYPE_CHECKING:
@@ -271,19 +271,14 @@ class Float8Scheme(Scheme):
     def discover(self, checkpoint: Checkpoint, qc: object) -> dict[str, CompressedModule]:
         if not isinstance(qc, dict) or qc.get("format") != FLOAT_FORMAT:
             return {}
-        groups = list((qc.get("config_groups") or {}).values())
-        ignore = [p for p in qc.get("ignore") or [] if p != "Linear"]
         out = {}
         for name, (file, info) in checkpoint.tensors.items():
             if not name.endswith(".weight") or info.dtype != "F8_E4M3":
                 continue
             module = name.removesuffix(".weight")
-            if any(target_matches(p, module) for p in ignore):
+            group = config_group(qc, module)
+            if group is IGNORED:
                 continue
-            group = next(
-                (g for g in groups if any(target_matches(t, module) for t in g.get("targets", []))),
-                None,
-            )
             scale = checkpoint.tensors.get(f"{module}.weight_scale")
             if group is None or scale is None or len(info.shape) != 2:
                 raise InputError(

@@ -57,7 +57,12 @@ from compressor.schemes.base import (
     merge_dtypes,
     read_part,
 )
-from compressor.schemes.discovery import compressed_tensors_errors, module_parts, target_matches
+from compressor.schemes.discovery import (
+    IGNORED,
+    compressed_tensors_errors,
+    config_group,
+    module_parts,
+)
 
 if TYPE_CHECKING:
     from compressor.formats.checkpoint import Checkpoint
@@ -571,16 +576,11 @@ class IntScheme(Scheme):
                 f"compressed-tensors format {fmt!r} is not supported here (only {CT_FORMAT})",
                 path=str(checkpoint.root),
             )
-        groups = list((qc.get("config_groups") or {}).values())
-        ignore = qc.get("ignore") or []
         out = {}
         for module in packed:
-            if any(target_matches(p, module) for p in ignore if p != "Linear"):
+            group = config_group(qc, module)
+            if group is IGNORED:
                 continue
-            group = next(
-                (g for g in groups if any(target_matches(t, module) for t in g.get("targets", []))),
-                None,
-            )
             if group is None:
                 raise InputError(
                     "is packed but no quantization config group targets it",

@@ -36,7 +36,7 @@ from compressor.formats.paths import check_disjoint, check_parent_writable, over
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math.quant import QuantArgs
 from compressor.schemes import Args, BitmaskArgs, Scheme, all_schemes, for_args
-from compressor.stages.coverage import check_coverage
+from compressor.stages.coverage import check_coverage, family
 from compressor.stages.fused import FusedGroup, check_groups, find_groups, rules_for
 
 if TYPE_CHECKING:
@@ -58,12 +58,10 @@ __all__ = [
 ROW_ALIGN = 32
 # The default "Linear" target leaves these alone: transformers cannot load quantized embeddings,
 # and lm_head is usually kept dense for accuracy (llm-compressor does the same).
-# Not "Linear": embeddings, lm_head, norms, and MoE routers (`mlp.gate`, Mixtral's
-# `block_sparse_moe.gate`, gpt-oss's `router`, Qwen2-MoE's `shared_expert_gate`), which
-# servers keep unquantized (vLLM builds them without a quantization config).
-_NOT_LINEAR = re.compile(
-    r".*(embed|lm_head|wte|wpe|norm)|.*\.(gate|router|shared_expert_gate)\.weight$"
-)
+# Not "Linear": embeddings, lm_head, norms, and MoE routers (`coverage.family`: `mlp.gate`,
+# Mixtral's `block_sparse_moe.gate`, gpt-oss's `router`, Qwen2-MoE's `shared_expert_gate`),
+# which servers keep unquantized (vLLM builds them without a quantization config).
+_NOT_LINEAR = re.compile(r".*(embed|lm_head|wte|wpe|norm)")
 
 
 @dataclass(frozen=True)
@@ -258,6 +256,7 @@ def is_default_linear(name: str, info: TensorInfo) -> bool:
         and len(info.shape) == 2
         and dtypes.is_float(info.dtype)
         and not _NOT_LINEAR.match(name)
+        and family(name) != "router"
     )
 
 
@@ -390,7 +389,7 @@ def make_plan(config: RunConfig) -> Plan:
             )
     shards = lay_out_shards(tensors, config.max_shard_mb * 2**20)
     _refuse_name_collisions(tensors, shards)
-    _refuse_split_expert_collisions(checkpoint, tensors)
+    _refuse_split_expert_collisions(tensors)
     check_coverage(config, tensors, lambda name: matches(ignore, name))
     fused = _fused_groups(config, checkpoint, tensors)
     sources = source_files(checkpoint, config.source, sides, pruning)
@@ -445,7 +444,7 @@ def _input_tensors(checkpoint: Checkpoint) -> list[tuple[str, tuple[str, TensorI
     return out
 
 
-def _refuse_split_expert_collisions(checkpoint: Checkpoint, tensors: list[TensorPlan]) -> None:
+def _refuse_split_expert_collisions(tensors: list[TensorPlan]) -> None:
     """A checkpoint holding both fused 3-D experts and per-expert tensors of the same names
     cannot be written: refuse it, naming both."""
     seen: set[str] = set()

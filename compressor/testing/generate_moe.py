@@ -30,6 +30,7 @@ import torch
 
 from compressor.formats import dtypes
 from compressor.formats.safetensors_io import SafetensorsWriter
+from compressor.schemes.float8 import expand_blocks, fp8_block_scale, quantize_fp8
 
 __all__ = [
     "DeepseekShape",
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 FP8_BLOCK = (128, 128)
-FP8_MAX = 448.0
 
 
 @dataclass(frozen=True)
@@ -131,16 +131,10 @@ def _values(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> np.nd
 
 def fp8_block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(E4M3 codes, float32 scale_inv per 128×128 block): s = absmax(block)/448, codes the
-    nearest E4M3 values of w/s (DeepSeek's `act_quant`/`weight_quant` convention)."""
-    bh, bw = FP8_BLOCK
-    rows, cols = w.shape
-    nr, nc = -(-rows // bh), -(-cols // bw)
-    padded = torch.nn.functional.pad(w.float(), (0, nc * bw - cols, 0, nr * bh - rows))
-    absmax = padded.abs().reshape(nr, bh, nc, bw).amax(dim=(1, 3))
-    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
-    full = scale.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
-    codes = torch.clamp(w.float() / full, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return codes, scale
+    nearest E4M3 values of w/s (DeepSeek's convention; the fp8-block scheme's math in float32)."""
+    x = w.float()
+    scale = fp8_block_scale(x, FP8_BLOCK)
+    return quantize_fp8(x, expand_blocks(scale, FP8_BLOCK, (x.shape[0], x.shape[1]))), scale
 
 
 def _deepseek_shapes(shape: DeepseekShape) -> list[tuple[str, tuple[int, ...]]]:
