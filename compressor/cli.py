@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compressor.errors import CompressorError, OutputError
+from compressor.errors import CompressorError, ConfigError, OutputError
 from compressor.summary import note_lines
 
 app = typer.Typer(
@@ -652,7 +652,20 @@ def history(
     the `compression-history-<model>` artifact shows it in the UI."""
     from flows.history import history_key, read_history
 
-    rows = read_history(model)
+    try:
+        rows = read_history(model)
+    except CompressorError:
+        raise
+    except Exception as e:  # the API is down or unreachable: not a bug of ours
+        from prefect.settings import PREFECT_API_URL
+
+        _fail(
+            ConfigError(
+                f"cannot read the history from Prefect ({type(e).__name__}: {e})",
+                path=PREFECT_API_URL.value() or "the local Prefect database",
+                hint="start the Prefect server, or point PREFECT_API_URL at a running one",
+            )
+        )
     if as_json:
         out.print_json(json.dumps(rows))
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -333,3 +334,19 @@ def test_a_prefect_run_prints_no_distributed_chatter(tmp_path: Path) -> None:
     chatter = [line for line in (done.stdout + done.stderr).splitlines() if "distributed." in line]
     assert not chatter, chatter
     assert done.stdout.strip().splitlines()[-1] == str(out)
+
+
+def test_history_with_the_prefect_api_down_is_one_clear_message() -> None:
+    """Not "this is a bug": the API at PREFECT_API_URL refuses the connection."""
+    with socket.socket() as s:  # a loopback port nothing listens on once released
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    done = subprocess.run(
+        [sys.executable, "-m", "compressor.cli", "history", "/models/x"],
+        capture_output=True, text=True, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    out = done.stdout + done.stderr
+    assert "cannot read the history from Prefect" in out and f"127.0.0.1:{port}" in out, out
+    assert "this is a bug" not in out and "Traceback" not in out
