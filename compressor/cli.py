@@ -101,8 +101,27 @@ def compress(
     ] = None,
     group_size: Annotated[int | None, typer.Option(help="Override the group size.")] = None,
     rounding: Annotated[
-        str | None, typer.Option(help="Scale choice: rtn (default) | mse | hqq.")
+        str | None,
+        typer.Option(
+            "--rounding",
+            "--method",
+            help="Scales and codes: rtn (default) | mse | hqq | gptq (needs --calibration). "
+            "With --calibration, mse and hqq weight inputs by their activations.",
+        ),
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration data: a text file (tokenized with the source's tokenizer) or a "
+            ".npy of token ids. Runs the model first (eval extra)."
+        ),
+    ] = None,
+    calibration_samples: Annotated[
+        int, typer.Option(help="Calibration windows to run.", min=1)
+    ] = 64,
+    calibration_seq_len: Annotated[
+        int, typer.Option(help="Tokens per calibration window.", min=8)
+    ] = 512,
     target_bits: Annotated[
         float | None,
         typer.Option(help="Automatic budget: average stored bits per target weight, e.g. 4.25."),
@@ -209,6 +228,12 @@ def compress(
         }.items()
         if value is not None
     }
+    if calibration is not None:
+        options["calibration"] = {
+            "path": str(calibration),
+            "samples": calibration_samples,
+            "seq_len": calibration_seq_len,
+        }
     if chunk_mb is not None:
         options["chunk_mb"] = chunk_mb
     if max_shard_mb is not None:
@@ -454,9 +479,17 @@ def eval_command(
     original: Annotated[Path, typer.Argument(help="The dense original checkpoint.")],
     compressed: Annotated[Path, typer.Argument(help="The compressed checkpoint.")],
     text: Annotated[
-        Path | None, typer.Option(help="Text file (default: Pride and Prejudice ch. 1-3).")
+        Path | None,
+        typer.Option(
+            help="Text file (default: Pride and Prejudice ch. 1-3; the package also ships "
+            "Persuasion ch. 1-4, compressor/evaluation/data, for runs calibrated on Pride and "
+            "Prejudice)."
+        ),
     ] = None,
     tokens: Annotated[int, typer.Option(help="Tokens to score.")] = 512,
+    window: Annotated[
+        int, typer.Option(help="Tokens per scored window (each starts afresh).", min=2)
+    ] = 256,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
@@ -472,7 +505,9 @@ def eval_command(
     except OSError as e:
         _fail(CompressorError(f"cannot read the text file: {e.strerror}", path=str(text)))
     try:
-        report = evaluate_checkpoint(str(original), str(compressed), content, tokens, device)
+        report = evaluate_checkpoint(
+            str(original), str(compressed), content, tokens, device, window
+        )
     except CompressorError as e:
         _fail(e)
     data = report.to_dict()

@@ -55,6 +55,7 @@ __all__ = [
     "LINEAR",
     "PRESETS",
     "BudgetConfig",
+    "CalibrationConfig",
     "CandidateScheme",
     "PruneConfig",
     "QuantRule",
@@ -149,10 +150,12 @@ class QuantRule(_Frozen):
         "fp8) per 128×128 block.",
     )
     group_size: int = Field(128, ge=1, description="Inputs per group (strategy group only).")
-    rounding: Literal["rtn", "mse", "hqq"] = Field(
+    rounding: Literal["rtn", "mse", "hqq", "gptq"] = Field(
         "rtn",
-        description="How scales are chosen: round-to-nearest min-max; 'mse', a clipping search per "
-        "group; 'hqq', half-quadratic optimisation. Same output format; never a larger error.",
+        description="How scales and codes are chosen: round-to-nearest min-max; 'mse', a clipping "
+        "search per group; 'hqq', half-quadratic optimisation; 'gptq', GPTQ's error feedback "
+        "through the input Hessian (needs calibration). Same output format. With calibration, "
+        "mse and hqq weight each input by its activations' second moment.",
     )
 
     _targets_compile = field_validator("targets")(_valid_patterns)
@@ -182,6 +185,10 @@ class QuantRule(_Frozen):
             )
         if not self.targets:
             raise ValueError('targets is empty: list names, "re:" patterns or "Linear"')
+        if self.rounding == "gptq" and self.method != "int":
+            raise ValueError(
+                f"rounding gptq writes integer codes: use method int, not {self.method}"
+            )
         if self.rounding != "rtn" and self.strategy == "tensor":
             raise ValueError(
                 f"rounding {self.rounding!r} searches per channel or group: use strategy "
@@ -510,6 +517,21 @@ class SlurmCluster(_Frozen):
     )
 
 
+class CalibrationConfig(_Frozen):
+    """Sample data the model is run on, for GPTQ, activation-weighted rounding and the
+    output-error budget (stages/calibrate.py)."""
+
+    path: str = Field(
+        description="A UTF-8 text file (tokenized with the source's tokenizer) or a .npy file "
+        "of token ids (1-D stream or 2-D rows)."
+    )
+    samples: int = Field(64, ge=1, description="Windows of seq_len tokens to run.")
+    seq_len: int = Field(512, ge=8, description="Tokens per window.")
+    dampening: float = Field(
+        0.01, gt=0, le=1, description="GPTQ: λ added to diag(XᵀX), as a fraction of its mean."
+    )
+
+
 class RunConfig(_Frozen):
     """Everything that decides a run's output, plus where and how it runs."""
 
@@ -576,6 +598,11 @@ class RunConfig(_Frozen):
         description="Leave target weights that hold NaN or infinite values unquantized (copied "
         "bit for bit, listed under the report's notes) instead of refusing the run.",
     )
+    calibration: CalibrationConfig | None = Field(
+        None,
+        description="Run the model on sample text first (needs the eval extra and a transformers "
+        "checkpoint): rounding gptq needs it; mse and hqq then weight inputs by activation.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -611,6 +638,15 @@ class RunConfig(_Frozen):
             )
         return data
 
+    @model_validator(mode="after")
+    def _calibrated_rules(self) -> RunConfig:
+        if self.calibration is None and any(r.rounding == "gptq" for r in self.recipe.quantization):
+            raise ValueError(
+                "rounding gptq needs calibration data: add --calibration FILE (a text file or "
+                "a .npy of token ids), or choose rounding rtn, mse or hqq"
+            )
+        return self
+
     @field_validator("listen")
     @classmethod
     def _an_interface(cls, listen: str) -> str:
@@ -629,7 +665,7 @@ class RunConfig(_Frozen):
     def output_affecting(self) -> dict[str, Any]:
         """The fields that change the output bytes (hashed into the staging key): the recipe,
         how shards are laid out, chunking (error figures and k-means sums follow the chunks)."""
-        return self.model_dump(
+        fields = self.model_dump(
             include={
                 "version",
                 "recipe",
@@ -639,6 +675,9 @@ class RunConfig(_Frozen):
                 "skip_nonfinite",
             }
         )
+        if self.calibration is not None:  # the file counts by its bytes (plan's run key)
+            fields["calibration"] = self.calibration.model_dump(exclude={"path"})
+        return fields
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -1,4 +1,5 @@
-"""The compression job: plan → ingest (+ range stats) → thresholds → compress → write → publish.
+"""The compression job: plan → ingest (+ range stats) → calibrate → stats → thresholds → compress →
+write → publish.
 
 `Pipeline` holds one run's state and exposes each stage as a method, so the CLI (`run()`) and
 the Prefect flow (one task per method) drive exactly the same code. Stages map plain functions
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from compressor import __version__, schemes
+from compressor.calibration.samples import load_samples
 from compressor.config import RunConfig
 from compressor.errors import ConfigError
 from compressor.formats import storage
@@ -29,12 +31,14 @@ from compressor.formats.staging import Staging
 from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats, RangeStats
 from compressor.stages import assemble as assemble_stage
+from compressor.stages import calibrate as calibrate_stage
 from compressor.stages import compress as compress_stage
 from compressor.stages import digest as digest_stage
 from compressor.stages import ingest as ingest_stage
 from compressor.stages import publish as publish_stage
 from compressor.stages import write as write_stage
 from compressor.stages.budget import choose_schemes
+from compressor.stages.calibrate import Calibration
 from compressor.stages.coverage import coverage
 from compressor.stages.executor import DaskExecutor, Executor, Progress, SerialExecutor
 from compressor.stages.plan import (
@@ -293,6 +297,7 @@ class Pipeline:
         self.in_place = False  # compress writes into the shard files (stages/assemble.py)
         self.layout: tuple[OutputShard, ...] | None = None  # final shards, set by write()
         self.source_digests: dict[str, str] = {}  # sha256 of every source file, by name
+        self.calibration: Calibration | None = None  # input statistics (stages/calibrate.py)
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -314,6 +319,8 @@ class Pipeline:
         kind = self.config.worker_kind
         if kind != "auto":
             return kind == "threads"
+        if self.config.calibration is not None:  # the model's forward: torch, processes
+            return False
         return not ingest_stage.needs_ingest(self.plan) and all(
             compress_stage.takes_fused_kernels(t) for t in self.plan.staged
         )
@@ -328,6 +335,8 @@ class Pipeline:
     def make_plan(self) -> Plan:
         with self._timed("plan"):
             self.plan_ = make_plan(self.config)
+            if self.config.calibration is not None:
+                calibrate_stage.check(self.config)
         return self.plan_
 
     def ingest(self, executor: Executor) -> None:
@@ -341,6 +350,20 @@ class Pipeline:
             self.staging = ingest_stage.prepare_staging(self.plan)
             self.ranges = ingest_stage.ingest(self.plan, self.staging, executor, self.progress)
             self.plan_ = check_finite(self.plan, self.ranges)
+
+    def calibrate(self, executor: Executor) -> None:
+        """Run the model on the calibration samples; keep every linear input's XᵀX (nothing to
+        do without calibration)."""
+        with self._timed("calibrate"):
+            cal = self.config.calibration
+            if cal is None:
+                self.calibration = None
+                return
+            source = calibrate_stage.check(self.config)
+            samples = load_samples(cal.path, source, cal.samples, cal.seq_len)
+            self.calibration = calibrate_stage.calibrate(
+                self.plan, self.staging, samples, source, executor, self.progress
+            )
 
     def stats(self, executor: Executor) -> None:
         """Second-look statistics: exact pruning thresholds, each candidate's error under an
@@ -387,6 +410,8 @@ class Pipeline:
                 direct=self.direct,
                 codebooks={name: c.stored for name, c in self.codebooks.items()},
                 targets=targets,
+                calibration=self.calibration,
+                dampening=self.config.calibration.dampening if self.config.calibration else 0.01,
             )
         with self._timed("digest"):  # after the chunks, so it reads what they left in the cache
             self.source_digests = digest_stage.digest_sources(
@@ -460,6 +485,7 @@ class Pipeline:
                 self.start_workers(executor)
                 self.timings["cluster_start"] = round(time.perf_counter() - cluster_start, 3)
                 self.ingest(executor)
+                self.calibrate(executor)
                 self.stats(executor)
                 self.thresholds()
                 self.compress(executor)
@@ -556,7 +582,7 @@ class Pipeline:
             output_bytes=sum(s.nbytes for s in self.shards),
             tensors=rows,
             timings=dict(self.timings),
-            notes=list(plan.notes),
+            notes=list(plan.notes) + list(self.calibration.notes if self.calibration else ()),
             run_key=plan.run_key,
             coverage=coverage(plan.tensors),
         )

@@ -145,6 +145,11 @@ def ingest_task(pipe: Pipeline, executor: Executor) -> None:
     pipe.ingest(executor)
 
 
+@task(name="calibrate", cache_policy=NO_CACHE, retries=1)
+def calibrate_task(pipe: Pipeline, executor: Executor) -> None:
+    pipe.calibrate(executor)
+
+
 @task(name="stats", cache_policy=NO_CACHE, retries=1)
 def stats_task(pipe: Pipeline, executor: Executor) -> None:
     pipe.stats(executor)
@@ -285,6 +290,8 @@ def _run(config: RunConfig, pipe: Pipeline, progress: _ArtifactProgress) -> dict
             logger.info("cluster started in %.1f s", time.perf_counter() - started)
             pipe.start_workers(executor)
             ingest_task(pipe, executor)
+            if config.calibration is not None:
+                calibrate_task(pipe, executor)
             stats_task(pipe, executor)
             thresholds_task(pipe)
             compress_task(pipe, executor)

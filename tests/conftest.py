@@ -28,6 +28,9 @@ import numpy as np
 import pytest
 import torch
 
+from compressor.testing.generate import LlamaShape as _LlamaShape
+from compressor.testing.generate import generate_llama_checkpoint as _generate_llama
+
 INPUT_SHAPE = {
     "hidden_size": 512,
     "intermediate_size": 1536,
@@ -309,3 +312,28 @@ def upload_dir(local: Path, url: str) -> None:
 
     for rel in storage.list_files(local):
         storage.put_file(local / rel, storage.join(url, rel))
+
+
+# -- calibration: a tiny Llama (3 layers) and a token file ------------------------------------
+TINY = _LlamaShape(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=128,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _generate_llama(tmp_path_factory.mktemp("tiny") / "model", TINY, shard_mb=0.2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 windows of 32 token ids: three calibration shards of 8, 8 and 4."""
+    path = tmp_path_factory.mktemp("tokens") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, TINY.vocab_size, size=(20, 32)))
+    return path

@@ -91,6 +91,7 @@ def evaluate_checkpoint(
     text: str | None = None,
     max_tokens: int = 512,
     device: str = "cpu",
+    window: int = 256,
 ) -> EvalReport:
     """`evaluate` with our `decompress` as the loader for layouts transformers cannot read."""
     from pathlib import Path
@@ -109,6 +110,7 @@ def evaluate_checkpoint(
         Path(compressed),
         text if text is not None else default_text(),
         max_tokens=max_tokens,
+        window=window,
         device=device,
         dense_loader=dense_loader,
     )

@@ -425,18 +425,20 @@ def quantize_rows(
     mode: RoundingMode = "rtn",
     scale: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Quantize a (rows, cols) block: integer codes q, scale, zero/offset, and x̂ in x's dtype.
 
     Parameters come from `scale`/`zero` when given (the tensor strategy, fixed from the whole
-    tensor's range), else from the block's own groups by `mode`. The one place the compress
+    tensor's range), else from the block's own groups by `mode` (its error weighted per input
+    by `importance`, e.g. calibration's diag(XᵀX)). The one place the compress
     stage and the budget's error measurements quantize, so both see the same x̂.
     """
     # `x` as it is, not a copy in the work dtype: the search reconstructs x̂ in x's dtype (what
     # is stored), and `quantize` makes its own work-dtype copy.
     if scale is None:
         if mode != "rtn":
-            scale, zero = search_qparams(x, args, x.dtype, mode)
+            scale, zero = search_qparams(x, args, x.dtype, mode, importance)
         else:
             mins, maxs = group_ranges(x, args)
             scale, zero = qparams_from_range(mins, maxs, args, x.dtype)

@@ -26,6 +26,7 @@ import torch
 from compressor.formats import dtypes
 from compressor.formats.layout import CodebookArgs, Float4Args, Float8Args, OutputSpec
 from compressor.formats.safetensors_io import TensorInfo, read_rows
+from compressor.math.gptq import InputHessian
 from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats
 
@@ -92,6 +93,7 @@ class ChunkInput:
     zero: torch.Tensor | None = None
     codebook: tuple[float, ...] | None = None  # k-means: the tensor's stored centroids
     tensor: str = ""  # for messages
+    hessian: InputHessian | None = None  # calibration: the weight's input XᵀX
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from compressor.formats.layout import CT_FORMAT, MINMAX_FORMAT, OutputSpec, modu
 from compressor.formats.quant_config import OUR_TOOL
 from compressor.formats.safetensors_io import TensorInfo
 from compressor.math import kernels
+from compressor.math.gptq import InputHessian, gptq_rows
 from compressor.math.pack import pack_rows, packed_width, unpack_rows
 from compressor.math.quant import (
     QuantArgs,
@@ -128,16 +129,32 @@ def device() -> torch.device:
 
 
 def quantize_block(
-    x: torch.Tensor, args: QuantArgs, fixed: _Fixed, rounding: str = "rtn"
+    x: torch.Tensor,
+    args: QuantArgs,
+    fixed: _Fixed,
+    rounding: str = "rtn",
+    hessian: InputHessian | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Quantize a (rows, cols) block: unsigned codes, scale, zero/offset, and x̂ (x's dtype).
 
     Per-tensor parameters (`fixed`) apply as they are; otherwise `rounding` chooses each
-    group's (`math.rounding.quantize_rows`). Codes are offset to unsigned, as stored.
+    group's (`math.rounding.quantize_rows`), weighting each input by its second moment when the
+    input's `hessian` is known; gptq runs `math.gptq` with it. Codes are offset to unsigned,
+    as stored.
     """
     scale = fixed.scale.to(x.device) if fixed.scale is not None else None
     zero = fixed.zero.to(x.device) if fixed.zero is not None else None
-    q, scale, zero, x_hat = quantize_rows(x, args, rounding, scale, zero)  # type: ignore[arg-type]
+    if rounding == "gptq":
+        if hessian is None:
+            raise ValueError("rounding gptq needs the input's Hessian (calibration)")
+        u, dead = hessian.factor()
+        q, scale, zero, x_hat = gptq_rows(x.cpu(), u, dead, args, importance=hessian.diagonal())
+        q, scale, x_hat = q.to(x.device), scale.to(x.device), x_hat.to(x.device)
+        zero = None if zero is None else zero.to(x.device)
+    else:
+        importance = hessian.diagonal().to(x.device) if hessian is not None else None
+        mode = cast(RoundingMode, rounding)
+        q, scale, zero, x_hat = quantize_rows(x, args, mode, scale, zero, importance)
     qmin, _ = quantized_range(args)
     codes = q - qmin  # compressed-tensors stores q + 2^(b-1); minmax codes are already ≥ 0
     return codes, scale, zero, x_hat
@@ -167,6 +184,7 @@ def quantize_rows_packed(
     args: QuantArgs,
     fixed: _Fixed,
     rounding: str = "rtn",
+    hessian: InputHessian | None = None,
 ) -> PackedRows:
     """Quantize `pruned` (= `x` when nothing was pruned), pack it, and measure it against `x`.
 
@@ -175,14 +193,16 @@ def quantize_rows_packed(
     `BLOCK_ROWS` (GPU: `GPU_BLOCK_ROWS`) rows so temporaries stay cache-sized.
     """
     kind = fused_kind(x, args, fixed)
-    if kind is not None:
-        return _fused_rows(x, pruned, args, fixed, rounding, kind)
+    if kind is not None and rounding != "gptq":
+        return _fused_rows(x, pruned, args, fixed, rounding, kind, hessian)
     where = device()
     step = GPU_BLOCK_ROWS if where.type == "cuda" else BLOCK_ROWS
+    if rounding == "gptq":  # one pass over the columns for the whole chunk
+        step = max(1, x.shape[0])
     packed, scales, zeros, errors = [], [], [], []
     for b0 in range(0, x.shape[0], step):
         block = pruned[b0 : b0 + step].to(where)
-        codes, scale, zero, x_hat = quantize_block(block, args, fixed, rounding)
+        codes, scale, zero, x_hat = quantize_block(block, args, fixed, rounding, hessian)
         errors.append(error_stats(x[b0 : b0 + step].to(where), x_hat, count_zeros=False))
         packed.append(pack_rows(codes, args.bits).cpu())
         scales.append(scale.cpu())
@@ -207,6 +227,7 @@ def _fused_rows(
     fixed: _Fixed,
     rounding: str,
     kind: int,
+    hessian: InputHessian | None = None,
 ) -> PackedRows:
     rows, cols = x.shape
     raw = dtypes.to_raw(pruned.contiguous()).view(np.uint16)
@@ -225,12 +246,14 @@ def _fused_rows(
         if fixed.scale is not None:
             scale, zero = fixed.scale, fixed.zero
         else:  # the search runs in torch, block by block; the kernel then applies its parameters
+            importance = hessian.diagonal() if hessian is not None else None
             found = [
                 search_qparams(
                     pruned[b0 : b0 + BLOCK_ROWS],
                     args,
                     x.dtype,
                     cast(RoundingMode, rounding),
+                    importance,
                 )
                 for b0 in range(0, rows, BLOCK_ROWS)
             ]
@@ -462,7 +485,9 @@ class IntScheme(Scheme):
     def encode_chunk(self, out: RowSink, args: Args, chunk: ChunkInput) -> ErrorStats:
         assert isinstance(args, QuantArgs)
         fixed = _Params(chunk.scale, chunk.zero)
-        rows = quantize_rows_packed(chunk.x, chunk.pruned, args, fixed, chunk.rounding)
+        rows = quantize_rows_packed(
+            chunk.x, chunk.pruned, args, fixed, chunk.rounding, chunk.hessian
+        )
         r0 = chunk.first_row
         out.put("packed", r0, rows.packed.numpy())
         if args.strategy != "tensor":

@@ -19,6 +19,7 @@ import torch
 
 from compressor.formats import dtypes
 from compressor.formats.staging import Staging
+from compressor.math.gptq import DAMPENING, InputHessian
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
 from compressor.math.stats import ErrorStats, combine_errors, error_stats, range_stats
 from compressor.schemes import ChunkInput
@@ -34,6 +35,7 @@ from compressor.schemes.int_packed import (
 )
 from compressor.stages import assemble
 from compressor.stages.assemble import RowTarget
+from compressor.stages.calibrate import Calibration, Statistic, load_hessian
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.ingest import source_rows
 from compressor.stages.plan import Plan, TensorPlan
@@ -70,6 +72,9 @@ class CompressJob:
     # Set when the shard files are assembled in place (`stages.assemble`): each output role's
     # place in its shard file. None: outputs go to Zarr arrays in staging.
     targets: dict[str, RowTarget] | None = None
+    # Calibration: the weight's input XᵀX as staged by `stages.calibrate`, and GPTQ's λ.
+    statistic: Statistic | None = None
+    dampening: float = DAMPENING
 
     @property
     def stage(self) -> str:
@@ -166,6 +171,7 @@ def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
             job.thresholds.zero,
             job.codebook,
             t.name,
+            _hessian(job),
         )
         try:
             total = scheme.encode_chunk(out, stored, chunk)
@@ -173,6 +179,13 @@ def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
             raise nonfinite_error(t.source, t.name, e.count) from None
     staging.mark_done(job.stage, t.key, job.chunk, asdict(total))
     return total
+
+
+def _hessian(job: CompressJob) -> InputHessian | None:
+    if job.statistic is None:
+        return None
+    key = f"{job.staging.root}/{job.statistic.path}"
+    return InputHessian(key, load_hessian(job.staging, job.statistic), job.dampening)
 
 
 def prepare_outputs(plan: Plan, staging: Staging) -> None:
@@ -197,11 +210,14 @@ def compress(
     direct: bool = False,
     codebooks: dict[str, tuple[float, ...]] | None = None,
     targets: dict[str, dict[str, RowTarget]] | None = None,
+    calibration: Calibration | None = None,
+    dampening: float = DAMPENING,
 ) -> dict[str, ErrorStats]:
     """Compress every staged chunk; `prune` holds each pruned chunk's decision and `codebooks`
     each k-means tensor's stored centroids (both from the stats stage). `targets` (from
     `assemble.prepare_shard_files`): write the outputs straight into the shard files instead of
-    Zarr arrays."""
+    Zarr arrays. `calibration` (from `stages.calibrate`): each weight's input statistics, for
+    gptq and activation-weighted rounding."""
     if targets is None:
         prepare_outputs(plan, staging)
     decisions = prune or {}
@@ -216,6 +232,8 @@ def compress(
             direct,
             books.get(t.name),
             None if targets is None else targets.get(t.name, {}),
+            calibration.get(t.name) if calibration is not None else None,
+            dampening,
         )
         for t in plan.staged
         for k in range(len(t.chunks))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from compressor import __version__
+from compressor.calibration.samples import file_digest
 from compressor.config import LINEAR, PruneConfig, QuantRule, RunConfig
 from compressor.errors import ConfigError, InputError, OutputError
 from compressor.formats import dtypes, storage
@@ -755,6 +756,9 @@ def _run_key(checkpoint: Checkpoint, config: RunConfig, sources: tuple[SourceFil
             "sources": [[f.name, f.size, f.stamp] for f in sources],
             "tool": __version__,
             "config": config.output_affecting(),
+            "calibration": (
+                file_digest(config.calibration.path) if config.calibration is not None else None
+            ),
         },
         sort_keys=True,
     )
@@ -771,6 +775,8 @@ def _check_destination(config: RunConfig) -> None:
         inputs["the gradients checkpoint"] = pruning.gradients
     if pruning is not None and pruning.activations:
         inputs["the activations file"] = pruning.activations
+    if config.calibration is not None:
+        inputs["the calibration file"] = config.calibration.path
     dest = storage.as_path(config.destination)
     staging = config.staging_dir or str(dest.parent / f".{dest.name}.staging")
     check_disjoint(

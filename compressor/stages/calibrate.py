@@ -1,0 +1,304 @@
+"""Calibrate: the input Hessian XᵀX of every linear module, from sample text, on the cluster.
+
+The samples (N windows of L tokens, `calibration.samples`) are split into shards of
+`SHARD_SAMPLES` windows. A shard is one job: it runs the model over its windows one decoder
+layer at a time (`calibration.layers.DecoderRunner`: memory is one layer's weights plus the
+shard's activations) and stages, per layer, the partial XᵀX of each distinct linear input.
+Shards run in parallel on the workers; XᵀX is a sum over tokens, so a second map adds the
+shards' partial sums per layer, in shard order, in float64 (the same order and shard boundaries
+whatever the number of workers, and one torch thread per job: identical bytes on 1 or N
+workers). The result is one float32 (cols, cols) array per distinct input, staged, and a map from
+weight name to it (`Calibration`), which compress reads per chunk.
+
+Inputs are the *original* model's activations ("parallel" calibration, as GPTQ's paper and
+llm-compressor's default `sequential` pipeline differ on: the latter feeds each layer the
+outputs of the already-quantized layers before it). Parallel keeps the stage independent of
+the scheme: one calibration serves every preset, and shards need no quantized weights from
+one another. docs/accuracy.md measures what that choice costs.
+
+Resume: a shard marks each finished layer and stages the hidden states it produced, so a killed
+run restarts every shard at its next layer; sums are marked per layer too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.calibration.samples import Samples
+from compressor.config import RunConfig
+from compressor.errors import ConfigError
+from compressor.formats import dtypes, storage
+from compressor.formats.safetensors_io import read_tensor
+from compressor.formats.staging import Staging
+from compressor.stages.executor import Executor, Progress
+from compressor.stages.plan import Plan, TensorPlan
+
+__all__ = [
+    "SHARD_SAMPLES",
+    "Calibration",
+    "CalibrationShard",
+    "Statistic",
+    "calibrate",
+    "calibrate_shard",
+    "check",
+    "load_hessian",
+]
+
+STAGE = "calibrate"
+SUM_STAGE = "calibrate-sum"
+SHARD_SAMPLES = 8  # windows per job: fixed, so sums do not depend on the number of workers
+TOKENS = "calib/tokens"
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A staged XᵀX: its array, the tokens summed, the input width."""
+
+    path: str
+    tokens: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration stage's result: weight name → its input's statistic."""
+
+    stats: dict[str, Statistic] = field(default_factory=dict)
+    samples: int = 0
+    seq_len: int = 0
+    notes: tuple[str, ...] = ()
+
+    def get(self, weight: str) -> Statistic | None:
+        return self.stats.get(weight)
+
+
+@dataclass(frozen=True)
+class CalibrationShard:
+    staging: Staging
+    shard: int
+    rows: tuple[int, int]  # windows [r0, r1) of the staged tokens
+    source: str  # checkpoint directory (config.json)
+    tensors: tuple[TensorPlan, ...]  # every input tensor, to read layers' weights by name
+
+
+@dataclass(frozen=True)
+class LayerSum:
+    staging: Staging
+    layer: int
+    shards: int
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread: results that do not depend on the machine's core count (and a
+    worker per core is how the cluster uses the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _read(t: TensorPlan) -> torch.Tensor:
+    """A whole input tensor as the model uses it (an encoded weight decoded)."""
+    if t.encoded is not None:
+        return t.encoded.decode(0, t.info.shape[0])
+    return dtypes.to_torch(read_tensor(t.source, t.info), t.info.dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def _runner(source: str, tensors: tuple[TensorPlan, ...]):  # type: ignore[no-untyped-def]
+    from compressor.calibration.layers import DecoderRunner
+
+    by_name = {t.name: t for t in tensors}
+
+    def read(name: str) -> torch.Tensor:
+        t = by_name.get(name)
+        if t is None:
+            raise ConfigError(
+                f"the model built from config.json needs {name}, which the checkpoint lacks",
+                path=source,
+                hint="calibration reads the transformers names; compress without --calibration",
+            )
+        return _read(t)
+
+    return DecoderRunner(source, read)
+
+
+def _part(shard: int, layer: int, group: int) -> str:
+    return f"calib/part/s{shard:04d}/l{layer:04d}g{group:03d}"
+
+
+def _hidden(shard: int, layer: int) -> str:
+    return f"calib/hidden/s{shard:04d}/l{layer:04d}"
+
+
+def _done_layers(staging: Staging, shard: int, layers: int) -> int:
+    done = 0
+    while done < layers and staging.done(STAGE, f"s{shard:04d}", done) is not None:
+        done += 1
+    return done
+
+
+def calibrate_shard(job: CalibrationShard) -> int:
+    """Run the shard's windows through every layer not yet done; returns the layers run."""
+    staging = job.staging
+    with one_thread(), torch.no_grad():
+        runner = _runner(job.source, job.tensors)
+        layers = len(runner)
+        start = _done_layers(staging, job.shard, layers)
+        if start == layers:
+            return 0
+        tokens = torch.from_numpy(staging.read_rows(TOKENS, *job.rows))
+        inputs = runner.layer_inputs(tokens)
+        hidden = inputs[0][0]
+        if start > 0:
+            flat = staging.read_rows(_hidden(job.shard, start - 1), 0, hidden.numel())
+            hidden = torch.from_numpy(flat.reshape(hidden.shape))
+        for i in range(start, layers):
+            hidden, stats = runner.run_layer(i, hidden, inputs[i][1])
+            groups = {}
+            for j, s in enumerate(stats):
+                cols = s.hessian.shape[0]
+                staging.create(_part(job.shard, i, j), (cols, cols), "F32", cols)
+                staging.write_rows(_part(job.shard, i, j), 0, s.hessian.numpy())
+                groups[f"{j}"] = {"members": s.members, "tokens": s.tokens, "cols": cols}
+            if i + 1 < layers:
+                flat = hidden.reshape(-1).contiguous().numpy()
+                staging.create(_hidden(job.shard, i), flat.shape, "F32", flat.shape[0])
+                staging.write_rows(_hidden(job.shard, i), 0, flat)
+            staging.mark_done(STAGE, f"s{job.shard:04d}", i, {"groups": groups})
+            if i > 0:
+                storage.remove(staging.root / _hidden(job.shard, i - 1))
+    return layers - start
+
+
+def _final(layer: int, group: int) -> str:
+    return f"calib/h/l{layer:04d}g{group:03d}"
+
+
+def sum_layer(job: LayerSum) -> dict[str, dict]:
+    """Add one layer's partial sums over the shards (in shard order, float64); stage each
+    distinct input's XᵀX as float32. Returns member names → {path, tokens, cols}."""
+    staging = job.staging
+    recorded = staging.done(SUM_STAGE, f"l{job.layer:04d}", 0)
+    if recorded is not None:
+        return recorded
+    parts: dict[tuple[str, ...], list[tuple[int, int, int, int]]] = {}
+    for s in range(job.shards):
+        marker = staging.done(STAGE, f"s{s:04d}", job.layer)
+        assert marker is not None, "every shard finished before the sums"
+        for j, g in marker["groups"].items():
+            parts.setdefault(tuple(g["members"]), []).append((s, int(j), g["tokens"], g["cols"]))
+    result: dict[str, dict] = {}
+    for k, members in enumerate(sorted(parts)):
+        cols = parts[members][0][3]
+        total = np.zeros((cols, cols), dtype=np.float64)
+        tokens = 0
+        for s, j, n, _ in parts[members]:
+            total += staging.read_rows(_part(s, job.layer, j), 0, cols).astype(np.float64)
+            tokens += n
+        staging.create(_final(job.layer, k), (cols, cols), "F32", cols)
+        staging.write_rows(_final(job.layer, k), 0, total.astype(np.float32))
+        for m in members:
+            result[m] = {"path": _final(job.layer, k), "tokens": tokens, "cols": cols}
+    staging.mark_done(SUM_STAGE, f"l{job.layer:04d}", 0, result)
+    return result
+
+
+def calibrate(
+    plan: Plan,
+    staging: Staging,
+    samples: Samples,
+    source: str,
+    executor: Executor,
+    progress: Progress | None = None,
+) -> Calibration:
+    """Stage the samples, run the shards, add their sums; the statistic of every target."""
+    n, seq_len = samples.tokens.shape
+    staging.create(TOKENS, (n, seq_len), "I64", n)
+    staging.write_rows(TOKENS, 0, samples.tokens)
+    shards = [
+        CalibrationShard(staging, k, (r0, min(r0 + SHARD_SAMPLES, n)), source, plan.tensors)
+        for k, r0 in enumerate(range(0, n, SHARD_SAMPLES))
+    ]
+    executor.map(calibrate_shard, shards, STAGE, progress)
+    layers = _layer_count(staging, len(shards))
+    sums = executor.map(
+        sum_layer, [LayerSum(staging, i, len(shards)) for i in range(layers)], SUM_STAGE, progress
+    )
+    stats: dict[str, Statistic] = {}
+    for per_layer in sums:
+        for module, s in per_layer.items():
+            stats[f"{module}.weight"] = Statistic(s["path"], s["tokens"], s["cols"])
+    notes = [samples.note] if samples.note else []
+    missing = [t.name for t in plan.staged if t.args is not None and t.name not in stats]
+    if missing:
+        notes.append(
+            f"calibration: {len(missing)} quantized weight(s) saw no calibration token (e.g. "
+            f"{missing[0]}: an expert never routed to, or not an nn.Linear of the model); "
+            "they are rounded data-free"
+        )
+    return Calibration(stats, n, seq_len, tuple(notes))
+
+
+def _layer_count(staging: Staging, shards: int) -> int:
+    layers = 0
+    while staging.done(STAGE, f"s{0:04d}", layers) is not None:
+        layers += 1
+    return layers
+
+
+@functools.lru_cache(maxsize=8)
+def _staged_hessian(root: str, path: str) -> torch.Tensor:
+    staging = Staging(root)
+    arr = staging.array(path)
+    return torch.from_numpy(np.asarray(arr[:]))
+
+
+def load_hessian(staging: Staging, stat: Statistic) -> torch.Tensor:
+    """The staged XᵀX (float32, cols × cols), cached per process (chunks of one tensor share
+    it)."""
+    return _staged_hessian(str(staging.root), stat.path)
+
+
+def check(config: RunConfig) -> str:
+    """Before any work: the checkpoint directory the model is built from (config.json beside
+    the weights), transformers importable, the calibration file readable. Returns the directory."""
+    assert config.calibration is not None
+    if storage.is_url(config.source):
+        raise ConfigError(
+            "calibration builds the model from a local checkpoint directory, not a URL",
+            path=config.source,
+            hint="copy the checkpoint to a local directory, or compress without --calibration",
+        )
+    path = Path(config.source)
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            "calibration runs the model, which needs its config.json beside the weights",
+            path=str(folder),
+            hint="add the model's config.json, or compress without --calibration",
+        )
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "calibration runs the model with transformers, which is not installed",
+            hint="pip install 'checkpoint-compressor[eval]'",
+        ) from None
+    if not Path(config.calibration.path).is_file():
+        raise ConfigError(
+            "the calibration file does not exist",
+            path=config.calibration.path,
+            hint="give --calibration a text file or a .npy file of token ids",
+        )
+    return str(folder)

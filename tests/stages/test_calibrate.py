@@ -1,0 +1,191 @@
+"""The calibration stage and the methods that use it, through the real pipeline.
+
+A tiny generated Llama (3 layers, tests/calibration/conftest.py's TINY) calibrated on a token
+file of 20 windows: three shards. Checked: the staged statistics equal XᵀX of a full
+transformers forward; gptq's bytes are the same serially and on two worker processes;
+compressed-tensors decodes them to our own reconstruction; a run that dies in the middle of
+calibration resumes at the next layer of every shard; bad calibration options are refused
+before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compressor.config import build_config
+from compressor.errors import ConfigError
+from compressor.pipeline import Pipeline, compress_checkpoint
+from compressor.stages import calibrate as calibrate_stage
+from tests.conftest import ct_decompress, load_dir, tree_digest
+
+pytest.importorskip("transformers")
+
+
+def _config(src: Path, dest: Path, tokens: Path | None, **options):  # type: ignore[no-untyped-def]
+    calibration = {"path": str(tokens), "samples": 20, "seq_len": 32} if tokens else None
+    return build_config(str(src), str(dest), calibration=calibration, **{"workers": 0, **options})
+
+
+def _full_forward_hessians(src: Path, tokens: np.ndarray) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def record(mod, args):  # type: ignore[no-untyped-def]
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+            seen[name] = seen.get(name, 0) + x.T @ x
+
+        return record
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            m.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        for row in torch.from_numpy(tokens):  # one window at a time: no batch effects
+            model(input_ids=row[None])
+    return seen
+
+
+def test_staged_statistics_equal_the_full_models(
+    tiny_llama: Path,
+    token_file: Path,
+    tmp_path: Path,
+) -> None:
+    pipe = Pipeline(_config(tiny_llama, tmp_path / "out", token_file, rounding="gptq"))
+    pipe.make_plan()
+    from compressor.stages.executor import SerialExecutor
+
+    executor = SerialExecutor()
+    pipe.ingest(executor)
+    pipe.calibrate(executor)
+    cal = pipe.calibration
+    assert cal is not None and cal.samples == 20 and cal.seq_len == 32
+    expected = _full_forward_hessians(tiny_llama, np.load(token_file))
+    assert sorted(cal.stats) == sorted(f"{m}.weight" for m in expected)
+    for module, h in expected.items():
+        stat = cal.stats[f"{module}.weight"]
+        assert stat.tokens == 20 * 32
+        got = calibrate_stage.load_hessian(pipe.staging, stat).to(torch.float64)
+        assert torch.allclose(got, h, rtol=1e-4, atol=1e-2), module
+    # q/k/v read one staged array
+    q, k = (cal.stats[f"model.layers.1.self_attn.{p}_proj.weight"].path for p in "qk")
+    assert q == k
+
+
+def test_gptq_bytes_do_not_depend_on_the_workers_and_ct_reads_them(
+    tiny_llama: Path,
+    token_file: Path,
+    tmp_path: Path,
+) -> None:
+    serial = tmp_path / "serial"
+    compress_checkpoint(_config(tiny_llama, serial, token_file, rounding="gptq"))
+    two = tmp_path / "two"
+    compress_checkpoint(_config(tiny_llama, two, token_file, rounding="gptq", workers=2))
+    a, b = tree_digest(serial, "*.safetensors"), tree_digest(two, "*.safetensors")
+    assert a == b
+    # the same format as any int preset: compressed-tensors decodes exactly our reconstruction
+    ours = load_dir(Path(str(ct_decompress(serial, tmp_path / "ct"))))
+    from compressor.formats.compressed import decompress_checkpoint
+
+    mine = load_dir(decompress_checkpoint(serial, tmp_path / "mine"))
+    for name, t in ours.items():
+        assert torch.equal(t.to(mine[name].dtype), mine[name]), name
+    # and it is not RTN's output
+    rtn = tmp_path / "rtn"
+    compress_checkpoint(_config(tiny_llama, rtn, None))
+    assert tree_digest(rtn, "*.safetensors") != a
+
+
+def test_weighted_rounding_uses_the_statistics(
+    tiny_llama: Path,
+    token_file: Path,
+    tmp_path: Path,
+) -> None:
+    """mse with calibration weights each input by its second moment: a different output from
+    mse without, and a smaller output error Σ tr(ΔW H ΔWᵀ) on the calibration tokens."""
+    weighted, plain = tmp_path / "weighted", tmp_path / "plain"
+    compress_checkpoint(_config(tiny_llama, weighted, token_file, rounding="mse"))
+    compress_checkpoint(_config(tiny_llama, plain, None, rounding="mse"))
+    assert tree_digest(weighted, "*.safetensors") != tree_digest(plain, "*.safetensors")
+    from compressor.formats.compressed import decompress_checkpoint
+
+    original = load_dir(tiny_llama)
+    hessians = _full_forward_hessians(tiny_llama, np.load(token_file))
+
+    def output_error(out: Path) -> float:
+        dense = load_dir(decompress_checkpoint(out, tmp_path / f"{out.name}-dense"))
+        total = 0.0
+        for module, h in hessians.items():
+            d = dense[f"{module}.weight"].double() - original[f"{module}.weight"].double()
+            total += float(torch.einsum("ij,jk,ik->", d, h, d))
+        return total
+
+    assert output_error(weighted) < output_error(plain)
+
+
+def test_a_run_that_fails_mid_calibration_resumes_at_the_next_layer(
+    tiny_llama: Path,
+    token_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reference = tmp_path / "reference"
+    compress_checkpoint(_config(tiny_llama, reference, token_file, rounding="gptq"))
+
+    dest = tmp_path / "out"
+    config = _config(tiny_llama, dest, token_file, rounding="gptq", keep_staging=True)
+    from compressor.calibration.layers import DecoderRunner
+
+    real = DecoderRunner.run_layer
+    calls: list[int] = []
+
+    def failing(self, i, hidden, kwargs):  # type: ignore[no-untyped-def]
+        calls.append(i)
+        if len(calls) == 5:  # shard 0 finished (3 layers), shard 1 dies in its second layer
+            raise RuntimeError("killed")
+        return real(self, i, hidden, kwargs)
+
+    monkeypatch.setattr(DecoderRunner, "run_layer", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        compress_checkpoint(config)
+    assert not dest.exists()
+    calls.clear()
+    monkeypatch.setattr(DecoderRunner, "run_layer", lambda *a: calls.append(a[1]) or real(*a))
+    compress_checkpoint(config)
+    # shard 0: nothing; shard 1: layers 1 and 2; shard 2: all three
+    assert calls == [1, 2, 0, 1, 2]
+    assert tree_digest(reference, "*.safetensors") == tree_digest(dest, "*.safetensors")
+
+
+def test_gptq_without_calibration_is_refused() -> None:
+    with pytest.raises(ConfigError, match="rounding gptq needs calibration data"):
+        build_config("/x", "/y", rounding="gptq")
+    with pytest.raises(ConfigError, match="rounding gptq writes integer codes"):
+        build_config("/x", "/y", preset="minmax", rounding="gptq")
+
+
+def test_calibration_needs_config_json_and_the_file(
+    tiny_llama: Path,
+    token_file: Path,
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_llama.glob("*.safetensors*"):
+        shutil.copy(f, bare / f.name)
+    shutil.copy(next(tiny_llama.glob("*.index.json")), bare / "model.safetensors.index.json")
+    with pytest.raises(ConfigError, match=r"needs its config\.json"):
+        Pipeline(_config(bare, tmp_path / "o1", token_file, rounding="gptq")).make_plan()
+    with pytest.raises(ConfigError, match="cannot read the calibration file"):
+        Pipeline(
+            _config(tiny_llama, tmp_path / "o2", tmp_path / "absent.npy", rounding="gptq")
+        ).make_plan()
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
