@@ -377,7 +377,12 @@ class Pipeline:
             if budget is not None:
                 self.candidates = [c.args() for c in budget.candidates]
                 self.candidate_errors = candidate_errors(
-                    self.plan, self.staging, self.candidates, executor, self.progress
+                    self.plan,
+                    self.staging,
+                    self.candidates,
+                    executor,
+                    self.progress,
+                    self.calibration,
                 )
             self.codebooks = kmeans_codebooks(
                 self.plan, self.staging, self.ranges, executor, self.progress

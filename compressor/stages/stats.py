@@ -55,6 +55,7 @@ from compressor.math.prune import (
 from compressor.math.quant import QuantArgs
 from compressor.math.rounding import RoundingMode, quantize_rows
 from compressor.math.stats import RangeStats, error_stats
+from compressor.stages.calibrate import Calibration, Statistic, load_hessian
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 
@@ -254,6 +255,7 @@ class _CandidateJob:
     tensor: TensorPlan
     chunk: int
     candidates: tuple[QuantArgs | None, ...]  # None: the tensor's shape cannot take it
+    statistic: Statistic | None = None  # calibration: measure the output error instead
 
 
 @dataclass(frozen=True)
@@ -266,22 +268,42 @@ class CandidateErrors:
 
 
 def _candidate_chunk(job: _CandidateJob) -> CandidateErrors:
+    """Without calibration: Σ (w − ŵ)² per candidate, and Σ w². With the input's XᵀX (as H, per
+    calibration token): the output error Σ_rows (w − ŵ) H (w − ŵ)ᵀ, and Σ_rows w H wᵀ; the
+    rounding then weights inputs by diag H, as compress will (gptq is measured by its weighted
+    mse search, which sets its group scales: GPTQ's own error feedback only lowers the error
+    further, by a similar factor for every candidate)."""
     t = job.tensor
     x = staged_rows(job.staging, t, job.chunk)
+    h = importance = None
+    if job.statistic is not None:
+        h = load_hessian(job.staging, job.statistic).to(torch.float64) / job.statistic.tokens
+        importance = torch.diagonal(h).clamp_min(0.0)
+    rounding = cast(RoundingMode, "mse" if t.rounding == "gptq" else t.rounding)
+
+    def measure(b: torch.Tensor, b_hat: torch.Tensor) -> float:
+        if h is None:
+            return error_stats(b, b_hat, count_zeros=False).sq_error
+        d = b_hat.to(torch.float64) - b.to(torch.float64)
+        return float(((d @ h) * d).sum())
+
     errors = []
     for args in job.candidates:
         if args is None:
             errors.append(math.nan)
             continue
         blocks = (x[b0 : b0 + 64] for b0 in range(0, x.shape[0], 64))  # cache-sized, as compress
-        rounding = cast(RoundingMode, t.rounding)  # the scales compress will choose
         errors.append(
             math.fsum(
-                error_stats(b, quantize_rows(b, args, rounding)[3], count_zeros=False).sq_error
+                measure(b, quantize_rows(b, args, rounding, importance=importance)[3])
                 for b in blocks
             )
         )
-    signal = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+    if h is None:
+        signal = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+    else:
+        w = x.to(torch.float64)
+        signal = float(((w @ h) * w).sum())
     return CandidateErrors(tuple(errors), signal)
 
 
@@ -303,14 +325,18 @@ def candidate_errors(
     candidates: list[QuantArgs],
     executor: Executor,
     progress: Progress | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, CandidateErrors]:
-    """Each target's error under every candidate, measured chunk by chunk, reduced per tensor."""
+    """Each target's error under every candidate, measured chunk by chunk, reduced per tensor:
+    the output error on the calibration tokens where `calibration` has the tensor's input,
+    the weights' squared error otherwise."""
     jobs = [
         _CandidateJob(
             staging,
             t,
             k,
             tuple(a if applicable(a, t.shape2d[1]) else None for a in candidates),
+            calibration.get(t.name) if calibration is not None else None,
         )
         for t in plan.quantized
         for k in range(len(t.chunks))

@@ -189,3 +189,44 @@ def test_calibration_needs_config_json_and_the_file(
             _config(tiny_llama, tmp_path / "o2", tmp_path / "absent.npy", rounding="gptq")
         ).make_plan()
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_budget_with_calibration_measures_the_output_error(
+    tiny_llama: Path,
+    token_file: Path,
+    tmp_path: Path,
+) -> None:
+    """--target-bits with calibration ranks candidates by Σ_rows ΔW H ΔWᵀ (H per token), not by
+    the weights' squared error; and the run (with gptq) completes under the budget."""
+    from compressor.math.quant import QuantArgs
+    from compressor.math.rounding import quantize_rows
+    from compressor.stages.executor import SerialExecutor
+    from compressor.stages.stats import candidate_errors
+
+    config = _config(
+        tiny_llama, tmp_path / "out", token_file, rounding="gptq", budget={"target_bits": 4.5}
+    )
+    pipe = Pipeline(config)
+    pipe.make_plan()
+    executor = SerialExecutor()
+    pipe.ingest(executor)
+    pipe.calibrate(executor)
+    assert pipe.calibration is not None
+    cands = [QuantArgs(4, group_size=64), QuantArgs(8, strategy="channel")]
+    got = candidate_errors(pipe.plan, pipe.staging, cands, executor, None, pipe.calibration)
+    name = "model.layers.2.mlp.down_proj.weight"
+    stat = pipe.calibration.stats[name]
+    h = calibrate_stage.load_hessian(pipe.staging, stat).double() / stat.tokens
+    w = load_dir(tiny_llama)[name]
+    for k, args in enumerate(cands):
+        w_hat = torch.cat(
+            [
+                quantize_rows(w[r : r + 64], args, "mse", importance=torch.diagonal(h))[3]
+                for r in range(0, w.shape[0], 64)
+            ]
+        )
+        d = w_hat.double() - w.double()
+        assert got[name].errors[k] == pytest.approx(float(((d @ h) * d).sum()), rel=1e-9)
+    assert got[name].signal == pytest.approx(float(((w.double() @ h) * w.double()).sum()))
+    report = compress_checkpoint(config)
+    assert report.ratio > 1
