@@ -769,6 +769,11 @@ def build_config(
             **run_options,
         )
     except ValidationError as e:
+        if len(e.errors()) == 1:  # one message on one line, as every CLI error
+            item = e.errors()[0]
+            where = ".".join(str(p) for p in item["loc"])
+            message = item["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"invalid options: {where + ': ' if where else ''}{message}") from e
         raise ConfigError("invalid options:\n" + _validation_summary(e)) from e
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from compressor import __version__, schemes
-from compressor.calibration.samples import load_samples
+from compressor.calibration.samples import Samples, load_samples
 from compressor.config import RunConfig
 from compressor.errors import ConfigError
 from compressor.formats import storage
@@ -298,6 +298,8 @@ class Pipeline:
         self.layout: tuple[OutputShard, ...] | None = None  # final shards, set by write()
         self.source_digests: dict[str, str] = {}  # sha256 of every source file, by name
         self.calibration: Calibration | None = None  # input statistics (stages/calibrate.py)
+        self.samples: Samples | None = None  # calibration windows, read by make_plan
+        self.calibration_source = ""  # the checkpoint directory the model is built from
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -335,8 +337,12 @@ class Pipeline:
     def make_plan(self) -> Plan:
         with self._timed("plan"):
             self.plan_ = make_plan(self.config)
-            if self.config.calibration is not None:
-                calibrate_stage.check(self.config)
+            cal = self.config.calibration
+            if cal is not None:  # read and tokenized now: bad data fails before any work
+                self.calibration_source = calibrate_stage.check(self.config)
+                self.samples = load_samples(
+                    cal.path, self.calibration_source, cal.samples, cal.seq_len
+                )
         return self.plan_
 
     def ingest(self, executor: Executor) -> None:
@@ -355,14 +361,16 @@ class Pipeline:
         """Run the model on the calibration samples; keep every linear input's XᵀX (nothing to
         do without calibration)."""
         with self._timed("calibrate"):
-            cal = self.config.calibration
-            if cal is None:
+            if self.samples is None:
                 self.calibration = None
                 return
-            source = calibrate_stage.check(self.config)
-            samples = load_samples(cal.path, source, cal.samples, cal.seq_len)
             self.calibration = calibrate_stage.calibrate(
-                self.plan, self.staging, samples, source, executor, self.progress
+                self.plan,
+                self.staging,
+                self.samples,
+                self.calibration_source,
+                executor,
+                self.progress,
             )
 
     def stats(self, executor: Executor) -> None:

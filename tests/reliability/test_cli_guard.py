@@ -31,6 +31,15 @@ CASES = [
     ("compress-unknown-option", ["compress", "{existing}", "{out}", "--bogus"]),
     ("compress-unknown-preset", ["compress", "{existing}", "{out}", "--preset", "w5"]),
     ("compress-missing-argument", ["compress", "{existing}"]),
+    ("compress-gptq-uncalibrated", ["compress", "{existing}", "{out}", "--method", "gptq"]),
+    (
+        "compress-calibration-missing",
+        ["compress", "{existing}", "{out}", "--method", "gptq", "--calibration", "{missing}"],
+    ),
+    (
+        "compress-calibration-binary",
+        ["compress", "{existing}", "{out}", "--calibration", "{garbage}/notes.bin"],
+    ),
     ("inspect-missing", ["inspect", "{missing}"]),
     ("inspect-garbage-dir", ["inspect", "{garbage}"]),
     ("inspect-truncated", ["inspect", "{truncated}"]),
