@@ -371,7 +371,14 @@ class Pipeline:
                 self.calibration_source,
                 executor,
                 self.progress,
+                self._gptq_dampening(),
             )
+
+    def _gptq_dampening(self) -> float | None:
+        """λ for GPTQ's factors, staged by the calibration stage when a rule uses gptq."""
+        cal = self.config.calibration
+        uses = any(r.rounding == "gptq" for r in self.config.recipe.quantization)
+        return cal.dampening if cal is not None and uses else None
 
     def stats(self, executor: Executor) -> None:
         """Second-look statistics: exact pruning thresholds, each candidate's error under an

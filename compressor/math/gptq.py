@@ -38,7 +38,14 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.math.quant import QuantArgs, dequantize, qparams_from_range, quantize
+from compressor.math.quant import (
+    QuantArgs,
+    compute_dtype,
+    dequantize,
+    finite_code_bounds,
+    qparams_from_range,
+    quantized_range,
+)
 from compressor.math.rounding import RoundingMode, search_qparams
 
 __all__ = ["DAMPENING", "InputHessian", "gptq_rows", "inverse_hessian_factor"]
@@ -51,19 +58,23 @@ _BLOCK = 128  # columns updated lazily together (GPTQ's "lazy batch"), a multipl
 class InputHessian:
     """A layer input's XᵀX (float32, cols × cols) as the chunks of its weights receive it.
 
-    `key` names it uniquely (its staged path): the Cholesky factor is computed once per process
-    and key, not once per chunk (on a 14336-wide input that is seconds of work).
+    `staged_factor`: U as the calibration stage computed it once per input (the usual case);
+    without it the factor is computed here once per process and `key`, not once per chunk (on a
+    14336-wide input that is a minute of work).
     """
 
     key: str
     hessian: torch.Tensor
     dampening: float = DAMPENING
+    staged_factor: torch.Tensor | None = None
 
     def diagonal(self) -> torch.Tensor:
         """diag(XᵀX): each input's second moment (× tokens), the per-column importance."""
         return torch.diagonal(self.hessian).to(torch.float64).clamp_min(0.0)
 
     def factor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.staged_factor is not None:
+            return self.staged_factor, torch.diagonal(self.hessian) == 0
         cache_key = (self.key, self.dampening)
         found = _FACTORS.get(cache_key)
         if found is None:
@@ -81,23 +92,31 @@ _FACTORS: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
 def inverse_hessian_factor(
     h: torch.Tensor, dampening: float = DAMPENING
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead): U the upper Cholesky factor of (H + λI)⁻¹ in float32, dead the columns with
-    diag H = 0. Computed in float64; if H + λI is not positive definite in floating point,
-    λ grows ×10 until it is (deterministic: the same H always gives the same U)."""
-    h = h.to(torch.float64).clone()
-    diag = torch.diagonal(h)
+    """(U, dead): U the upper Cholesky factor of (H + λI)⁻¹, dead the columns with diag H = 0.
+
+    float32, as GPTQ's reference and llm-compressor compute it, in place where possible: three
+    (cols, cols) float32 matrices at most (14336 inputs: 2.5 GB), and half float64's time. If
+    H + λI is not positive definite in floating point, λ grows ×10 until it is
+    (deterministic: the same H always gives the same U)."""
+    h = h.to(torch.float32, copy=True)
+    diag = torch.diagonal(h)  # a view: edits land in h
     dead = diag == 0
-    h[dead, dead] = 1.0
-    mean = float(diag.mean()) if bool((~dead).any()) else 1.0
+    diag[dead] = 1.0
+    mean = float(diag.mean(dtype=torch.float64))
     damp = dampening * mean
-    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    added = 0.0
     for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        diag.add_(damp - added)
+        added = damp
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
+            del h, diag
             inv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
-                return u.to(torch.float32), dead
+                return u, dead
+            raise ValueError("the inverse input Hessian is not positive definite")
         damp = damp * 10 if damp > 0 else 1e-6 * max(mean, 1e-30)
     raise ValueError("the input Hessian is not positive definite even after dampening")
 
@@ -121,49 +140,70 @@ def gptq_rows(
     rows, cols = x.shape
     if u.shape != (cols, cols):
         raise ValueError(f"Hessian factor {tuple(u.shape)} does not match {cols} input columns")
-    w = x.to(torch.float32).clone()
+    work = compute_dtype(x.dtype)  # as `quant.quantize` divides: float32 for 16-bit weights
     g = args.group_size if args.strategy == "group" else cols
     if cols % g:
         raise ValueError(f"group size {g} does not divide {cols} columns")
     ngroups = cols // g
     column_args = QuantArgs(args.bits, "int", args.symmetric, "channel")
+    qmin, qmax = quantized_range(args)
     scale = torch.empty((rows, ngroups), dtype=x.dtype)
     zero = None if args.symmetric else torch.empty((rows, ngroups), dtype=torch.int8)
     if args.strategy == "channel":
         s, z = _params(x, column_args, x.dtype, mode, importance)
         scale[:, :1], zero = s, z
-    q = torch.empty((rows, cols), dtype=torch.int16)
+    # Transposed working copy: a column of the weights is a contiguous row here, and the
+    # error feedback a rank-1 update of contiguous rows (torch.addr_, no temporaries).
+    wt = x.T.to(work).contiguous()
+    ut = u.to(work)
+    codes = torch.empty((cols, rows), dtype=work)
     block = max(g, _BLOCK // g * g) if args.strategy == "group" else _BLOCK
+    s_col = z_col = bounds = None
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        wb = w[:, b0:b1].clone()
+        wb = wt[b0:b1]  # a view: the feedback lands in wt
         errors = torch.zeros_like(wb)
-        ub = u[b0:b1, b0:b1]
+        ub = ut[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
             grp = col // g
-            if args.strategy == "group" and col % g == 0:
-                part = wb[:, i : i + g].to(x.dtype)
-                imp = None if importance is None else importance[col : col + g]
-                s, z = _params(part, column_args, x.dtype, mode, imp)
-                scale[:, grp : grp + 1] = s
-                if zero is not None:
-                    assert z is not None
-                    zero[:, grp : grp + 1] = z
-            s_col = scale[:, grp : grp + 1]
-            z_col = None if zero is None else zero[:, grp : grp + 1]
-            column = wb[:, i : i + 1].to(x.dtype)
-            code = quantize(column, s_col, z_col, column_args)
-            q[:, col : col + 1] = code
+            if s_col is None or (args.strategy == "group" and col % g == 0):
+                if args.strategy == "group":
+                    part = wb[i : i + g].T.to(x.dtype)
+                    imp = None if importance is None else importance[col : col + g]
+                    s, z = _params(part, column_args, x.dtype, mode, imp)
+                    scale[:, grp : grp + 1] = s
+                    if zero is not None:
+                        assert z is not None
+                        zero[:, grp : grp + 1] = z
+                stored_s = scale[:, grp : grp + 1]
+                stored_z = None if zero is None else zero[:, grp : grp + 1]
+                s_col = stored_s[:, 0].to(work)
+                z_col = None if stored_z is None else stored_z[:, 0].to(work)
+                found = finite_code_bounds(stored_s, stored_z, column_args)
+                bounds = (
+                    None if found is None else (found[0][:, 0].to(work), found[1][:, 0].to(work))
+                )
+            # quant.quantize, one column: round(w / s) + z, clamped (and kept finite)
+            q = torch.div(wb[i], s_col).round_()
+            if z_col is not None:
+                q.add_(z_col)
+            q.clamp_(qmin, qmax)
+            if bounds is not None:
+                q = torch.minimum(torch.maximum(q, bounds[0]), bounds[1])
+            codes[col] = q
             if bool(dead[col]):
                 continue  # no input ever reaches it: nothing to compensate
-            x_hat = dequantize(code, s_col, z_col, column_args, x.dtype).to(torch.float32)
-            err = (wb[:, i] - x_hat[:, 0]) / ub[i, i]
-            wb[:, i:] -= err[:, None] * ub[i, i:][None, :]
-            errors[:, i] = err
-        w[:, b0:b1] = wb
+            # quant.dequantize, one column: (q − z)·s in the work dtype, rounded to the scale's
+            x_hat = q - z_col if z_col is not None else q.clone()
+            x_hat = x_hat.mul_(s_col).to(x.dtype).to(work)
+            err = wb[i].sub(x_hat).div_(ub[i, i])
+            if i + 1 < b1 - b0:
+                wb[i + 1 :].addr_(ub[i, i + 1 :], err, alpha=-1.0)
+            errors[i] = err
         if b1 < cols:
-            w[:, b1:] -= errors @ u[b0:b1, b1:]
+            wt[b1:].addmm_(ut[b0:b1, b1:].T, errors, alpha=-1.0)
+    q = codes.T.to(torch.int16)
     return q, scale, zero, dequantize(q, scale, zero, args, x.dtype)
 
 

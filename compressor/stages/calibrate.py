@@ -37,6 +37,7 @@ from compressor.errors import ConfigError
 from compressor.formats import dtypes, storage
 from compressor.formats.safetensors_io import read_tensor
 from compressor.formats.staging import Staging
+from compressor.math.gptq import inverse_hessian_factor
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 
@@ -48,6 +49,7 @@ __all__ = [
     "calibrate",
     "calibrate_shard",
     "check",
+    "load_factor",
     "load_hessian",
 ]
 
@@ -64,6 +66,7 @@ class Statistic:
     path: str
     tokens: int
     cols: int
+    factor: str | None = None  # GPTQ's staged Cholesky factor U of (H + λI)⁻¹, when asked for
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class LayerSum:
     staging: Staging
     layer: int
     shards: int
+    dampening: float | None = None  # also stage GPTQ's factor, with this λ
 
 
 @contextlib.contextmanager
@@ -185,6 +189,9 @@ def _final(layer: int, group: int) -> str:
     return f"calib/h/l{layer:04d}g{group:03d}"
 
 
+_SUM_ROWS = 1024
+
+
 def sum_layer(job: LayerSum) -> dict[str, dict]:
     """Add one layer's partial sums over the shards (in shard order, float64); stage each
     distinct input's XᵀX as float32. Returns member names → {path, tokens, cols}."""
@@ -204,12 +211,24 @@ def sum_layer(job: LayerSum) -> dict[str, dict]:
         total = np.zeros((cols, cols), dtype=np.float64)
         tokens = 0
         for s, j, n, _ in parts[members]:
-            total += staging.read_rows(_part(s, job.layer, j), 0, cols).astype(np.float64)
+            for r0 in range(0, cols, _SUM_ROWS):  # no float64 copy of a whole partial
+                r1 = min(r0 + _SUM_ROWS, cols)
+                total[r0:r1] += staging.read_rows(_part(s, job.layer, j), r0, r1)
             tokens += n
+        stored = total.astype(np.float32)
+        del total  # before the factor: memory is a few (cols, cols) float32 arrays at most
         staging.create(_final(job.layer, k), (cols, cols), "F32", cols)
-        staging.write_rows(_final(job.layer, k), 0, total.astype(np.float32))
+        staging.write_rows(_final(job.layer, k), 0, stored)
+        entry: dict = {"path": _final(job.layer, k), "tokens": tokens, "cols": cols}
+        if job.dampening is not None:  # once per input here, not once per worker in compress
+            with one_thread():  # the same bits whichever worker computes it
+                u, _ = inverse_hessian_factor(torch.from_numpy(stored), job.dampening)
+            path = _final(job.layer, k).replace("calib/h/", "calib/u/")
+            staging.create(path, (cols, cols), "F32", cols)
+            staging.write_rows(path, 0, u.numpy())
+            entry["factor"] = path
         for m in members:
-            result[m] = {"path": _final(job.layer, k), "tokens": tokens, "cols": cols}
+            result[m] = entry
     staging.mark_done(SUM_STAGE, f"l{job.layer:04d}", 0, result)
     return result
 
@@ -221,8 +240,10 @@ def calibrate(
     source: str,
     executor: Executor,
     progress: Progress | None = None,
+    dampening: float | None = None,
 ) -> Calibration:
-    """Stage the samples, run the shards, add their sums; the statistic of every target."""
+    """Stage the samples, run the shards, add their sums; the statistic of every target (and,
+    with `dampening`, GPTQ's factor of every input)."""
     n, seq_len = samples.tokens.shape
     staging.create(TOKENS, (n, seq_len), "I64", n)
     staging.write_rows(TOKENS, 0, samples.tokens)
@@ -233,12 +254,17 @@ def calibrate(
     executor.map(calibrate_shard, shards, STAGE, progress)
     layers = _layer_count(staging, len(shards))
     sums = executor.map(
-        sum_layer, [LayerSum(staging, i, len(shards)) for i in range(layers)], SUM_STAGE, progress
+        sum_layer,
+        [LayerSum(staging, i, len(shards), dampening) for i in range(layers)],
+        SUM_STAGE,
+        progress,
     )
     stats: dict[str, Statistic] = {}
     for per_layer in sums:
         for module, s in per_layer.items():
-            stats[f"{module}.weight"] = Statistic(s["path"], s["tokens"], s["cols"])
+            stats[f"{module}.weight"] = Statistic(
+                s["path"], s["tokens"], s["cols"], s.get("factor")
+            )
     notes = [samples.note] if samples.note else []
     missing = [t.name for t in plan.staged if t.args is not None and t.name not in stats]
     if missing:
@@ -268,6 +294,11 @@ def load_hessian(staging: Staging, stat: Statistic) -> torch.Tensor:
     """The staged XᵀX (float32, cols × cols), cached per process (chunks of one tensor share
     it)."""
     return _staged_hessian(str(staging.root), stat.path)
+
+
+def load_factor(staging: Staging, stat: Statistic) -> torch.Tensor | None:
+    """GPTQ's staged factor U (float32), cached per process; None when not staged."""
+    return None if stat.factor is None else _staged_hessian(str(staging.root), stat.factor)
 
 
 def check(config: RunConfig) -> str:

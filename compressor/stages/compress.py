@@ -35,7 +35,7 @@ from compressor.schemes.int_packed import (
 )
 from compressor.stages import assemble
 from compressor.stages.assemble import RowTarget
-from compressor.stages.calibrate import Calibration, Statistic, load_hessian
+from compressor.stages.calibrate import Calibration, Statistic, load_factor, load_hessian
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.ingest import source_rows
 from compressor.stages.plan import Plan, TensorPlan
@@ -185,7 +185,12 @@ def _hessian(job: CompressJob) -> InputHessian | None:
     if job.statistic is None:
         return None
     key = f"{job.staging.root}/{job.statistic.path}"
-    return InputHessian(key, load_hessian(job.staging, job.statistic), job.dampening)
+    return InputHessian(
+        key,
+        load_hessian(job.staging, job.statistic),
+        job.dampening,
+        load_factor(job.staging, job.statistic),
+    )
 
 
 def prepare_outputs(plan: Plan, staging: Staging) -> None:

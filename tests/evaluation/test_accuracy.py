@@ -54,3 +54,33 @@ def test_w4a16_transformers_loading_equals_our_decompress(smollm2: Path, tmp_pat
             logits.append(model(ids).logits)
         del model
     assert torch.equal(logits[0], logits[1])
+
+
+PERSUASION = Path(__file__).parents[2] / "compressor/evaluation/data/persuasion_ch1-4.txt"
+
+
+def test_gptq_beats_rtn_on_unseen_text(smollm2: Path, tmp_path: Path) -> None:
+    """GPTQ calibrated on Persuasion, scored on Pride and Prejudice (unseen): transformers loads
+    the output as any w4a16 checkpoint, and its perplexity cost is well below RTN's."""
+    rtn, gptq = tmp_path / "rtn", tmp_path / "gptq"
+    compress_checkpoint(build_config(str(smollm2), str(rtn), preset="w4a16", workers=0))
+    calibration = {"path": str(PERSUASION), "samples": 8, "seq_len": 256}
+    compress_checkpoint(
+        build_config(
+            str(smollm2),
+            str(gptq),
+            preset="w4a16",
+            rounding="gptq",
+            calibration=calibration,
+            workers=2,
+        )
+    )
+    text = TEXT.read_text()
+    plain = evaluate_checkpoint(str(smollm2), str(rtn), text, max_tokens=512)
+    calibrated = evaluate_checkpoint(str(smollm2), str(gptq), text, max_tokens=512)
+    assert calibrated.compressed_loader == "compressed-tensors"
+    assert calibrated.compression_ratio == plain.compression_ratio  # the same format and size
+    assert calibrated.delta_ppl_pct < 0.75 * plain.delta_ppl_pct, (
+        calibrated.delta_ppl_pct,
+        plain.delta_ppl_pct,
+    )

@@ -50,7 +50,7 @@ def _textbook_gptq(x: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> torch.T
             s, z = qparams_from_range(
                 grp.amin(1, keepdim=True), grp.amax(1, keepdim=True), col_args, x.dtype
             )
-        q = quantize(w[:, j : j + 1].to(x.dtype), s, z, col_args)
+        q = quantize(w[:, j : j + 1].float(), s, z, col_args)
         codes[:, j : j + 1] = q
         wq = dequantize(q, s, z, col_args, x.dtype).to(torch.float64)[:, 0]
         err = (w[:, j] - wq) / u[j, j]
