@@ -372,16 +372,22 @@ def render_all() -> str:
     return "\n\n".join(parts) if parts else "_No results yet._"
 
 
-def write_doc() -> None:
-    block = f"{START}\n{render_all()}\n{END}"
-    text = DOC.read_text() if DOC.exists() else f"# Accuracy\n\n{START}\n{END}\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
+def replace_block(start: str, end: str, body: str) -> None:
+    """Put `body` between the markers `start` and `end` of docs/accuracy.md (appended with its
+    markers when they are absent); the text around them is left alone."""
+    block = f"{start}\n{body}\n{end}"
+    text = DOC.read_text() if DOC.exists() else "# Accuracy\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + block + tail
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
+
+
+def write_doc() -> None:
+    replace_block(START, END, render_all())
 
 
 def main(argv: list[str] | None = None) -> int:

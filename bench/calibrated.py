@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.accuracy import (
-    DOC,
     REPO,
     RESULTS,
     _compressor,
@@ -43,6 +42,7 @@ from bench.accuracy import (
     _safetensors_bytes,
     _tail,
     _target_bits,
+    replace_block,
 )
 
 START = "<!-- calibrated:results:start -->"
@@ -207,14 +207,7 @@ def write_doc() -> None:
             RESULTS.glob("calibrated-*.json"), key=lambda q: (q.stem != "calibrated-smollm2", q)
         )
     ]
-    block = f"{START}\n" + ("\n\n".join(parts) or "_No results yet._") + f"\n{END}"
-    text = DOC.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    replace_block(START, END, "\n\n".join(parts) or "_No results yet._")
 
 
 def main(argv: list[str] | None = None) -> int:

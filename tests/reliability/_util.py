@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -198,3 +199,13 @@ def wait_held(proc: subprocess.Popen[str], hold: Path, timeout: float = 300) -> 
         _, err = proc.communicate()
         raise AssertionError(f"the run ended (exit {proc.returncode}) before it was held: {err}")
     return held(hold)
+
+
+def kill_run(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a run's whole process group at once (the CLI, the cluster, its workers) and
+    wait until every one of them is gone."""
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, alive

@@ -7,13 +7,13 @@ import os
 import signal
 from pathlib import Path
 
-import psutil
 import pytest
 
 from compressor.stages.calibrate import STAGE as CALIBRATED
 from tests.reliability._util import (
     assert_same_output,
     compress_args,
+    kill_run,
     markers,
     run_cli,
     start_held_cli,
@@ -44,11 +44,7 @@ def test_run_killed_in_calibration_then_resumed(
     proc = start_held_cli(args, hold, stage=CALIBRATED, after=2)  # never released
     try:
         wait_held(proc, hold)
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the cluster, its workers: all at once
-        proc.communicate(timeout=60)
-        _, alive = psutil.wait_procs(family, timeout=30)
-        assert not alive
+        kill_run(proc)
     finally:
         _kill_group(proc)
     assert proc.returncode == -signal.SIGKILL

@@ -36,6 +36,7 @@ from tests.reliability._util import (
     assert_same_output,
     cli_env,
     compress_args,
+    kill_run,
     leftovers,
     markers,
     one_line,
@@ -147,11 +148,7 @@ def test_run_killed_then_resumed(big_src: Path, reference: Path, tmp_path: Path)
     proc = start_held_cli(args, hold, stage=ASSEMBLED, after=3)  # never released
     try:
         wait_held(proc, hold)
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the cluster, its workers: all at once
-        proc.communicate(timeout=60)
-        _, alive = psutil.wait_procs(family, timeout=30)
-        assert not alive
+        kill_run(proc)
     finally:
         _kill_group(proc)
     assert proc.returncode == -signal.SIGKILL
