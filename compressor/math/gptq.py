@@ -17,9 +17,10 @@ column, from the *updated* weights of the group (the error already pushed into i
 `rounding.search_qparams` with the group's diag(H) as importance (`mode` mse, the default: a
 clipping search that minimises Σ_j H_jj (w_j − ŵ_j)² over the group), or from the group's min and
 max (`mode` rtn, what the GPTQ paper and llm-compressor's default observer do). Measured on
-SmolLM2-135M (int4, 32 × 512 calibration tokens, docs/accuracy.md): the weighted search takes
-GPTQ from +36.9 % to +13.2 % ΔPPL; clipping a group's range trades the error of its few largest
-weights for a finer step on the rest, and GPTQ then compensates the clipped weights' error. The block of lazily updated columns is a multiple of the group
+SmolLM2-135M (int4, 32 × 512 calibration tokens, bench/calibration_modes.py): the weighted
+search takes GPTQ from +36.9 % to +13.2 % ΔPPL; clipping a group's range trades the error of
+its few largest weights for a finer step on the rest, and GPTQ then compensates the clipped
+weights' error. The block of lazily updated columns is a multiple of the group
 size, so a group's weights are complete when its parameters are chosen. The channel strategy
 takes its scales from the whole original row, before the loop (as llm-compressor does).
 Codes go through `quant.quantize` with the stored (already rounded) scale, and x̂ is
