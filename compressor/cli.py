@@ -117,11 +117,11 @@ def compress(
         ),
     ] = None,
     calibration_samples: Annotated[
-        int, typer.Option(help="Calibration windows to run.", min=1)
-    ] = 64,
+        int | None, typer.Option(help="Calibration windows to run (default 64).")
+    ] = None,
     calibration_seq_len: Annotated[
-        int, typer.Option(help="Tokens per calibration window.", min=8)
-    ] = 512,
+        int | None, typer.Option(help="Tokens per calibration window (default 512).")
+    ] = None,
     target_bits: Annotated[
         float | None,
         typer.Option(help="Automatic budget: average stored bits per target weight, e.g. 4.25."),
@@ -229,10 +229,10 @@ def compress(
         if value is not None
     }
     if calibration is not None:
+        given = {"samples": calibration_samples, "seq_len": calibration_seq_len}
         options["calibration"] = {
             "path": str(calibration),
-            "samples": calibration_samples,
-            "seq_len": calibration_seq_len,
+            **{k: v for k, v in given.items() if v is not None},  # CalibrationConfig's defaults
         }
     if chunk_mb is not None:
         options["chunk_mb"] = chunk_mb

@@ -640,10 +640,17 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _calibrated_rules(self) -> RunConfig:
-        if self.calibration is None and any(r.rounding == "gptq" for r in self.recipe.quantization):
+        roundings = {r.rounding for r in self.recipe.quantization}
+        if self.calibration is None and "gptq" in roundings:
             raise ValueError(
                 "rounding gptq needs calibration data: add --calibration FILE (a text file or "
                 "a .npy of token ids), or choose rounding rtn, mse or hqq"
+            )
+        if self.calibration is not None and self.recipe.budget is None and roundings <= {"rtn"}:
+            raise ValueError(
+                "calibration is read by rounding gptq, mse or hqq and by a budget "
+                "(--target-bits/--max-error); with rounding rtn it would run the model for "
+                "nothing: add --method gptq (or --rounding hqq), or drop --calibration"
             )
         return self
 

@@ -431,7 +431,6 @@ class Pipeline:
                 codebooks={name: c.stored for name, c in self.codebooks.items()},
                 targets=targets,
                 calibration=self.calibration,
-                dampening=self.config.calibration.dampening if self.config.calibration else 0.01,
             )
         with self._timed("digest"):  # after the chunks, so it reads what they left in the cache
             self.source_digests = digest_stage.digest_sources(

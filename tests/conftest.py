@@ -337,3 +337,29 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tokens") / "tokens.npy"
     np.save(path, np.random.default_rng(0).integers(0, TINY.vocab_size, size=(20, 32)))
     return path
+
+
+def full_forward_hessians(
+    src: Path, batches: list[torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], Any, list[Any]]:
+    """The independent reference for calibration: transformers' own model of `src`, run on each
+    batch of token ids with a hook on every linear but lm_head. Returns each linear's input XᵀX
+    (float64, summed over the batches), the model and each batch's output."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def record(mod, args):  # type: ignore[no-untyped-def]
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+            seen[name] = seen[name] + x.T @ x if name in seen else x.T @ x
+
+        return record
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            m.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        outputs = [model(input_ids=b, output_hidden_states=True) for b in batches]
+    return seen, model, outputs

@@ -57,16 +57,12 @@ _BLOCK = 128  # columns updated lazily together (GPTQ's "lazy batch"), a multipl
 
 @dataclass(frozen=True)
 class InputHessian:
-    """A layer input's XᵀX (float32, cols × cols) as the chunks of its weights receive it.
+    """A layer input's XᵀX (float32, cols × cols) as the chunks of its weights receive it, with
+    GPTQ's factor U when the calibration stage staged it (once per input, not per chunk or
+    worker: on a 14336-wide input the factor is a minute of work). Without it, `factor()`
+    computes U with the default dampening (for direct use of the math)."""
 
-    `staged_factor`: U as the calibration stage computed it once per input (the usual case);
-    without it the factor is computed here once per process and `key`, not once per chunk (on a
-    14336-wide input that is a minute of work).
-    """
-
-    key: str
     hessian: torch.Tensor
-    dampening: float = DAMPENING
     staged_factor: torch.Tensor | None = None
 
     def diagonal(self) -> torch.Tensor:
@@ -74,20 +70,10 @@ class InputHessian:
         return torch.diagonal(self.hessian).to(torch.float64).clamp_min(0.0)
 
     def factor(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.staged_factor is not None:
-            return self.staged_factor, torch.diagonal(self.hessian) == 0
-        cache_key = (self.key, self.dampening)
-        found = _FACTORS.get(cache_key)
-        if found is None:
-            found = inverse_hessian_factor(self.hessian, self.dampening)
-            if len(_FACTORS) >= _CACHED_FACTORS:
-                _FACTORS.pop(next(iter(_FACTORS)))
-            _FACTORS[cache_key] = found
-        return found
-
-
-_CACHED_FACTORS = 8
-_FACTORS: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        """(U, dead), as `inverse_hessian_factor` returns them."""
+        if self.staged_factor is None:
+            return inverse_hessian_factor(self.hessian)
+        return self.staged_factor, torch.diagonal(self.hessian) == 0
 
 
 def inverse_hessian_factor(

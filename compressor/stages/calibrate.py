@@ -153,14 +153,15 @@ def _done_layers(staging: Staging, shard: int, layers: int) -> int:
 
 
 def calibrate_shard(job: CalibrationShard) -> int:
-    """Run the shard's windows through every layer not yet done; returns the layers run."""
+    """Run the shard's windows through every layer not yet done; returns the model's number of
+    decoder layers."""
     staging = job.staging
     with one_thread(), torch.no_grad():
         runner = _runner(job.source, job.tensors)
         layers = len(runner)
         start = _done_layers(staging, job.shard, layers)
         if start == layers:
-            return 0
+            return layers
         tokens = torch.from_numpy(staging.read_rows(TOKENS, *job.rows))
         inputs = runner.layer_inputs(tokens)
         hidden = inputs[0][0]
@@ -182,11 +183,15 @@ def calibrate_shard(job: CalibrationShard) -> int:
             staging.mark_done(STAGE, f"s{job.shard:04d}", i, {"groups": groups})
             if i > 0:
                 storage.remove(staging.root / _hidden(job.shard, i - 1))
-    return layers - start
+    return layers
 
 
 def _final(layer: int, group: int) -> str:
     return f"calib/h/l{layer:04d}g{group:03d}"
+
+
+def _factor(layer: int, group: int) -> str:
+    return f"calib/u/l{layer:04d}g{group:03d}"
 
 
 _SUM_ROWS = 1024
@@ -223,10 +228,9 @@ def sum_layer(job: LayerSum) -> dict[str, dict]:
         if job.dampening is not None:  # once per input here, not once per worker in compress
             with one_thread():  # the same bits whichever worker computes it
                 u, _ = inverse_hessian_factor(torch.from_numpy(stored), job.dampening)
-            path = _final(job.layer, k).replace("calib/h/", "calib/u/")
-            staging.create(path, (cols, cols), "F32", cols)
-            staging.write_rows(path, 0, u.numpy())
-            entry["factor"] = path
+            staging.create(_factor(job.layer, k), (cols, cols), "F32", cols)
+            staging.write_rows(_factor(job.layer, k), 0, u.numpy())
+            entry["factor"] = _factor(job.layer, k)
         for m in members:
             result[m] = entry
     staging.mark_done(SUM_STAGE, f"l{job.layer:04d}", 0, result)
@@ -251,8 +255,7 @@ def calibrate(
         CalibrationShard(staging, k, (r0, min(r0 + SHARD_SAMPLES, n)), source, plan.tensors)
         for k, r0 in enumerate(range(0, n, SHARD_SAMPLES))
     ]
-    executor.map(calibrate_shard, shards, STAGE, progress)
-    layers = _layer_count(staging, len(shards))
+    layers = executor.map(calibrate_shard, shards, STAGE, progress)[0]
     sums = executor.map(
         sum_layer,
         [LayerSum(staging, i, len(shards), dampening) for i in range(layers)],
@@ -276,13 +279,6 @@ def calibrate(
     return Calibration(stats, n, seq_len, tuple(notes))
 
 
-def _layer_count(staging: Staging, shards: int) -> int:
-    layers = 0
-    while staging.done(STAGE, f"s{0:04d}", layers) is not None:
-        layers += 1
-    return layers
-
-
 @functools.lru_cache(maxsize=8)
 def _staged_hessian(root: str, path: str) -> torch.Tensor:
     staging = Staging(root)
@@ -303,7 +299,7 @@ def load_factor(staging: Staging, stat: Statistic) -> torch.Tensor | None:
 
 def check(config: RunConfig) -> str:
     """Before any work: the checkpoint directory the model is built from (config.json beside
-    the weights), transformers importable, the calibration file readable. Returns the directory."""
+    the weights) and transformers importable. Returns the directory."""
     assert config.calibration is not None
     if storage.is_url(config.source):
         raise ConfigError(
@@ -326,10 +322,4 @@ def check(config: RunConfig) -> str:
             "calibration runs the model with transformers, which is not installed",
             hint="pip install 'checkpoint-compressor[eval]'",
         ) from None
-    if not Path(config.calibration.path).is_file():
-        raise ConfigError(
-            "the calibration file does not exist",
-            path=config.calibration.path,
-            hint="give --calibration a text file or a .npy file of token ids",
-        )
-    return str(folder)
+    return str(folder)  # the file itself was read for the run key (plan): it is readable

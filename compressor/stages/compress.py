@@ -19,7 +19,7 @@ import torch
 
 from compressor.formats import dtypes
 from compressor.formats.staging import Staging
-from compressor.math.gptq import DAMPENING, InputHessian
+from compressor.math.gptq import InputHessian
 from compressor.math.prune import nm_mask, row_mask, threshold_mask
 from compressor.math.stats import ErrorStats, combine_errors, error_stats, range_stats
 from compressor.schemes import ChunkInput
@@ -72,9 +72,8 @@ class CompressJob:
     # Set when the shard files are assembled in place (`stages.assemble`): each output role's
     # place in its shard file. None: outputs go to Zarr arrays in staging.
     targets: dict[str, RowTarget] | None = None
-    # Calibration: the weight's input XᵀX as staged by `stages.calibrate`, and GPTQ's λ.
+    # Calibration: the weight's input XᵀX (and GPTQ's factor) as `stages.calibrate` staged it.
     statistic: Statistic | None = None
-    dampening: float = DAMPENING
 
     @property
     def stage(self) -> str:
@@ -184,12 +183,8 @@ def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
 def _hessian(job: CompressJob) -> InputHessian | None:
     if job.statistic is None:
         return None
-    key = f"{job.staging.root}/{job.statistic.path}"
     return InputHessian(
-        key,
-        load_hessian(job.staging, job.statistic),
-        job.dampening,
-        load_factor(job.staging, job.statistic),
+        load_hessian(job.staging, job.statistic), load_factor(job.staging, job.statistic)
     )
 
 
@@ -216,7 +211,6 @@ def compress(
     codebooks: dict[str, tuple[float, ...]] | None = None,
     targets: dict[str, dict[str, RowTarget]] | None = None,
     calibration: Calibration | None = None,
-    dampening: float = DAMPENING,
 ) -> dict[str, ErrorStats]:
     """Compress every staged chunk; `prune` holds each pruned chunk's decision and `codebooks`
     each k-means tensor's stored centroids (both from the stats stage). `targets` (from
@@ -237,8 +231,8 @@ def compress(
             direct,
             books.get(t.name),
             None if targets is None else targets.get(t.name, {}),
-            calibration.get(t.name) if calibration is not None else None,
-            dampening,
+            # rtn chooses its scales from the weights alone: no statistic to read
+            calibration.get(t.name) if calibration is not None and t.rounding != "rtn" else None,
         )
         for t in plan.staged
         for k in range(len(t.chunks))

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from compressor.calibration.layers import DecoderRunner
 from compressor.errors import ConfigError
+from tests.conftest import full_forward_hessians
 
 pytest.importorskip("transformers")
 
@@ -19,30 +20,6 @@ def _weights(src: Path) -> dict[str, torch.Tensor]:
     for f in sorted(src.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
-
-
-def _full_model_inputs(
-    src: Path, tokens: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The last hidden state before the final norm, and every linear's input XᵀX (float64),
-    from one forward of the whole model with hooks."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    seen: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name != "lm_head":
-
-            def hook(mod, args, name=name):  # type: ignore[no-untyped-def]
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-                seen[name] = x.T @ x
-
-            hooks.append(m.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        out = model(input_ids=tokens, output_hidden_states=True)
-    last = out.hidden_states[-1]  # after model.norm
-    return last, seen, model  # type: ignore[return-value]
 
 
 def test_layer_by_layer_equals_the_full_forward(tiny_llama: Path) -> None:
@@ -66,7 +43,8 @@ def test_layer_by_layer_equals_the_full_forward(tiny_llama: Path) -> None:
                 stats[m] = s
         # the layer's weights are released again: one layer in memory at a time
         assert all(p.is_meta for p in runner.layers[i].parameters())
-    last, expected, model = _full_model_inputs(tiny_llama, tokens)
+    expected, model, (out,) = full_forward_hessians(tiny_llama, [tokens])
+    last = out.hidden_states[-1]  # after model.norm
     with torch.no_grad():
         assert torch.allclose(model.model.norm(hidden), last, atol=1e-5, rtol=1e-5)
     assert sorted(stats) == sorted(expected)

@@ -140,12 +140,17 @@ def test_singular_hessian_gets_more_dampening() -> None:
     assert torch.isfinite(u1).all() and torch.equal(u1, u2)
 
 
-def test_input_hessian_caches_its_factor() -> None:
+def test_input_hessian_uses_the_staged_factor() -> None:
     h = _hessian(64).to(torch.float32)
-    a = InputHessian("test/key-a", h)
-    first = a.factor()
-    assert a.factor()[0] is first[0]  # computed once per process and key
-    assert torch.equal(a.diagonal(), torch.diagonal(h).to(torch.float64))
+    h[3, :] = 0
+    h[:, 3] = 0
+    u, dead = inverse_hessian_factor(h)
+    staged = InputHessian(h, u)
+    assert staged.factor()[0] is u  # as staged, not computed again
+    assert torch.equal(staged.factor()[1], dead)
+    computed = InputHessian(h).factor()
+    assert torch.equal(computed[0], u) and torch.equal(computed[1], dead)
+    assert torch.equal(staged.diagonal(), torch.diagonal(h).to(torch.float64))
 
 
 def test_refuses_what_it_cannot_write() -> None:

@@ -33,12 +33,24 @@ CASES = [
     ("compress-missing-argument", ["compress", "{existing}"]),
     ("compress-gptq-uncalibrated", ["compress", "{existing}", "{out}", "--method", "gptq"]),
     (
+        "compress-calibration-unused",
+        ["compress", "{existing}", "{out}", "--calibration", "{garbage}/notes.bin"],
+    ),
+    (
         "compress-calibration-missing",
         ["compress", "{existing}", "{out}", "--method", "gptq", "--calibration", "{missing}"],
     ),
     (
         "compress-calibration-binary",
-        ["compress", "{existing}", "{out}", "--calibration", "{garbage}/notes.bin"],
+        [
+            "compress",
+            "{existing}",
+            "{out}",
+            "--method",
+            "gptq",
+            "--calibration",
+            "{garbage}/notes.bin",
+        ],
     ),
     ("inspect-missing", ["inspect", "{missing}"]),
     ("inspect-garbage-dir", ["inspect", "{garbage}"]),

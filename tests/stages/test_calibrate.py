@@ -20,7 +20,7 @@ from compressor.config import build_config
 from compressor.errors import ConfigError
 from compressor.pipeline import Pipeline, compress_checkpoint
 from compressor.stages import calibrate as calibrate_stage
-from tests.conftest import ct_decompress, load_dir, tree_digest
+from tests.conftest import ct_decompress, full_forward_hessians, load_dir, tree_digest
 
 pytest.importorskip("transformers")
 
@@ -31,25 +31,8 @@ def _config(src: Path, dest: Path, tokens: Path | None, **options):  # type: ign
 
 
 def _full_forward_hessians(src: Path, tokens: np.ndarray) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):  # type: ignore[no-untyped-def]
-        def record(mod, args):  # type: ignore[no-untyped-def]
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-            seen[name] = seen.get(name, 0) + x.T @ x
-
-        return record
-
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name != "lm_head":
-            m.register_forward_pre_hook(hook(name))
-    with torch.no_grad():
-        for row in torch.from_numpy(tokens):  # one window at a time: no batch effects
-            model(input_ids=row[None])
-    return seen
+    """One window at a time: no batch effects."""
+    return full_forward_hessians(src, [row[None] for row in torch.from_numpy(tokens)])[0]
 
 
 def test_staged_statistics_equal_the_full_models(
@@ -166,6 +149,9 @@ def test_a_run_that_fails_mid_calibration_resumes_at_the_next_layer(
 def test_gptq_without_calibration_is_refused() -> None:
     with pytest.raises(ConfigError, match="rounding gptq needs calibration data"):
         build_config("/x", "/y", rounding="gptq")
+    with pytest.raises(ConfigError, match="with rounding rtn it would run the model for nothing"):
+        build_config("/x", "/y", calibration={"path": "/t.npy"})
+    build_config("/x", "/y", calibration={"path": "/t.npy"}, budget={"target_bits": 4.5})
     with pytest.raises(ConfigError, match="rounding gptq writes integer codes"):
         build_config("/x", "/y", preset="minmax", rounding="gptq")
 
