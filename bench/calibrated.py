@@ -63,7 +63,11 @@ SCHEMES: dict[str, tuple[str, list[str], int, bool, int]] = {
         64,
     ),
     "w8": ("W8A16 sym channel", ["--preset", "w8a16"], 8, False, 0),
+    "nvfp4a16": ("NVFP4 W4A16", ["--preset", "nvfp4a16"], 4, False, 16),
+    # W4A4: activations quantized too; its input scales always come from the calibration
+    "nvfp4": ("NVFP4 W4A4", ["--preset", "nvfp4"], 4, False, 16),
 }
+FP4_PEER = {"nvfp4": "NVFP4"}  # scheme key → the peer's preset (round to nearest, calibrated)
 # method key → (label, extra flags, calibrated)
 METHODS: dict[str, tuple[str, list[str], bool]] = {
     "rtn": ("ours, RTN (data-free)", [], False),
@@ -78,6 +82,7 @@ DEFAULT = [
     "w3-rtn", "w3-hqq", "w3-hqq-cal", "w3-gptq", "w3-llmc",
     "w4asym-rtn", "w4asym-gptq", "w4asym-llmc",
     "w8-rtn", "w8-gptq", "w8-llmc",
+    "nvfp4a16-rtn", "nvfp4-rtn", "nvfp4-llmc",
 ]  # fmt: skip
 
 
@@ -121,7 +126,14 @@ def run_row(src: Path, key: str, tokens: Path, args: argparse.Namespace) -> dict
     shutil.rmtree(dst, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     row: dict[str, Any] = {"key": key, "scheme": s_label, "method": m_label}
-    if method == "llmc":
+    if method == "llmc" and scheme in FP4_PEER:
+        cmd = [str(PEER_PY), str(REPO / "bench" / "peer_gptq.py"), str(src), str(dst)]
+        cmd += [str(tokens), "--preset", FP4_PEER[scheme]]
+        row["command"] = (
+            f"peer-venv/bin/python bench/peer_gptq.py $SRC $DST tokens.npy --preset {FP4_PEER[scheme]}"
+        )
+        row["method"] = "llm-compressor, round to nearest"
+    elif method == "llmc":
         cmd = [str(PEER_PY), str(REPO / "bench" / "peer_gptq.py"), str(src), str(dst)]
         cmd += [str(tokens), "--bits", str(bits), "--groups"]
         cmd += [json.dumps(_peer_groups(src, group))] + (["--asym"] if asym else [])
@@ -131,7 +143,9 @@ def run_row(src: Path, key: str, tokens: Path, args: argparse.Namespace) -> dict
         )
     else:
         flags = [*s_flags, *m_flags]
-        if calibrated:
+        if scheme == "nvfp4":
+            row["method"] = "ours, round to nearest (input scales calibrated)"
+        if calibrated or scheme == "nvfp4":
             flags += ["--calibration", "$TOKENS"]
         row["command"] = f"compressor compress $SRC $DST {' '.join(flags)} --workers 2"
         flags = [str(tokens) if f == "$TOKENS" else f for f in flags]

@@ -4,6 +4,11 @@ llmcompressor).
 
     /work/bench-data/peer-venv/bin/python bench/peer_gptq.py SRC DST TOKENS.npy \\
         --bits 4 --groups '{"re:.*down_proj$": 128, "re:.*_proj$": 64}' [--asym]
+    /work/bench-data/peer-venv/bin/python bench/peer_gptq.py SRC DST TOKENS.npy --preset NVFP4
+
+With `--preset NAME` it runs one of compressed-tensors' preset schemes with llm-compressor's
+calibrated round-to-nearest modifier instead (`QuantizationModifier(scheme=NAME)`; NVFP4: W4A4,
+the input global scales observed on the calibration tokens).
 
 TOKENS.npy holds the calibration windows (n, seq_len) that our own run uses (bench/accuracy.py
 writes them with `compressor.calibration.samples.load_samples`), so both sides calibrate on
@@ -27,8 +32,9 @@ def main() -> None:
     p.add_argument("dst")
     p.add_argument("tokens")
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--groups", required=True, help="JSON: target pattern → group size")
+    p.add_argument("--groups", default="{}", help="JSON: target pattern → group size")
     p.add_argument("--asym", action="store_true")
+    p.add_argument("--preset", default="", help="a compressed-tensors preset scheme, no GPTQ")
     a = p.parse_args()
 
     import importlib.metadata
@@ -38,7 +44,7 @@ def main() -> None:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -58,7 +64,11 @@ def main() -> None:
         groups[f"group_{k}"] = QuantizationScheme(targets=[target], weights=weights)
     model = AutoModelForCausalLM.from_pretrained(a.src, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(a.src)
-    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
+    recipe: GPTQModifier | QuantizationModifier = GPTQModifier(
+        config_groups=groups, ignore=["lm_head"]
+    )
+    if a.preset:
+        recipe = QuantizationModifier(targets="Linear", scheme=a.preset, ignore=["lm_head"])
     start = time.perf_counter()
     oneshot(
         model=model,

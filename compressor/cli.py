@@ -90,8 +90,8 @@ def compress(
     preset: Annotated[
         str,
         typer.Option(
-            help="w8a16 | w4a16 | w4a16-asym | fp8 | fp8a16 | fp8-block | nvfp4a16 | mxfp4a16 | minmax | "
-            "nf4 | kmeans4 | dense"
+            help="w8a16 | w4a16 | w4a16-asym | fp8 | fp8a16 | fp8-block | nvfp4a16 | nvfp4 "
+            "(W4A4, needs --calibration) | mxfp4a16 | minmax | nf4 | kmeans4 | dense"
         ),
     ] = "w4a16",
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML (overrides --preset).")] = None,

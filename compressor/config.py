@@ -79,6 +79,7 @@ Preset = Literal[
     "fp8a16",
     "fp8-block",
     "nvfp4a16",
+    "nvfp4",
     "mxfp4a16",
     "dense",
     "recipe",
@@ -125,10 +126,12 @@ class QuantRule(_Frozen):
         '"mxfp4": FP4 E2M1 weights, a power-of-two scale per 32 inputs (compressed-tensors '
         "nvfp4/mxfp4-pack-quantized, weight-only).",
     )
-    activations: Literal["none", "fp8-dynamic"] = Field(
+    activations: Literal["none", "fp8-dynamic", "nvfp4"] = Field(
         "none",
         description='method fp8: "fp8-dynamic" also asks the server to quantize activations to '
-        "FP8 per token at run time (W8A8-FP8); none: weight-only.",
+        'FP8 per token at run time (W8A8-FP8); method nvfp4: "nvfp4" asks it to quantize them to '
+        "NVFP4 (W4A4; a global scale per module measured on calibration data, which it needs); "
+        "none: weight-only.",
     )
     bits: int = Field(4, ge=2, le=8, description="Bits per weight, 2 to 8.")
     kmeans_iterations: int = Field(
@@ -175,8 +178,8 @@ class QuantRule(_Frozen):
             )
         elif self.activations != "none":
             raise ValueError(
-                f"activations {self.activations!r} goes with method fp8; integer and codebook "
-                "schemes here are weight-only"
+                f"activations {self.activations!r} goes with method fp8 (fp8-dynamic) or nvfp4 "
+                "(nvfp4); integer and codebook schemes here are weight-only"
             )
         if self.method == "minmax" and self.symmetric:
             raise ValueError(
@@ -207,6 +210,8 @@ class QuantRule(_Frozen):
             wrong.append("symmetric: false (FP8 scales are symmetric)")
         if self.rounding != "rtn":
             wrong.append(f"rounding {self.rounding} (FP8 rounds to the nearest code)")
+        if self.activations not in ("none", "fp8-dynamic"):
+            wrong.append(f"activations {self.activations} (FP8 takes fp8-dynamic or none)")
         if wrong:
             raise ValueError(f"method fp8 does not take {', '.join(wrong)}")
 
@@ -217,7 +222,7 @@ class QuantRule(_Frozen):
         given = [f"{k} {getattr(self, k)}" for k, v in defaults_.items() if getattr(self, k) != v]
         if self.bits != 4:
             given.insert(0, f"bits {self.bits}")
-        if self.activations != "none":
+        if self.activations not in ("none", self.method):  # nvfp4 weights take nvfp4 inputs
             given.append(f"activations {self.activations}")
         if given:
             group = 16 if self.method == "nvfp4" else 32
@@ -251,7 +256,7 @@ class QuantRule(_Frozen):
         self, group_size: int | None = None
     ) -> QuantArgs | CodebookArgs | Float8Args | Float4Args:
         if self.method == "nvfp4" or self.method == "mxfp4":
-            return Float4Args(method=self.method)
+            return Float4Args(method=self.method, activations=self.activations == "nvfp4")
         if self.method == "fp8":
             return Float8Args(
                 strategy="block" if self.strategy == "block" else "channel",
@@ -492,6 +497,7 @@ PRESETS: dict[str, Recipe] = {
         quantization=[QuantRule(method="fp8", bits=8, strategy="block", activations="fp8-dynamic")]
     ),
     "nvfp4a16": Recipe(quantization=[QuantRule(method="nvfp4")]),
+    "nvfp4": Recipe(quantization=[QuantRule(method="nvfp4", activations="nvfp4")]),
     "mxfp4a16": Recipe(quantization=[QuantRule(method="mxfp4")]),
 }
 
@@ -646,11 +652,23 @@ class RunConfig(_Frozen):
                 "rounding gptq needs calibration data: add --calibration FILE (a text file or "
                 "a .npy of token ids), or choose rounding rtn, mse or hqq"
             )
-        if self.calibration is not None and self.recipe.budget is None and roundings <= {"rtn"}:
+        w4a4 = any(r.activations == "nvfp4" for r in self.recipe.quantization)
+        if self.calibration is None and w4a4:
             raise ValueError(
-                "calibration is read by rounding gptq, mse or hqq and by a budget "
-                "(--target-bits/--max-error); with rounding rtn it would run the model for "
-                "nothing: add --method gptq (or --rounding hqq), or drop --calibration"
+                "nvfp4 activations (W4A4) need calibration data for each module's input global "
+                "scale: add --calibration FILE (a text file or a .npy of token ids), or use "
+                "preset nvfp4a16 (weight-only)"
+            )
+        if (
+            self.calibration is not None
+            and self.recipe.budget is None
+            and roundings <= {"rtn"}
+            and not w4a4
+        ):
+            raise ValueError(
+                "calibration is read by rounding gptq, mse or hqq, by nvfp4 activations and by "
+                "a budget (--target-bits/--max-error); with rounding rtn it would run the model "
+                "for nothing: add --method gptq (or --rounding hqq), or drop --calibration"
             )
         return self
 

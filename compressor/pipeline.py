@@ -372,7 +372,14 @@ class Pipeline:
                 executor,
                 self.progress,
                 self._gptq_dampening(),
+                hessians=self._reads_hessians(),
             )
+
+    def _reads_hessians(self) -> bool:
+        """Whether a stage reads XᵀX: a search or GPTQ rounding, or a budget (not W4A4's input
+        scales, which need max |x| alone)."""
+        recipe = self.config.recipe
+        return recipe.budget is not None or any(r.rounding != "rtn" for r in recipe.quantization)
 
     def _gptq_dampening(self) -> float | None:
         """λ for GPTQ's factors, staged by the calibration stage when a rule uses gptq."""
@@ -546,6 +553,7 @@ class Pipeline:
                 continue
             fixed = self.fixed.get(t.name)
             book = self.codebooks.get(t.name)
+            cal = self.calibration
             small.update(
                 scheme.small_outputs(
                     m,
@@ -553,6 +561,7 @@ class Pipeline:
                     fixed.scale if fixed else None,
                     fixed.zero if fixed else None,
                     book.stored if book else None,
+                    cal.input_absmax(t.name) if cal is not None else None,
                 )
             )
         return small

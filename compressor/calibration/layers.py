@@ -8,6 +8,8 @@ position embeddings, per-layer-type variants such as Gemma 3's sliding layers) a
 the final norm. Then, layer by layer: materialise that layer's weights (float32) from the
 checkpoint, run it with a pre-hook on every `nn.Linear` that sums XᵀX of its input, and drop
 the weights again. Memory: the embedding, one layer, and the activations of the samples run.
+Besides XᵀX each input's largest magnitude is kept (NVFP4 W4A4's input global scale); a caller
+that needs only that skips the products (`hessians=False`).
 
 Modules that receive the *same* input tensor (q/k/v after the attention norm; gate/up) share
 one statistic, computed once. An `nn.Linear` that no token reaches (an MoE expert the router
@@ -35,11 +37,14 @@ __all__ = ["DecoderRunner", "InputStats"]
 
 @dataclass
 class InputStats:
-    """XᵀX (float32) of one input shared by `members` (module names), over `tokens` rows."""
+    """XᵀX (float32; None when not asked for) and max |x| of one input shared by `members`
+    (module names), over `tokens` rows."""
 
     members: list[str]
-    hessian: torch.Tensor
+    hessian: torch.Tensor | None
     tokens: int
+    absmax: float
+    cols: int
 
 
 class _Stop(Exception):
@@ -174,7 +179,7 @@ class DecoderRunner:
 
     @torch.no_grad()
     def run_layer(
-        self, i: int, hidden: torch.Tensor, kwargs: Mapping[str, Any]
+        self, i: int, hidden: torch.Tensor, kwargs: Mapping[str, Any], hessians: bool = True
     ) -> tuple[torch.Tensor, list[InputStats]]:
         """Layer i's output for `hidden`, and the input statistics of its linear modules."""
         layer = self.layers[i]
@@ -196,11 +201,11 @@ class DecoderRunner:
             self._release(layer)
         if isinstance(out, tuple):
             out = out[0]
-        return out, _statistics(inputs)
+        return out, _statistics(inputs, hessians)
 
 
-def _statistics(inputs: list[tuple[str, torch.Tensor]]) -> list[InputStats]:
-    """One XᵀX per distinct input tensor."""
+def _statistics(inputs: list[tuple[str, torch.Tensor]], hessians: bool = True) -> list[InputStats]:
+    """One XᵀX (if `hessians`) and max |x| per distinct input tensor."""
     by_tensor: dict[int, InputStats] = {}
     order: list[int] = []
     for name, x in inputs:
@@ -211,7 +216,9 @@ def _statistics(inputs: list[tuple[str, torch.Tensor]]) -> list[InputStats]:
         # float32 products over one shard's tokens (thousands: ~1e-6 relative), summed across
         # shards in float64 by the stage; a float64 product here would be 4-8x slower.
         flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        by_tensor[key] = InputStats([name], flat.T @ flat, flat.shape[0])
+        hessian = flat.T @ flat if hessians else None
+        absmax = float(flat.abs().max()) if flat.numel() else 0.0
+        by_tensor[key] = InputStats([name], hessian, flat.shape[0], absmax, flat.shape[1])
         order.append(key)
     # An expert called twice (two routed slices) would appear twice: merge by member set.
     merged: dict[str, InputStats] = {}
@@ -219,8 +226,11 @@ def _statistics(inputs: list[tuple[str, torch.Tensor]]) -> list[InputStats]:
         s = by_tensor[key]
         label = json.dumps(sorted(s.members))
         if label in merged:
-            merged[label].hessian += s.hessian
-            merged[label].tokens += s.tokens
+            m = merged[label]
+            if m.hessian is not None and s.hessian is not None:
+                m.hessian += s.hessian
+            m.tokens += s.tokens
+            m.absmax = max(m.absmax, s.absmax)
         else:
-            merged[label] = InputStats(sorted(s.members), s.hessian, s.tokens)
+            merged[label] = InputStats(sorted(s.members), s.hessian, s.tokens, s.absmax, s.cols)
     return [merged[k] for k in sorted(merged)]

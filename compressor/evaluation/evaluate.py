@@ -19,7 +19,10 @@ How the compressed checkpoint is loaded depends on its ``config.json``:
 
 The models run in float32 by default although checkpoints are usually bf16: upcasting is exact,
 costs little for the small models this is meant for, and keeps the activations' rounding noise
-(about 0.1 % of perplexity in bf16) out of the ΔPPL being measured.
+(about 0.1 % of perplexity in bf16) out of the ΔPPL being measured. One exception: a checkpoint
+whose config quantizes activations with NVFP4 (W4A4) runs in bfloat16, the dtype compressed-
+tensors decompresses FP4 weights to; its float32 path fails at the first forward, and the
+dequantize-on-load fallback would drop the activation quantization, i.e. score it as W4A16.
 
 Results are bitwise reproducible for a fixed device, dtype and number of torch threads; the
 thread count changes the last bits (CPU BLAS splits its sums by thread; about 1e-6 relative in
@@ -145,6 +148,18 @@ def _quant_method(config: dict[str, Any]) -> str | None:
     return str(qc.get("quant_method", "unknown"))
 
 
+def _fp4_inputs(config: dict[str, Any]) -> bool:
+    """Whether a config group quantizes activations to 4-bit floats (NVFP4 W4A4)."""
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    return any(
+        isinstance(g, dict)
+        and isinstance(g.get("input_activations"), dict)
+        and (g["input_activations"].get("type"), g["input_activations"].get("num_bits"))
+        == ("float", 4)
+        for g in groups.values()
+    )
+
+
 def _load_model(path: Path, dtype: torch.dtype, device: str, **kwargs: Any):
     from transformers import AutoModelForCausalLM
 
@@ -231,10 +246,10 @@ def evaluate(
     ids = tokenize_text(tokenizer, text, max_tokens)
 
     def run(
-        path: Path, compare: bool, **kwargs: Any
+        path: Path, compare: bool, as_dtype: torch.dtype = dtype, **kwargs: Any
     ) -> tuple[PerplexityResult, WeightComparison | None]:
         # Load, score and (for the compressed side) compare; the model is freed on return.
-        model = _load_model(path, dtype, device, **kwargs)
+        model = _load_model(path, as_dtype, device, **kwargs)
         try:
             result = score_tokens(
                 model, ids, window=window, stride=stride, bos_id=bos_id, device=device
@@ -258,6 +273,9 @@ def evaluate(
         load_dir = compressed_dir
         if comp_method is None:
             loader = "dense"
+        elif comp_method == "compressed-tensors" and _fp4_inputs(_read_config(compressed_dir)):
+            loader = "compressed-tensors (bfloat16, NVFP4 activations)"
+            kwargs["as_dtype"] = torch.bfloat16
         elif comp_method == "compressed-tensors":
             loader = "compressed-tensors"
         else:
@@ -274,7 +292,9 @@ def evaluate(
         try:
             comp, weights = run(load_dir, compare=True, **kwargs)
         except InputError:
-            if loader != "compressed-tensors":
+            if (
+                loader != "compressed-tensors"
+            ):  # W4A4 included: no fallback drops its inputs' scheme
                 raise
             # transformers 5.24's default (run-compressed) path initialises asymmetric zero
             # points unpacked and refuses the packed ones compressed-tensors writes; its

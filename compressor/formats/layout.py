@@ -113,10 +113,13 @@ class Float8Args:
 
 @dataclass(frozen=True)
 class Float4Args:
-    """FP4 (E2M1) weights in compressed-tensors' microscale layouts, weight-only:
+    """FP4 (E2M1) weights in compressed-tensors' microscale layouts:
 
     - ``nvfp4``: an FP8 E4M3 scale per 16 inputs and one FP32 global scale per tensor (shared by
-      the members of a fused group, as servers need), `nvfp4-pack-quantized`;
+      the members of a fused group, as servers need), `nvfp4-pack-quantized`; with
+      `activations`, W4A4: the server also quantizes each linear's input to NVFP4 at run time,
+      its scales per 16 computed then ("dynamic local") under a static FP32 global scale per
+      module, `input_global_scale`, which calibration measures;
     - ``mxfp4``: a power-of-two (E8M0) scale per 32 inputs, `mxfp4-pack-quantized`.
     """
 
@@ -124,13 +127,14 @@ class Float4Args:
     bits: int = 4
     symmetric: bool = True
     strategy: Literal["group"] = "group"  # never "tensor": no per-tensor integer scale
+    activations: bool = False  # nvfp4 only: W4A4
 
     @property
     def group_size(self) -> int:
         return 16 if self.method == "nvfp4" else 32
 
     def describe(self) -> str:
-        return f"{self.method} g{self.group_size}"
+        return f"{self.method} g{self.group_size}" + (" w4a4" if self.activations else "")
 
 
 @dataclass(frozen=True)

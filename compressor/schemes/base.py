@@ -249,8 +249,10 @@ class Scheme(ABC):
         scale: torch.Tensor | None,
         zero: torch.Tensor | None,
         codebook: Sequence[float] | None,
+        input_absmax: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Tiny tensors written from the client (per-tensor scales, codebooks), by name."""
+        """Tiny tensors written from the client (per-tensor scales, codebooks), by name;
+        `input_absmax`: the largest input magnitude calibration measured, where it did."""
         return {}
 
     # -- decompress --------------------------------------------------------------------------

@@ -214,6 +214,7 @@ class CodebookScheme(Scheme):
         scale: torch.Tensor | None,
         zero: torch.Tensor | None,
         codebook: Sequence[float] | None,
+        input_absmax: float | None = None,
     ) -> dict[str, np.ndarray]:
         if codebook is None:
             return {}

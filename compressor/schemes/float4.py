@@ -14,6 +14,11 @@ Both store FP4 E2M1 codes, two per byte, and a scale per small group of inputs. 
                                                        taken over the whole fused group (q/k/v,
                                                        gate/up) since servers keep one G for a
                                                        fused module
+    <m>.input_global_scale   F32      (1,)             W4A4 only: 448 · 6 / max |x| of the
+                                                       module's input over the calibration
+                                                       tokens (q/k/v, gate/up share an input,
+                                                       hence the value); the server computes
+                                                       the per-16 input scales at run time
         x̂ = dtype(float32(code) · (float32(s) / G))
     MXFP4 (groups of 32):
     <m>.weight_scale         U8       (rows, cols/32)  E8M0 exponent e: the group's absmax
@@ -53,6 +58,7 @@ from compressor.schemes.base import (
     StagedArray,
     Where,
     expected_problems,
+    merge_dtypes,
     read_part,
 )
 from compressor.schemes.discovery import IGNORED, compressed_tensors_errors, config_group
@@ -165,6 +171,18 @@ def _nvfp4_effective(scale: torch.Tensor, global_scale: torch.Tensor) -> torch.T
     return scale.float() / global_scale.float().to(scale.device)
 
 
+def _config_inputs(args: Float4Args) -> dict[str, Any] | None:
+    """W4A4: NVFP4 activations as compressed-tensors' NVFP4 scheme writes them (scales per 16
+    computed at run time, "local"; a static global scale per module)."""
+    if not args.activations:
+        return None
+    return {
+        **_config_weights(args),
+        "dynamic": "local",
+        "observer": "static_minmax",
+    }
+
+
 def _config_weights(args: Float4Args) -> dict[str, Any]:
     nvfp4 = args.method == "nvfp4"
     return {
@@ -221,10 +239,10 @@ class _Fp4Scheme(Scheme):
                 "scale",
                 tensor_name,
             ),
-            *self._global_outputs(m, tensor_name),
+            *self._global_outputs(m, tensor_name, cast(Float4Args, args)),
         ]
 
-    def _global_outputs(self, m: str, tensor_name: str) -> list[OutputSpec]:
+    def _global_outputs(self, m: str, tensor_name: str, args: Float4Args) -> list[OutputSpec]:
         return []
 
     def staged_arrays(
@@ -308,22 +326,23 @@ class _Fp4Scheme(Scheme):
     def config_block(
         self, groups: Mapping[tuple[Args, str], Sequence[str]], dense_linear: Sequence[str]
     ) -> dict[str, Any]:
-        modules = sorted(m for ms in groups.values() for m in ms)
-        ((args, _), *_) = groups
-        assert isinstance(args, Float4Args)
+        by_args = merge_dtypes(groups)  # W4A16 and W4A4 modules: a config group each
+        ordered = sorted(by_args, key=lambda a: cast(Float4Args, a).activations)
+        config_groups = {}
+        for k, args in enumerate(ordered):
+            assert isinstance(args, Float4Args)
+            config_groups[f"group_{k}"] = {
+                "targets": sorted(by_args[args]),
+                "weights": _config_weights(args),
+                "input_activations": _config_inputs(args),
+                "output_activations": None,
+                "format": self.format,
+            }
         return {
             "quant_method": "compressed-tensors",
             "format": self.format,
             "quantization_status": "compressed",
-            "config_groups": {
-                "group_0": {
-                    "targets": modules,
-                    "weights": _config_weights(args),
-                    "input_activations": None,
-                    "output_activations": None,
-                    "format": self.format,
-                }
-            },
+            "config_groups": config_groups,
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
             "ignore": sorted(dense_linear),
@@ -348,7 +367,22 @@ class _Fp4Scheme(Scheme):
                     f"config_groups.{key}.weights must be type float, num_bits 4, group_size "
                     f"{self.group} for {self.format}"
                 )
+            inputs = group.get("input_activations")
+            if inputs is not None and not self._reads_inputs(inputs):
+                errors.append(
+                    f"config_groups.{key}.input_activations must be null"
+                    + (
+                        " or NVFP4 (type float, num_bits 4, group_size 16, strategy "
+                        'tensor_group, dynamic "local")'
+                        if self.method == "nvfp4"
+                        else f" for {self.format} (weight-only here)"
+                    )
+                )
         return errors + compressed_tensors_errors(qc)
+
+    def _reads_inputs(self, inputs: object) -> bool:
+        """Whether this scheme stores the input quantization a config group declares."""
+        return False
 
     def group_root(self, group: dict[str, Any]) -> str:
         return "weight_packed"
@@ -368,12 +402,18 @@ class _Fp4Scheme(Scheme):
             if group is IGNORED:
                 continue
             in_group = group is not None
+            args = Float4Args(
+                cast(Literal["nvfp4", "mxfp4"], self.method),
+                activations=isinstance(group, dict)
+                and self._reads_inputs(group.get("input_activations")),
+            )
+            needed = [p for p in self.parts if p != "input_global_scale" or args.activations]
             parts = {
                 suffix: checkpoint.tensors[f"{module}.{suffix}"]
-                for suffix in self.parts
+                for suffix in needed
                 if f"{module}.{suffix}" in checkpoint.tensors
             }
-            missing = [p for p in self.parts if p not in parts]
+            missing = [p for p in needed if p not in parts]
             if not in_group or missing or len(info.shape) != 2:
                 raise InputError(
                     f"is an {self.method} weight without "
@@ -386,7 +426,7 @@ class _Fp4Scheme(Scheme):
             out[module] = CompressedModule(
                 module,
                 self,
-                Float4Args(cast(Literal["nvfp4", "mxfp4"], self.method)),
+                args,
                 (rows, 2 * half),
                 parts,
                 "BF16",
@@ -406,10 +446,23 @@ class Nvfp4Scheme(_Fp4Scheme):
     method = "nvfp4"
     group = 16
     scale_dtype = "F8_E4M3"
-    parts = ("weight_packed", "weight_scale", "weight_global_scale")
+    parts = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
 
     def needs_range(self, args: Args) -> bool:
         return True
+
+    def _reads_inputs(self, inputs: object) -> bool:
+        return (
+            isinstance(inputs, dict)
+            and (inputs.get("type"), inputs.get("num_bits"), inputs.get("group_size"))
+            == (
+                "float",
+                4,
+                16,
+            )
+            and inputs.get("strategy") == "tensor_group"
+            and inputs.get("dynamic") == "local"
+        )
 
     fused_range = True  # servers keep one global scale for a fused module
 
@@ -418,8 +471,12 @@ class Nvfp4Scheme(_Fp4Scheme):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return nvfp4_global_scale(max(abs(lo), abs(hi))), None
 
-    def _global_outputs(self, m: str, tensor_name: str) -> list[OutputSpec]:
-        return [OutputSpec(f"{m}.weight_global_scale", "F32", (1,), "global_scale", tensor_name)]
+    def _global_outputs(self, m: str, tensor_name: str, args: Float4Args) -> list[OutputSpec]:
+        weights = OutputSpec(f"{m}.weight_global_scale", "F32", (1,), "global_scale", tensor_name)
+        if not args.activations:
+            return [weights]
+        inputs = OutputSpec(f"{m}.input_global_scale", "F32", (1,), "global_scale", tensor_name)
+        return [weights, inputs]
 
     def _scales(
         self, absmax: torch.Tensor, fixed: torch.Tensor | None
@@ -435,9 +492,14 @@ class Nvfp4Scheme(_Fp4Scheme):
         scale: torch.Tensor | None,
         zero: torch.Tensor | None,
         codebook: Sequence[float] | None,
+        input_absmax: float | None = None,
     ) -> dict[str, np.ndarray]:
         assert scale is not None
-        return {f"{module}.weight_global_scale": scale.reshape(1).float().numpy()}
+        small = {f"{module}.weight_global_scale": scale.reshape(1).float().numpy()}
+        if cast(Float4Args, args).activations:
+            assert input_absmax is not None, "W4A4 runs are calibrated (config validation)"
+            small[f"{module}.input_global_scale"] = nvfp4_global_scale(input_absmax).numpy()
+        return small
 
     def _multiplier(self, module: CompressedModule, scale: torch.Tensor) -> torch.Tensor:
         return _nvfp4_effective(scale, read_part(module, "weight_global_scale", 0, 1))

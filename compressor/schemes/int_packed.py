@@ -511,6 +511,7 @@ class IntScheme(Scheme):
         scale: torch.Tensor | None,
         zero: torch.Tensor | None,
         codebook: Sequence[float] | None,
+        input_absmax: float | None = None,
     ) -> dict[str, np.ndarray]:
         small: dict[str, np.ndarray] = {}
         if scale is not None:  # the per-tensor strategy: one scale (and offset) for all rows

@@ -8,7 +8,9 @@ Shards run in parallel on the workers; XᵀX is a sum over tokens, so a second m
 shards' partial sums per layer, in shard order, in float64 (the same order and shard boundaries
 whatever the number of workers, and one torch thread per job: identical bytes on 1 or N
 workers). The result is one float32 (cols, cols) array per distinct input, staged, and a map from
-weight name to it (`Calibration`), which compress reads per chunk.
+weight name to it (`Calibration`), which compress reads per chunk. Each input's max |x| (the
+maximum over shards) comes with it: NVFP4 W4A4 writes its input global scale from it. When no
+rule reads XᵀX (W4A4 alone), the shards skip the products and stage nothing but markers.
 
 Inputs are the *original* model's activations ("parallel" calibration, as GPTQ's paper and
 llm-compressor's default `sequential` pipeline differ on: the latter feeds each layer the
@@ -61,12 +63,14 @@ TOKENS = "calib/tokens"
 
 @dataclass(frozen=True)
 class Statistic:
-    """A staged XᵀX: its array, the tokens summed, the input width."""
+    """A staged XᵀX: its array (None when not computed), the tokens summed, the input width,
+    the input's largest magnitude."""
 
-    path: str
+    path: str | None
     tokens: int
     cols: int
     factor: str | None = None  # GPTQ's staged Cholesky factor U of (H + λI)⁻¹, when asked for
+    absmax: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,14 @@ class Calibration:
     def get(self, weight: str) -> Statistic | None:
         return self.stats.get(weight)
 
+    def input_absmax(self, weight: str) -> float:
+        """max |x| of the weight's input; for a weight no token reached (an expert never
+        routed to), the largest of any input, so its input scale clips nothing seen."""
+        stat = self.stats.get(weight)
+        if stat is not None:
+            return stat.absmax
+        return max((s.absmax for s in self.stats.values()), default=0.0)
+
 
 @dataclass(frozen=True)
 class CalibrationShard:
@@ -89,6 +101,7 @@ class CalibrationShard:
     rows: tuple[int, int]  # windows [r0, r1) of the staged tokens
     source: str  # checkpoint directory (config.json)
     tensors: tuple[TensorPlan, ...]  # every input tensor, to read layers' weights by name
+    hessians: bool = True  # compute and stage XᵀX (False: only max |x| is read)
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,7 @@ class LayerSum:
     layer: int
     shards: int
     dampening: float | None = None  # also stage GPTQ's factor, with this λ
+    hessians: bool = True
 
 
 @contextlib.contextmanager
@@ -169,13 +183,19 @@ def calibrate_shard(job: CalibrationShard) -> int:
             flat = staging.read_rows(_hidden(job.shard, start - 1), 0, hidden.numel())
             hidden = torch.from_numpy(flat.reshape(hidden.shape))
         for i in range(start, layers):
-            hidden, stats = runner.run_layer(i, hidden, inputs[i][1])
+            hidden, stats = runner.run_layer(i, hidden, inputs[i][1], job.hessians)
             groups = {}
             for j, s in enumerate(stats):
-                cols = s.hessian.shape[0]
-                staging.create(_part(job.shard, i, j), (cols, cols), "F32", cols)
-                staging.write_rows(_part(job.shard, i, j), 0, s.hessian.numpy())
-                groups[f"{j}"] = {"members": s.members, "tokens": s.tokens, "cols": cols}
+                cols = s.cols
+                if s.hessian is not None:
+                    staging.create(_part(job.shard, i, j), (cols, cols), "F32", cols)
+                    staging.write_rows(_part(job.shard, i, j), 0, s.hessian.numpy())
+                groups[f"{j}"] = {
+                    "members": s.members,
+                    "tokens": s.tokens,
+                    "cols": cols,
+                    "absmax": s.absmax,
+                }
             if i + 1 < layers:
                 flat = hidden.reshape(-1).contiguous().numpy()
                 staging.create(_hidden(job.shard, i), flat.shape, "F32", flat.shape[0])
@@ -205,14 +225,27 @@ def sum_layer(job: LayerSum) -> dict[str, dict]:
     if recorded is not None:
         return recorded
     parts: dict[tuple[str, ...], list[tuple[int, int, int, int]]] = {}
+    absmax: dict[tuple[str, ...], float] = {}
     for s in range(job.shards):
         marker = staging.done(STAGE, f"s{s:04d}", job.layer)
         assert marker is not None, "every shard finished before the sums"
         for j, g in marker["groups"].items():
-            parts.setdefault(tuple(g["members"]), []).append((s, int(j), g["tokens"], g["cols"]))
+            members = tuple(g["members"])
+            parts.setdefault(members, []).append((s, int(j), g["tokens"], g["cols"]))
+            absmax[members] = max(absmax.get(members, 0.0), float(g["absmax"]))
     result: dict[str, dict] = {}
     for k, members in enumerate(sorted(parts)):
         cols = parts[members][0][3]
+        if not job.hessians:
+            tokens = sum(n for _, _, n, _ in parts[members])
+            for m in members:
+                result[m] = {
+                    "path": None,
+                    "tokens": tokens,
+                    "cols": cols,
+                    "absmax": absmax[members],
+                }
+            continue
         total = np.zeros((cols, cols), dtype=np.float64)
         tokens = 0
         for s, j, n, _ in parts[members]:
@@ -224,7 +257,12 @@ def sum_layer(job: LayerSum) -> dict[str, dict]:
         del total  # before the factor: memory is a few (cols, cols) float32 arrays at most
         staging.create(_final(job.layer, k), (cols, cols), "F32", cols)
         staging.write_rows(_final(job.layer, k), 0, stored)
-        entry: dict = {"path": _final(job.layer, k), "tokens": tokens, "cols": cols}
+        entry: dict = {
+            "path": _final(job.layer, k),
+            "tokens": tokens,
+            "cols": cols,
+            "absmax": absmax[members],
+        }
         if job.dampening is not None:  # once per input here, not once per worker in compress
             with one_thread():  # the same bits whichever worker computes it
                 u, _ = inverse_hessian_factor(torch.from_numpy(stored), job.dampening)
@@ -245,20 +283,23 @@ def calibrate(
     executor: Executor,
     progress: Progress | None = None,
     dampening: float | None = None,
+    hessians: bool = True,
 ) -> Calibration:
     """Stage the samples, run the shards, add their sums; the statistic of every target (and,
-    with `dampening`, GPTQ's factor of every input)."""
+    with `dampening`, GPTQ's factor of every input; without `hessians`, max |x| alone)."""
     n, seq_len = samples.tokens.shape
     staging.create(TOKENS, (n, seq_len), "I64", n)
     staging.write_rows(TOKENS, 0, samples.tokens)
     shards = [
-        CalibrationShard(staging, k, (r0, min(r0 + SHARD_SAMPLES, n)), source, plan.tensors)
+        CalibrationShard(
+            staging, k, (r0, min(r0 + SHARD_SAMPLES, n)), source, plan.tensors, hessians
+        )
         for k, r0 in enumerate(range(0, n, SHARD_SAMPLES))
     ]
     layers = executor.map(calibrate_shard, shards, STAGE, progress)[0]
     sums = executor.map(
         sum_layer,
-        [LayerSum(staging, i, len(shards), dampening) for i in range(layers)],
+        [LayerSum(staging, i, len(shards), dampening, hessians) for i in range(layers)],
         SUM_STAGE,
         progress,
     )
@@ -266,7 +307,7 @@ def calibrate(
     for per_layer in sums:
         for module, s in per_layer.items():
             stats[f"{module}.weight"] = Statistic(
-                s["path"], s["tokens"], s["cols"], s.get("factor")
+                s["path"], s["tokens"], s["cols"], s.get("factor"), s["absmax"]
             )
     notes = [samples.note] if samples.note else []
     missing = [t.name for t in plan.staged if t.args is not None and t.name not in stats]
@@ -274,7 +315,8 @@ def calibrate(
         notes.append(
             f"calibration: {len(missing)} quantized weight(s) saw no calibration token (e.g. "
             f"{missing[0]}: an expert never routed to, or not an nn.Linear of the model); "
-            "they are rounded data-free"
+            "they are rounded data-free (and an nvfp4 W4A4 input takes the largest input "
+            "scale measured)"
         )
     return Calibration(stats, n, seq_len, tuple(notes))
 
@@ -289,6 +331,7 @@ def _staged_hessian(root: str, path: str) -> torch.Tensor:
 def load_hessian(staging: Staging, stat: Statistic) -> torch.Tensor:
     """The staged XᵀX (float32, cols × cols), cached per process (chunks of one tensor share
     it)."""
+    assert stat.path is not None, "XᵀX is staged whenever a rule reads it"
     return _staged_hessian(str(staging.root), stat.path)
 
 

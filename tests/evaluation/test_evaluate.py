@@ -111,3 +111,26 @@ def test_smollm2_against_itself(smollm2_dir, text):
     assert report.ppl_original < 100
     assert report.weights.only_in_approx == ("lm_head.weight",)  # tied to the embedding
     assert report.dtype == str(torch.float32).removeprefix("torch.")
+
+
+def test_evaluate_scores_nvfp4_w4a4_with_its_activations_quantized(tiny_dir, tmp_path, text):
+    """W4A4 runs in bfloat16 through compressed-tensors, activations quantized on the fly (the
+    float32 path fails, and dequantize-on-load would score it as W4A16): its perplexity differs
+    from that of the same weights without activation quantization (nvfp4a16)."""
+    from compressor.config import build_config
+    from compressor.pipeline import compress_checkpoint
+
+    corpus = tmp_path / "calibration.txt"
+    corpus.write_text(text)
+    w4a4, a16 = tmp_path / "w4a4", tmp_path / "a16"
+    calibration = {"path": str(corpus), "samples": 4, "seq_len": 64}
+    compress_checkpoint(
+        build_config(str(tiny_dir), str(w4a4), preset="nvfp4", calibration=calibration, workers=0)
+    )
+    compress_checkpoint(build_config(str(tiny_dir), str(a16), preset="nvfp4a16", workers=0))
+    report = evaluate(tiny_dir, w4a4, text, max_tokens=200, window=64)
+    weight_only = evaluate(tiny_dir, a16, text, max_tokens=200, window=64)
+    assert report.compressed_loader == "compressed-tensors (bfloat16, NVFP4 activations)"
+    assert weight_only.compressed_loader != report.compressed_loader
+    assert math.isfinite(report.ppl_compressed)
+    assert report.ppl_compressed != pytest.approx(weight_only.ppl_compressed, rel=1e-3)

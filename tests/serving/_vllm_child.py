@@ -6,7 +6,8 @@ project's .venv. Usage::
     .venv-vllm/bin/python tests/serving/_vllm_child.py JOBS.json
 
 ``JOBS.json`` holds ``{"prompts": [...], "max_tokens": N, "max_model_len": L, "jobs": [{"name",
-"dir", "force_stand_in"}...]}``. For each job, in order and in this one process, it builds
+"dir", "force_stand_in", "score_ids"}...]}`` (``score_ids``, optional: token ids whose
+perplexity the job also reports, from vLLM's prompt logprobs). For each job, in order and in this one process, it builds
 ``vllm.LLM(model=dir, ...)``, greedy-generates ``max_tokens`` tokens for every prompt, deletes the
 LLM and collects garbage. It prints one line per job (and one first, ``machine``), each
 ``VLLM-JUDGE {json}`` on stdout, so the parent can pick them out of vLLM's own logging:
@@ -49,6 +50,17 @@ then a plain matmul. For an int4 layer it calls vLLM's real op whenever the exte
 (unless the job sets ``force_stand_in``, which the test uses to check the stand-in against the
 real kernel). Calls are counted per path and reported, so the test knows which cases needed it.
 Nothing here is product code; it only ever runs in this child process.
+
+NVFP4 W4A4 on CPU
+-----------------
+
+vLLM 0.32 selects its NVFP4 linear kernel from a per-platform list that has no entry for the CPU
+platform, so a W4A4 checkpoint is refused there although vLLM ships a pure-torch kernel for it:
+``EmulationNvFp4LinearKernel`` (vllm/model_executor/kernels/linear/nvfp4/emulation.py), its
+fallback on CUDA and its only NVFP4 kernel on ROCm, which quantizes each input to NVFP4 with
+the checkpoint's ``input_global_scale`` and multiplies by the dequantized weights. The child adds
+that kernel, unchanged, to the CPU platform's list and counts its calls ("emulation-nvfp4");
+config parsing, the W4A4 scheme, fused loading of the global scales and the kernel are vLLM's.
 
 ``VLLM_JUDGE_SIMULATE_AVX2=1`` makes vLLM load its AVX2 extension on an AVX-512 CPU, so that the
 int4 layers take the stand-in as they do on AVX2-only CPUs (the test then still passes: int4
@@ -161,6 +173,38 @@ def install_stand_in() -> bool:
     return has_op
 
 
+def install_nvfp4_emulation() -> None:
+    """List vLLM's own NVFP4 emulation kernel for the CPU platform (see the module docstring)."""
+    from vllm.model_executor import kernels
+    from vllm.model_executor.kernels.linear.nvfp4.emulation import EmulationNvFp4LinearKernel
+    from vllm.platforms import PlatformEnum
+
+    linear = sys.modules[f"{kernels.__name__}.linear"]
+    linear._POSSIBLE_NVFP4_KERNELS.setdefault(PlatformEnum.CPU, []).append(
+        EmulationNvFp4LinearKernel
+    )
+    apply = EmulationNvFp4LinearKernel.apply_weights
+
+    def counted(self, layer, x, bias=None):  # type: ignore[no-untyped-def]
+        _calls["emulation-nvfp4"] += 1
+        return apply(self, layer, x, bias)
+
+    EmulationNvFp4LinearKernel.apply_weights = counted  # type: ignore[method-assign]
+
+
+def _perplexity(llm: Any, ids: list[int]) -> float:
+    """exp(mean NLL) of `ids` (each token given those before it), from vLLM's prompt logprobs."""
+    import math
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    (out,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+    logprobs = [p[ids[i]].logprob for i, p in enumerate(out.prompt_logprobs) if p]
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
 def _where(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
@@ -180,6 +224,7 @@ def main() -> int:
     from vllm import LLM, SamplingParams
 
     has_op = install_stand_in()
+    install_nvfp4_emulation()
     emit(
         {
             "machine": {
@@ -213,6 +258,8 @@ def main() -> int:
             record["gen_s"] = round(time.perf_counter() - start, 2)
             record["texts"] = [o.outputs[0].text for o in outputs]
             record["token_ids"] = [list(o.outputs[0].token_ids) for o in outputs]
+            if job.get("score_ids"):
+                record["perplexity"] = _perplexity(llm, job["score_ids"])
             record["ok"] = True
         except Exception as exc:  # the outcome is the result: report it, go on
             record.setdefault("load_s", round(time.perf_counter() - start, 2))

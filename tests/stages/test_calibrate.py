@@ -128,11 +128,11 @@ def test_a_run_that_fails_mid_calibration_resumes_at_the_next_layer(
     real = DecoderRunner.run_layer
     calls: list[int] = []
 
-    def failing(self, i, hidden, kwargs):  # type: ignore[no-untyped-def]
+    def failing(self, i, hidden, kwargs, hessians=True):  # type: ignore[no-untyped-def]
         calls.append(i)
         if len(calls) == 5:  # shard 0 finished (3 layers), shard 1 dies in its second layer
             raise RuntimeError("killed")
-        return real(self, i, hidden, kwargs)
+        return real(self, i, hidden, kwargs, hessians)
 
     monkeypatch.setattr(DecoderRunner, "run_layer", failing)
     with pytest.raises(RuntimeError, match="killed"):
