@@ -63,6 +63,13 @@ SCHEMES: dict[str, tuple[str, list[str], int, bool, int]] = {
         64,
     ),
     "w8": ("W8A16 sym channel", ["--preset", "w8a16"], 8, False, 0),
+    "w4g64asym": (
+        "W4A16 asym g64",
+        ["--preset", "w4a16-asym", "--group-size", "64"],
+        4,
+        True,
+        64,
+    ),
     "nvfp4a16": ("NVFP4 W4A16", ["--preset", "nvfp4a16"], 4, False, 16),
     # W4A4: activations quantized too; its input scales always come from the calibration
     "nvfp4": ("NVFP4 W4A4", ["--preset", "nvfp4"], 4, False, 16),
@@ -75,13 +82,17 @@ METHODS: dict[str, tuple[str, list[str], bool]] = {
     "mse-cal": ("ours, mse weighted by calibration", ["--rounding", "mse"], True),
     "hqq-cal": ("ours, hqq weighted by calibration", ["--rounding", "hqq"], True),
     "gptq": ("ours, GPTQ", ["--method", "gptq"], True),
+    "awq": ("ours, AWQ scaling + RTN", ["--method", "awq"], True),
     "llmc": ("llm-compressor GPTQ", [], True),
+    "llmc-awq": ("llm-compressor AWQ", [], True),
+    "hqq-lib": ("hqq library 0.2.8 (data-free)", [], False),
 }
 DEFAULT = [
-    "w4-rtn", "w4-hqq", "w4-mse-cal", "w4-hqq-cal", "w4-gptq", "w4-llmc",
-    "w3-rtn", "w3-hqq", "w3-hqq-cal", "w3-gptq", "w3-llmc",
-    "w4asym-rtn", "w4asym-gptq", "w4asym-llmc",
+    "w4-rtn", "w4-hqq", "w4-mse-cal", "w4-hqq-cal", "w4-gptq", "w4-awq", "w4-llmc", "w4-llmc-awq",
+    "w3-rtn", "w3-hqq", "w3-hqq-cal", "w3-gptq", "w3-awq", "w3-llmc", "w3-llmc-awq",
+    "w4asym-rtn", "w4asym-gptq", "w4asym-awq", "w4asym-llmc", "w4asym-llmc-awq",
     "w8-rtn", "w8-gptq", "w8-llmc",
+    "w4g64asym-rtn", "w4g64asym-hqq", "w4g64asym-hqq-lib",
     "nvfp4a16-rtn", "nvfp4-rtn", "nvfp4-llmc",
 ]  # fmt: skip
 
@@ -126,20 +137,29 @@ def run_row(src: Path, key: str, tokens: Path, args: argparse.Namespace) -> dict
     shutil.rmtree(dst, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     row: dict[str, Any] = {"key": key, "scheme": s_label, "method": m_label}
-    if method == "llmc" and scheme in FP4_PEER:
+    if method == "hqq-lib":
+        cmd = [str(PEER_PY), str(REPO / "bench" / "peer_hqq.py"), str(src), str(dst)]
+        cmd += ["--bits", str(bits), "--group", str(group)]
+        row["command"] = (
+            f"peer-venv/bin/python bench/peer_hqq.py $SRC $DST --bits {bits} --group {group}"
+        )
+    elif method == "llmc" and scheme in FP4_PEER:
         cmd = [str(PEER_PY), str(REPO / "bench" / "peer_gptq.py"), str(src), str(dst)]
         cmd += [str(tokens), "--preset", FP4_PEER[scheme]]
         row["command"] = (
             f"peer-venv/bin/python bench/peer_gptq.py $SRC $DST tokens.npy --preset {FP4_PEER[scheme]}"
         )
         row["method"] = "llm-compressor, round to nearest"
-    elif method == "llmc":
+    elif method.startswith("llmc"):
+        awq = method == "llmc-awq"
         cmd = [str(PEER_PY), str(REPO / "bench" / "peer_gptq.py"), str(src), str(dst)]
         cmd += [str(tokens), "--bits", str(bits), "--groups"]
         cmd += [json.dumps(_peer_groups(src, group))] + (["--asym"] if asym else [])
+        cmd += ["--awq"] if awq else []
         row["command"] = (
             "peer-venv/bin/python bench/peer_gptq.py $SRC $DST tokens.npy "
-            f"--bits {bits}{' --asym' if asym else ''} --groups '<as ours>'"
+            f"--bits {bits}{' --asym' if asym else ''}{' --awq' if awq else ''} "
+            "--groups '<as ours>'"
         )
     else:
         flags = [*s_flags, *m_flags]
@@ -159,7 +179,7 @@ def run_row(src: Path, key: str, tokens: Path, args: argparse.Namespace) -> dict
         if proc.returncode != 0:
             row["error"] = f"exited {proc.returncode}: {_tail(proc.stderr or proc.stdout)}"
             return row
-        if method == "llmc":
+        if method.startswith("llmc") or method == "hqq-lib":
             row["peer"] = json.loads(proc.stdout.strip().splitlines()[-1])
         else:
             report = _last_json(proc.stdout)

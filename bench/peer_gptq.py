@@ -6,6 +6,9 @@ llmcompressor).
         --bits 4 --groups '{"re:.*down_proj$": 128, "re:.*_proj$": 64}' [--asym]
     /work/bench-data/peer-venv/bin/python bench/peer_gptq.py SRC DST TOKENS.npy --preset NVFP4
 
+With `--awq` it runs llm-compressor's AWQ instead of GPTQ (`AWQModifier`, its defaults: duo
+scaling, the architecture's mappings, then round to nearest with the same config groups; its
+memory pinning, which needs a GPU, is skipped).
 With `--preset NAME` it runs one of compressed-tensors' preset schemes with llm-compressor's
 calibrated round-to-nearest modifier instead (`QuantizationModifier(scheme=NAME)`; NVFP4: W4A4,
 the input global scales observed on the calibration tokens).
@@ -35,6 +38,7 @@ def main() -> None:
     p.add_argument("--groups", default="{}", help="JSON: target pattern → group size")
     p.add_argument("--asym", action="store_true")
     p.add_argument("--preset", default="", help="a compressed-tensors preset scheme, no GPTQ")
+    p.add_argument("--awq", action="store_true", help="AWQ + round to nearest, not GPTQ")
     a = p.parse_args()
 
     import importlib.metadata
@@ -64,9 +68,20 @@ def main() -> None:
         groups[f"group_{k}"] = QuantizationScheme(targets=[target], weights=weights)
     model = AutoModelForCausalLM.from_pretrained(a.src, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(a.src)
-    recipe: GPTQModifier | QuantizationModifier = GPTQModifier(
+    recipe: GPTQModifier | QuantizationModifier | list = GPTQModifier(
         config_groups=groups, ignore=["lm_head"]
     )
+    if a.awq:
+        from llmcompressor.modifiers.transform import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        # llm-compressor 0.14's AWQ pins its cached activations in memory before each grid
+        # search (for faster host-to-GPU copies); pinning needs an accelerator and fails on a
+        # CPU-only machine. It changes no value: skip it.
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+        rtn = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
+        recipe = [AWQModifier(), rtn]
     if a.preset:
         recipe = QuantizationModifier(targets="Linear", scheme=a.preset, ignore=["lm_head"])
     start = time.perf_counter()

@@ -105,8 +105,9 @@ def compress(
         typer.Option(
             "--rounding",
             "--method",
-            help="Scales and codes: rtn (default) | mse | hqq | gptq (needs --calibration). "
-            "With --calibration, mse and hqq weight inputs by their activations.",
+            help="Scales and codes: rtn (default) | mse | hqq | gptq | awq (the last two need "
+            "--calibration; awq: AWQ's equivalent scaling, then rtn). With --calibration, mse "
+            "and hqq weight inputs by their activations.",
         ),
     ] = None,
     calibration: Annotated[

@@ -161,6 +161,13 @@ class QuantRule(_Frozen):
         "mse and hqq weight each input by its activations' second moment.",
     )
 
+    scaling: Literal["none", "awq"] = Field(
+        "none",
+        description="'awq': before rounding, scale each input channel by its activations' "
+        "magnitude to a power searched per module (AWQ), folded into the preceding norm or "
+        "linear so the output stays a standard checkpoint (needs calibration; rounding rtn).",
+    )
+
     _targets_compile = field_validator("targets")(_valid_patterns)
 
     @model_validator(mode="after")
@@ -188,6 +195,14 @@ class QuantRule(_Frozen):
             )
         if not self.targets:
             raise ValueError('targets is empty: list names, "re:" patterns or "Linear"')
+        if self.scaling == "awq" and (
+            self.method != "int" or self.rounding != "rtn" or self.strategy == "tensor"
+        ):
+            raise ValueError(
+                "scaling awq goes with method int, rounding rtn and strategy channel or group "
+                f"(here method {self.method}, rounding {self.rounding}, strategy "
+                f"{self.strategy})"
+            )
         if self.rounding == "gptq" and self.method != "int":
             raise ValueError(
                 f"rounding gptq writes integer codes: use method int, not {self.method}"
@@ -653,6 +668,17 @@ class RunConfig(_Frozen):
                 "a .npy of token ids), or choose rounding rtn, mse or hqq"
             )
         w4a4 = any(r.activations == "nvfp4" for r in self.recipe.quantization)
+        awq = any(r.scaling == "awq" for r in self.recipe.quantization)
+        if awq and self.calibration is None:
+            raise ValueError(
+                "awq scales inputs by their activations: add --calibration FILE (a text file or "
+                "a .npy of token ids), or drop --method awq"
+            )
+        if awq and (self.recipe.budget is not None or self.recipe.pruning is not None):
+            raise ValueError(
+                "awq changes the weights before rounding; it does not combine with a budget "
+                "(--target-bits/--max-error) or pruning here: drop one of them"
+            )
         if self.calibration is None and w4a4:
             raise ValueError(
                 "nvfp4 activations (W4A4) need calibration data for each module's input global "
@@ -664,6 +690,7 @@ class RunConfig(_Frozen):
             and self.recipe.budget is None
             and roundings <= {"rtn"}
             and not w4a4
+            and not awq
         ):
             raise ValueError(
                 "calibration is read by rounding gptq, mse or hqq, by nvfp4 activations and by "
@@ -758,13 +785,15 @@ def build_config(
             f"unknown preset {preset!r}",
             hint=f"use one of {', '.join(PRESETS)} or --recipe FILE",
         )
+    awq = rounding == "awq"  # --method awq: equivalent scaling, then round to nearest
     overrides = {
         k: v
         for k, v in {
             "bits": bits,
             "strategy": strategy,
             "group_size": group_size,
-            "rounding": rounding,
+            "rounding": None if awq else rounding,
+            "scaling": "awq" if awq else None,
         }.items()
         if v is not None
     }

@@ -20,23 +20,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from compressor import __version__, schemes
 from compressor.calibration.samples import Samples, load_samples
 from compressor.config import RunConfig
 from compressor.errors import ConfigError
-from compressor.formats import storage
+from compressor.formats import dtypes, storage
 from compressor.formats.layout import module_name
 from compressor.formats.staging import Staging
 from compressor.math.quant import QuantArgs
 from compressor.math.stats import ErrorStats, RangeStats
 from compressor.stages import assemble as assemble_stage
+from compressor.stages import awq as awq_stage
 from compressor.stages import calibrate as calibrate_stage
 from compressor.stages import compress as compress_stage
 from compressor.stages import digest as digest_stage
 from compressor.stages import ingest as ingest_stage
 from compressor.stages import publish as publish_stage
 from compressor.stages import write as write_stage
+from compressor.stages.awq import Scaling
 from compressor.stages.budget import choose_schemes
 from compressor.stages.calibrate import Calibration
 from compressor.stages.coverage import coverage
@@ -300,6 +303,7 @@ class Pipeline:
         self.calibration: Calibration | None = None  # input statistics (stages/calibrate.py)
         self.samples: Samples | None = None  # calibration windows, read by make_plan
         self.calibration_source = ""  # the checkpoint directory the model is built from
+        self.scaling = Scaling()  # AWQ's equivalent scales (stages/awq.py), when asked for
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -376,10 +380,12 @@ class Pipeline:
             )
 
     def _reads_hessians(self) -> bool:
-        """Whether a stage reads XᵀX: a search or GPTQ rounding, or a budget (not W4A4's input
-        scales, which need max |x| alone)."""
+        """Whether a stage reads XᵀX: a search or GPTQ rounding, AWQ, or a budget (not W4A4's
+        input scales, which need max |x| alone)."""
         recipe = self.config.recipe
-        return recipe.budget is not None or any(r.rounding != "rtn" for r in recipe.quantization)
+        return recipe.budget is not None or any(
+            r.rounding != "rtn" or r.scaling != "none" for r in recipe.quantization
+        )
 
     def _gptq_dampening(self) -> float | None:
         """λ for GPTQ's factors, staged by the calibration stage when a rule uses gptq."""
@@ -409,6 +415,15 @@ class Pipeline:
             self.codebooks = kmeans_codebooks(
                 self.plan, self.staging, self.ranges, executor, self.progress
             )
+            if self.calibration is not None and any(t.scaling == "awq" for t in self.plan.staged):
+                self.scaling = awq_stage.scale(
+                    self.plan,
+                    str(self.staging.root),
+                    self.calibration,
+                    self.calibration_source,
+                    executor,
+                    self.progress,
+                )
 
     def thresholds(self) -> None:
         with self._timed("thresholds"):
@@ -421,7 +436,7 @@ class Pipeline:
 
     def compress(self, executor: Executor) -> None:
         with self._timed("compress"):
-            self.in_place = assemble_stage.assembles_in_place(
+            self.in_place = not self.scaling.norms and assemble_stage.assembles_in_place(
                 self.plan, self.staging, self.config.scheduler
             )
             targets = None
@@ -438,6 +453,7 @@ class Pipeline:
                 codebooks={name: c.stored for name, c in self.codebooks.items()},
                 targets=targets,
                 calibration=self.calibration,
+                scaling=self.scaling,
             )
         with self._timed("digest"):  # after the chunks, so it reads what they left in the cache
             self.source_digests = digest_stage.digest_sources(
@@ -544,6 +560,10 @@ class Pipeline:
         """Tiny tensors written straight from the client: shapes, and what each scheme writes
         whole (per-tensor scales, k-means codebooks)."""
         small: dict[str, np.ndarray] = {}
+        by_name = self.plan.by_name
+        for norm, values in self.scaling.norms.items():  # AWQ's folded norm weights
+            dtype = dtypes.torch_dtype(by_name[norm].info.dtype)
+            small[norm] = dtypes.to_raw(torch.from_numpy(values).to(dtype))
         for t in self.plan.staged:
             m = module_name(t.name)
             scheme, stored = t.scheme, t.stored
@@ -610,7 +630,9 @@ class Pipeline:
             output_bytes=sum(s.nbytes for s in self.shards),
             tensors=rows,
             timings=dict(self.timings),
-            notes=list(plan.notes) + list(self.calibration.notes if self.calibration else ()),
+            notes=list(plan.notes)
+            + list(self.calibration.notes if self.calibration else ())
+            + list(self.scaling.notes),
             run_key=plan.run_key,
             coverage=coverage(plan.tensors),
         )

@@ -53,6 +53,7 @@ __all__ = [
     "check",
     "load_factor",
     "load_hessian",
+    "read_weight",
 ]
 
 STAGE = "calibrate"
@@ -125,7 +126,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _read(t: TensorPlan) -> torch.Tensor:
+def read_weight(t: TensorPlan) -> torch.Tensor:
     """A whole input tensor as the model uses it (an encoded weight decoded)."""
     if t.encoded is not None:
         return t.encoded.decode(0, t.info.shape[0])
@@ -146,7 +147,7 @@ def _runner(source: str, tensors: tuple[TensorPlan, ...]):  # type: ignore[no-un
                 path=source,
                 hint="calibration reads the transformers names; compress without --calibration",
             )
-        return _read(t)
+        return read_weight(t)
 
     return DecoderRunner(source, read)
 

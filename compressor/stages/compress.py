@@ -35,6 +35,7 @@ from compressor.schemes.int_packed import (
 )
 from compressor.stages import assemble
 from compressor.stages.assemble import RowTarget
+from compressor.stages.awq import Scaling
 from compressor.stages.calibrate import Calibration, Statistic, load_factor, load_hessian
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.ingest import source_rows
@@ -74,6 +75,9 @@ class CompressJob:
     targets: dict[str, RowTarget] | None = None
     # Calibration: the weight's input XᵀX (and GPTQ's factor) as `stages.calibrate` staged it.
     statistic: Statistic | None = None
+    # AWQ (`stages.awq`): multipliers of the weight's columns, divisors of its rows (float32).
+    columns: np.ndarray | None = None
+    row_divisors: np.ndarray | None = None
 
     @property
     def stage(self) -> str:
@@ -146,6 +150,8 @@ def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
                 raise nonfinite_error(t.source, t.name, bad)
     else:
         x = staged_rows(staging, t, job.chunk)
+    if job.columns is not None or job.row_divisors is not None:
+        x = _equivalently_scaled(x, job.columns, job.row_divisors, r0, r1)
     pruned = x
     removed = 0
     if t.prune is not None:
@@ -180,6 +186,19 @@ def compress_chunk(job: CompressJob | assemble.CopyJob) -> ErrorStats:
     return total
 
 
+def _equivalently_scaled(
+    x: torch.Tensor, columns: np.ndarray | None, rows: np.ndarray | None, r0: int, r1: int
+) -> torch.Tensor:
+    """AWQ's W·diag(s) (and diag(1/s')·W for a producing linear), in float32, stored back in
+    the weight's dtype as the checkpoint will hold it."""
+    y = x.to(torch.float32)
+    if columns is not None:
+        y = y * torch.from_numpy(columns)[None, :]
+    if rows is not None:
+        y = y / torch.from_numpy(rows[r0:r1])[:, None]
+    return y.to(x.dtype)
+
+
 def _hessian(job: CompressJob) -> InputHessian | None:
     if job.statistic is None:
         return None
@@ -211,12 +230,15 @@ def compress(
     codebooks: dict[str, tuple[float, ...]] | None = None,
     targets: dict[str, dict[str, RowTarget]] | None = None,
     calibration: Calibration | None = None,
+    scaling: Scaling | None = None,
 ) -> dict[str, ErrorStats]:
     """Compress every staged chunk; `prune` holds each pruned chunk's decision and `codebooks`
     each k-means tensor's stored centroids (both from the stats stage). `targets` (from
     `assemble.prepare_shard_files`): write the outputs straight into the shard files instead of
     Zarr arrays. `calibration` (from `stages.calibrate`): each weight's input statistics, for
-    gptq and activation-weighted rounding."""
+    gptq and activation-weighted rounding. `scaling` (from `stages.awq`): AWQ's column and row
+    scales per weight."""
+    scaled = scaling if scaling is not None else Scaling()
     if targets is None:
         prepare_outputs(plan, staging)
     decisions = prune or {}
@@ -233,6 +255,8 @@ def compress(
             None if targets is None else targets.get(t.name, {}),
             # rtn chooses its scales from the weights alone: no statistic to read
             calibration.get(t.name) if calibration is not None and t.rounding != "rtn" else None,
+            scaled.columns.get(t.name),
+            scaled.rows.get(t.name),
         )
         for t in plan.staged
         for k in range(len(t.chunks))

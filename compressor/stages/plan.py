@@ -113,6 +113,7 @@ class TensorPlan:
     # An input weight stored encoded (FP8 block-scaled, or any layout a registered scheme
     # reads): chunks decode their rows, and it is never copied as is.
     encoded: Encoded | None = None
+    scaling: str = "none"  # "awq": its columns take equivalent scales first (stages/awq.py)
 
     @property
     def staged(self) -> bool:
@@ -365,8 +366,11 @@ def make_plan(config: RunConfig) -> Plan:
         dtype = decoded.dtype if decoded is not None else info.dtype
         chunks = _row_chunks(rows, cols * dtypes.itemsize(dtype), chunk_bytes, align)
         rounding = found[1].rounding if found is not None else "rtn"
+        scaling = found[1].scaling if found is not None else "none"
         tensors.append(
-            TensorPlan(index, name, source, info, args, chunks, note, prune, rounding, decoded)
+            TensorPlan(
+                index, name, source, info, args, chunks, note, prune, rounding, decoded, scaling
+            )
         )
     for k, rule in enumerate(rules):
         if k not in used_rules:
