@@ -84,6 +84,24 @@ Preset = Literal[
     "dense",
     "recipe",
 ]
+PRESET_NOTES: dict[str, str] = {
+    "w8a16": "int8 per channel; serving: vLLM (GPU), transformers",
+    "w4a16": "int4 group 128; serving: vLLM (GPU and CPU), transformers",
+    "w4a16-asym": "int4 group 128 with zero points; serving: vLLM (GPU and CPU), transformers",
+    "fp8": "FP8 weights + dynamic FP8 activations (W8A8); serving: vLLM on FP8 GPUs",
+    "fp8a16": "FP8 weights only; serving: vLLM (FP8 Marlin on GPU), transformers",
+    "fp8-block": "FP8 per 128x128 block, DeepSeek-V3's layout; serving: vLLM on FP8 GPUs",
+    "nvfp4a16": "FP4 weights, FP8 scale per 16; serving: vLLM (Blackwell, Marlin elsewhere)",
+    "nvfp4": "NVFP4 W4A4, needs calibration; serving: vLLM on Blackwell GPUs",
+    "mxfp4a16": "FP4 weights, power-of-two scale per 32; serving: vLLM (Blackwell)",
+    "minmax": "the seed article's float-offset formula; study only (this tool reads it)",
+    "nf4": "NormalFloat4 codebook; study only (this tool reads it)",
+    "kmeans4": "a learned 16-entry codebook per tensor; study only (this tool reads it)",
+    "dense": "no quantization (pruning alone)",
+    "recipe": "the rules of the recipe given instead of a preset",
+}
+"""One line per preset: what it stores and where it runs (the run form and CLI help show it)."""
+
 CODEBOOK_METHODS = ("nf4", "kmeans")
 FLOAT_METHODS = ("fp8", "nvfp4", "mxfp4")  # fixed float codes: each its own format
 
@@ -560,7 +578,9 @@ class RunConfig(_Frozen):
     source: str = Field(description="Input checkpoint directory or .safetensors file.")
     destination: str = Field(description="Output directory (must not exist unless overwrite).")
     preset: Preset = Field(
-        "w4a16", description="Named scheme; 'recipe' when a recipe file is used."
+        "w4a16",
+        description="Named scheme. "
+        + " · ".join(f"{name}: {note}" for name, note in PRESET_NOTES.items()),
     )
     recipe: Recipe = Field(default_factory=lambda: PRESETS["w4a16"])
     strict_groups: bool = Field(
