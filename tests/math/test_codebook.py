@@ -38,6 +38,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SETTINGS = settings(
     max_examples=40,
     deadline=None,
+    derandomize=True,  # the same examples every run: CI never meets a new one by chance
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -186,10 +187,14 @@ def test_nf4_dequantize_is_float32_code_times_absmax(x):
         xhat.reshape(-1).to(torch.float32).numpy(),
         torch.from_numpy(expected).to(x.dtype).float().numpy(),
     )
-    # nearest code: error at most half the widest gap (0.1519…) times absmax, plus output rounding
+    # nearest code: error at most half the widest gap (0.1519…) times absmax, plus output
+    # rounding: relative in the normal range, one subnormal step below it (float16 blocks of
+    # absmax ~1e-5 decode to subnormals, whose spacing 2^-24 is not relative)
     err = (xhat.to(torch.float64) - x.to(torch.float64)).abs().reshape(-1).numpy()
     gap = max(b - a_ for a_, b in itertools.pairwise(NF4_CODE)) / 2
-    assert np.all(err <= gap * a * (1 + 2.0**-7) + 1e-30)
+    info = torch.finfo(x.dtype)
+    subnormal_step = info.smallest_normal * info.eps
+    assert np.all(err <= gap * a * (1 + 2.0**-7) + subnormal_step + 1e-30)
 
 
 def test_nf4_blocks_run_over_the_flattened_tensor_and_zero_blocks():
