@@ -341,6 +341,8 @@ class Pipeline:
     def make_plan(self) -> Plan:
         with self._timed("plan"):
             self.plan_ = make_plan(self.config)
+            if any(t.scaling == "awq" for t in self.plan_.tensors):
+                awq_stage.check(self.plan_)  # by names, before the model runs
             cal = self.config.calibration
             if cal is not None:  # read and tokenized now: bad data fails before any work
                 self.calibration_source = calibrate_stage.check(self.config)
@@ -560,6 +562,7 @@ class Pipeline:
         """Tiny tensors written straight from the client: shapes, and what each scheme writes
         whole (per-tensor scales, k-means codebooks)."""
         small: dict[str, np.ndarray] = {}
+        cal = self.calibration
         by_name = self.plan.by_name
         for norm, values in self.scaling.norms.items():  # AWQ's folded norm weights
             dtype = dtypes.torch_dtype(by_name[norm].info.dtype)
@@ -573,7 +576,6 @@ class Pipeline:
                 continue
             fixed = self.fixed.get(t.name)
             book = self.codebooks.get(t.name)
-            cal = self.calibration
             small.update(
                 scheme.small_outputs(
                     m,

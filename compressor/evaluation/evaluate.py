@@ -292,9 +292,8 @@ def evaluate(
         try:
             comp, weights = run(load_dir, compare=True, **kwargs)
         except InputError:
-            if (
-                loader != "compressed-tensors"
-            ):  # W4A4 included: no fallback drops its inputs' scheme
+            # W4A4 (its own loader) included: no fallback may drop its activations' scheme
+            if loader != "compressed-tensors":
                 raise
             # transformers 5.24's default (run-compressed) path initialises asymmetric zero
             # points unpacked and refuses the packed ones compressed-tensors writes; its

@@ -452,16 +452,12 @@ class Nvfp4Scheme(_Fp4Scheme):
         return True
 
     def _reads_inputs(self, inputs: object) -> bool:
-        return (
-            isinstance(inputs, dict)
-            and (inputs.get("type"), inputs.get("num_bits"), inputs.get("group_size"))
-            == (
-                "float",
-                4,
-                16,
-            )
-            and inputs.get("strategy") == "tensor_group"
-            and inputs.get("dynamic") == "local"
+        if not isinstance(inputs, dict):
+            return False
+        kind = (inputs.get("type"), inputs.get("num_bits"), inputs.get("group_size"))
+        return kind == ("float", 4, 16) and (inputs.get("strategy"), inputs.get("dynamic")) == (
+            "tensor_group",
+            "local",
         )
 
     fused_range = True  # servers keep one global scale for a fused module

@@ -10,8 +10,11 @@ Llama, Qwen2/3, Mistral, Gemma 1/2/3 and their relatives), layer by layer:
                                                          o_proj's inputs are v_proj's outputs)
     up_proj (its rows)       → down_proj
 
-A group is scaled only when every member is an integer rule with scaling awq and has a
-calibration statistic; otherwise it is left alone (and counted in the note). One job per group
+A group is scaled only when every member (and a producing linear) is an integer rule with
+scaling awq and has a calibration statistic; weights with scaling awq in no scaled group (MoE
+experts, architectures without these names, a group split between rules) are rounded without
+scales and counted in a note. A run where no group exists at all is refused at plan time
+(`check`), before the model runs. One job per group
 (`search_group`): read the members' weights, search α with the input's XᵀX
 (`compressor.math.awq`). The scales then act in two places: compress multiplies each member's
 columns by s (and divides a producing linear's rows by s: a per-row constant changes no
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressor.errors import ConfigError
 from compressor.formats import dtypes
 from compressor.math.awq import search_scale
 from compressor.math.quant import QuantArgs
@@ -43,7 +47,7 @@ from compressor.stages.calibrate import (
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 
-__all__ = ["AwqGroup", "Scaling", "groups", "scale", "search_group"]
+__all__ = ["AwqGroup", "Scaling", "check", "groups", "scale", "search_group"]
 
 STAGE = "awq"
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.self_attn\.q_proj\.weight$")
@@ -71,9 +75,6 @@ class Scaling:
     alphas: dict[str, float] = field(default_factory=dict)  # producer → α
     notes: tuple[str, ...] = ()
 
-    def __bool__(self) -> bool:
-        return bool(self.columns)
-
 
 def _norm_offset(source: str) -> float:
     """1 for Gemma's RMSNorm, which multiplies by (1 + w); 0 for the others."""
@@ -84,11 +85,11 @@ def _norm_offset(source: str) -> float:
     return 1.0 if "gemma" in kind else 0.0
 
 
-def groups(plan: Plan, calibration: Calibration) -> tuple[list[AwqGroup], int]:
-    """The scalable groups of the plan, and how many candidate groups were left alone."""
+def _candidates(plan: Plan) -> list[tuple[str, tuple[str, ...], bool]]:
+    """(producer, member weight names, whether the producer is a norm) of every group the
+    architecture's names give, whatever the rules."""
     by_name = plan.by_name
-    found: list[AwqGroup] = []
-    skipped = 0
+    found = []
     for name in by_name:
         m = _LAYER.match(name)
         if m is None:
@@ -98,33 +99,58 @@ def groups(plan: Plan, calibration: Calibration) -> tuple[list[AwqGroup], int]:
         if mlp_norm not in by_name:
             mlp_norm = f"{p}.post_attention_layernorm.weight"
         v, o = f"{p}.self_attn.v_proj.weight", f"{p}.self_attn.o_proj.weight"
-        candidates = [
-            (f"{p}.input_layernorm.weight", ("q_proj", "k_proj", "v_proj"), "self_attn", True),
-            (mlp_norm, ("gate_proj", "up_proj"), "mlp", True),
-            (f"{p}.mlp.up_proj.weight", ("down_proj",), "mlp", False),
+        attention = tuple(f"{p}.self_attn.{leaf}.weight" for leaf in ("q_proj", "k_proj", "v_proj"))
+        mlp = (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight")
+        found += [
+            (f"{p}.input_layernorm.weight", attention, True),
+            (mlp_norm, mlp, True),
+            (mlp[1], (f"{p}.mlp.down_proj.weight",), False),
         ]
         if v in by_name and o in by_name and by_name[v].info.shape[0] == by_name[o].info.shape[1]:
-            candidates.insert(1, (v, ("o_proj",), "self_attn", False))
-        for producer, leaves, block, is_norm in candidates:
-            members = tuple(by_name.get(f"{p}.{block}.{leaf}.weight") for leaf in leaves)
-            stat = calibration.get(f"{p}.{block}.{leaves[0]}.weight")
-            source = by_name.get(producer)
-            usable = (
-                source is not None
-                and (is_norm or (source.scaling == "awq" and isinstance(source.args, QuantArgs)))
-                and stat is not None
-                and stat.path is not None
-                and all(
-                    t is not None and t.scaling == "awq" and isinstance(t.args, QuantArgs)
-                    for t in members
-                )
-            )
-            if not usable:
-                skipped += any(t is not None and t.scaling == "awq" for t in members)
-                continue
-            assert stat is not None
+            found.append((v, (o,), False))
+    return found
+
+
+def _awq(t: TensorPlan | None) -> bool:
+    return t is not None and t.scaling == "awq" and isinstance(t.args, QuantArgs)
+
+
+def check(plan: Plan) -> None:
+    """Before any work: a run with scaling awq has at least one group to scale."""
+    by_name = plan.by_name
+    for _, members, _ in _candidates(plan):
+        if all(_awq(by_name.get(m)) for m in members):
+            return
+    first = next(t.name for t in plan.tensors if t.scaling == "awq")
+    raise ConfigError(
+        "awq finds no module group to scale: it knows the transformers names of Llama-like "
+        "decoders (input_layernorm → self_attn.q/k/v_proj, post_attention_layernorm or "
+        "pre_feedforward_layernorm → mlp.gate/up_proj, mlp.up_proj → down_proj)",
+        path=str(plan.checkpoint.root),
+        tensor=first,
+        hint="drop --method awq (use --method gptq), or give awq the whole group of modules",
+    )
+
+
+def groups(plan: Plan, calibration: Calibration) -> tuple[list[AwqGroup], list[str]]:
+    """The groups to scale, and the weights with scaling awq that are in none of them."""
+    by_name = plan.by_name
+    found: list[AwqGroup] = []
+    for producer, names, is_norm in _candidates(plan):
+        members = tuple(by_name.get(m) for m in names)
+        stat = calibration.get(names[0])
+        source = by_name.get(producer)
+        if (
+            source is not None
+            and (is_norm or _awq(source))
+            and stat is not None
+            and stat.path is not None
+            and all(_awq(t) for t in members)
+        ):
             found.append(AwqGroup(producer, tuple(t for t in members if t), stat, is_norm))
-    return found, skipped
+    covered = {t.name for g in found for t in g.members}
+    left = [t.name for t in plan.staged if t.scaling == "awq" and t.name not in covered]
+    return found, left
 
 
 @dataclass(frozen=True)
@@ -166,7 +192,7 @@ def scale(
     progress: Progress | None = None,
 ) -> Scaling:
     """Search every group's scales; the column, row and norm changes they imply."""
-    found, skipped = groups(plan, calibration)
+    found, left = groups(plan, calibration)
     results = executor.map(
         search_group, [SearchJob(g, staging_root) for g in found], STAGE, progress
     )
@@ -195,9 +221,9 @@ def scale(
             f", output error on the calibration tokens −{100 * float(np.mean(gains)):.1f} % "
             "against plain rounding, mean over groups)"
         )
-    if skipped:
+    if left:
         notes.append(
-            f"awq: {skipped} module group(s) left unscaled (a member with another rule, or no "
-            "calibration statistic)"
+            f"awq: {len(left)} weight(s) in no scaled group (e.g. {left[0]}: an MoE expert, a "
+            "group split between rules, or no calibration statistic) are rounded without scales"
         )
     return Scaling(columns, rows, norms, alphas, tuple(notes))

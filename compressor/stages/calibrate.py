@@ -237,41 +237,32 @@ def sum_layer(job: LayerSum) -> dict[str, dict]:
     result: dict[str, dict] = {}
     for k, members in enumerate(sorted(parts)):
         cols = parts[members][0][3]
+        entry: dict = {
+            "path": None,  # XᵀX not computed (no rule reads it)
+            "tokens": sum(n for _, _, n, _ in parts[members]),
+            "cols": cols,
+            "absmax": absmax[members],
+        }
+        for m in members:
+            result[m] = entry
         if not job.hessians:
-            tokens = sum(n for _, _, n, _ in parts[members])
-            for m in members:
-                result[m] = {
-                    "path": None,
-                    "tokens": tokens,
-                    "cols": cols,
-                    "absmax": absmax[members],
-                }
             continue
         total = np.zeros((cols, cols), dtype=np.float64)
-        tokens = 0
-        for s, j, n, _ in parts[members]:
+        for s, j, _, _ in parts[members]:
             for r0 in range(0, cols, _SUM_ROWS):  # no float64 copy of a whole partial
                 r1 = min(r0 + _SUM_ROWS, cols)
                 total[r0:r1] += staging.read_rows(_part(s, job.layer, j), r0, r1)
-            tokens += n
         stored = total.astype(np.float32)
         del total  # before the factor: memory is a few (cols, cols) float32 arrays at most
         staging.create(_final(job.layer, k), (cols, cols), "F32", cols)
         staging.write_rows(_final(job.layer, k), 0, stored)
-        entry: dict = {
-            "path": _final(job.layer, k),
-            "tokens": tokens,
-            "cols": cols,
-            "absmax": absmax[members],
-        }
+        entry["path"] = _final(job.layer, k)
         if job.dampening is not None:  # once per input here, not once per worker in compress
             with one_thread():  # the same bits whichever worker computes it
                 u, _ = inverse_hessian_factor(torch.from_numpy(stored), job.dampening)
             staging.create(_factor(job.layer, k), (cols, cols), "F32", cols)
             staging.write_rows(_factor(job.layer, k), 0, u.numpy())
             entry["factor"] = _factor(job.layer, k)
-        for m in members:
-            result[m] = entry
     staging.mark_done(SUM_STAGE, f"l{job.layer:04d}", 0, result)
     return result
 
@@ -316,8 +307,8 @@ def calibrate(
         notes.append(
             f"calibration: {len(missing)} quantized weight(s) saw no calibration token (e.g. "
             f"{missing[0]}: an expert never routed to, or not an nn.Linear of the model); "
-            "they are rounded data-free (and an nvfp4 W4A4 input takes the largest input "
-            "scale measured)"
+            "they are rounded data-free (and an nvfp4 W4A4 input is given the largest input "
+            "maximum measured, i.e. the smallest global scale)"
         )
     return Calibration(stats, n, seq_len, tuple(notes))
 

@@ -175,11 +175,10 @@ def install_stand_in() -> bool:
 
 def install_nvfp4_emulation() -> None:
     """List vLLM's own NVFP4 emulation kernel for the CPU platform (see the module docstring)."""
-    from vllm.model_executor import kernels
+    from vllm.model_executor.kernels import linear
     from vllm.model_executor.kernels.linear.nvfp4.emulation import EmulationNvFp4LinearKernel
     from vllm.platforms import PlatformEnum
 
-    linear = sys.modules[f"{kernels.__name__}.linear"]
     linear._POSSIBLE_NVFP4_KERNELS.setdefault(PlatformEnum.CPU, []).append(
         EmulationNvFp4LinearKernel
     )

@@ -317,7 +317,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
-def test_vllm_judges(case: str, judged: dict[str, Any]) -> None:
+def test_vllm_judges(case: str, judged: dict[str, Any], smollm2: Path) -> None:
     record = judged[case]
     expected = EXPECTED[case]
     machine = judged["machine"]
@@ -349,7 +349,7 @@ def test_vllm_judges(case: str, judged: dict[str, Any]) -> None:
         # which W4A4 on this model amplifies: 57.7 against 63.3 on a Persuasion passage), far
         # from the base model's.
         ours = record["perplexity"]
-        reference = _transformers_perplexity(Path(record["dir"]), _score_ids(Path(record["dir"])))
+        reference = _transformers_perplexity(Path(record["dir"]), _score_ids(smollm2))
         base = judged["base"]["perplexity"]
         assert abs(ours / reference - 1) < 0.10, (ours, reference)
         assert ours > 1.2 * base, (ours, base)  # activations were quantized

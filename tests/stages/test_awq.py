@@ -114,6 +114,11 @@ def test_awq_output_loads_and_beats_plain_rounding_on_unseen_tokens(
     report = compress_checkpoint(_config(tiny_llama, awq, token_file, rounding="awq"))
     compress_checkpoint(_config(tiny_llama, rtn, None))
     assert any(n.startswith("awq: 9 module groups scaled") for n in report.notes)
+    # o_proj reads the attention output, which GQA's v_proj does not produce: no group, noted
+    assert any(
+        n.startswith("awq: 3 weight(s) in no scaled group (e.g. model.layers.0.self_attn.o_proj")
+        for n in report.notes
+    ), report.notes
     stored, original = load_dir(awq), load_dir(tiny_llama)
     norm = "model.layers.0.input_layernorm.weight"
     assert stored[norm].dtype == original[norm].dtype and not torch.equal(
@@ -149,3 +154,26 @@ def test_awq_refuses_what_it_cannot_combine_with(tiny_llama: Path, token_file: P
         _config(tiny_llama, Path("/tmp/x"), token_file, rounding="awq", budget={"target_bits": 4.5})
     with pytest.raises(ConfigError, match="scaling awq goes with method int"):
         build_config(str(tiny_llama), "/tmp/x", preset="fp8", rounding="awq")
+
+
+def test_awq_with_no_group_to_scale_is_refused_before_the_model_runs(
+    tiny_llama: Path, token_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only q_proj takes awq: q/k/v cannot share scales, and nothing else is scaled."""
+    from compressor.stages import calibrate as calibrate_stage
+
+    def never(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the model ran before the refusal")
+
+    monkeypatch.setattr(calibrate_stage, "check", never)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "version: 1\nquantization:\n"
+        '  - {targets: ["re:.*q_proj$"], group_size: 32, scaling: awq}\n'
+        "  - {targets: [Linear], group_size: 32}\n"
+    )
+    dest = tmp_path / "out"
+    with pytest.raises(ConfigError, match="awq finds no module group to scale") as refused:
+        compress_checkpoint(_config(tiny_llama, dest, token_file, recipe_path=recipe))
+    assert refused.value.tensor == "model.layers.0.self_attn.q_proj.weight"
+    assert not dest.exists()
