@@ -324,7 +324,8 @@ class PruneConfig(_Frozen):
     )
     importance: Literal["magnitude", "gradient", "activation"] = Field(
         "magnitude",
-        description="|w|; |w·g| from a gradients checkpoint; |w|·‖x‖ (Wanda) from activation norms.",
+        description="|w|; |w·g| from a gradients checkpoint; |w|·‖x‖ (Wanda): input norms from "
+        "the run's calibration data, or from an activations file.",
     )
     normalize: bool = Field(
         False, description="Divide each tensor's importance by its mean (fairer global scope)."
@@ -340,7 +341,9 @@ class PruneConfig(_Frozen):
     targets: list[str] = Field(default_factory=lambda: [LINEAR], description="What may be pruned.")
     gradients: str | None = Field(None, description="Gradients checkpoint (same tensor names).")
     activations: str | None = Field(
-        None, description="Calibration statistics: one F32 vector of input norms per module."
+        None,
+        description="Input norms from elsewhere: one F32 vector per module. Without it, "
+        "importance 'activation' takes ‖x‖ from the run's calibration data.",
     )
     sparse_format: Literal["dense", "bitmask"] = Field(
         "dense", description="Store pruned dense tensors with zeros, or as values + bitmask."
@@ -359,8 +362,6 @@ class PruneConfig(_Frozen):
         self.nm()  # validates the structure string
         if self.importance == "gradient" and not self.gradients:
             raise ValueError("importance 'gradient' needs gradients: a gradients checkpoint path")
-        if self.importance == "activation" and not self.activations:
-            raise ValueError("importance 'activation' needs activations: a calibration file path")
         for pattern, value in self.schedule.items():
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"schedule[{pattern!r}] = {value}: sparsity must be in [0, 1)")
@@ -705,16 +706,26 @@ class RunConfig(_Frozen):
                 "scale: add --calibration FILE (a text file or a .npy of token ids), or use "
                 "preset nvfp4a16 (weight-only)"
             )
+        pruning = self.recipe.pruning
+        wanda = pruning is not None and pruning.importance == "activation"
+        if wanda and pruning is not None and not pruning.activations and self.calibration is None:
+            raise ValueError(
+                "pruning importance 'activation' (Wanda) weighs each input by its norm ‖x‖: add "
+                "--calibration FILE (a text file or a .npy of token ids), or --activations FILE "
+                "(one F32 vector of input norms per module)"
+            )
         if (
             self.calibration is not None
             and self.recipe.budget is None
             and roundings <= {"rtn"}
             and not w4a4
             and not awq
+            and not wanda
         ):
             raise ValueError(
-                "calibration is read by rounding gptq, mse or hqq, by nvfp4 activations and by "
-                "a budget (--target-bits/--max-error); with rounding rtn it would run the model "
+                "calibration is read by rounding gptq, mse or hqq, by nvfp4 activations, by "
+                "pruning importance activation and by a budget (--target-bits/--max-error); "
+                "with rounding rtn it would run the model "
                 "for nothing: add --method gptq (or --rounding hqq), or drop --calibration"
             )
         return self

@@ -380,13 +380,20 @@ class Pipeline:
                 self._gptq_dampening(),
                 hessians=self._reads_hessians(),
             )
+            self.plan_, self.calibration = calibrate_stage.with_input_norms(
+                self.plan, self.calibration
+            )
 
     def _reads_hessians(self) -> bool:
-        """Whether a stage reads XᵀX: a search or GPTQ rounding, AWQ, or a budget (not W4A4's
-        input scales, which need max |x| alone)."""
+        """Whether a stage reads XᵀX: a search or GPTQ rounding, AWQ, a budget, or Wanda
+        pruning without an activations file (its norms are XᵀX's diagonal); not W4A4's input
+        scales, which need max |x| alone."""
         recipe = self.config.recipe
-        return recipe.budget is not None or any(
-            r.rounding != "rtn" or r.scaling != "none" for r in recipe.quantization
+        wanda = recipe.pruning is not None and recipe.pruning.importance == "activation"
+        return (
+            recipe.budget is not None
+            or (wanda and recipe.pruning is not None and not recipe.pruning.activations)
+            or any(r.rounding != "rtn" or r.scaling != "none" for r in recipe.quantization)
         )
 
     def _gptq_dampening(self) -> float | None:

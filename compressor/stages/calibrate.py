@@ -10,7 +10,9 @@ whatever the number of workers, and one torch thread per job: identical bytes on
 workers). The result is one float32 (cols, cols) array per distinct input, staged, and a map from
 weight name to it (`Calibration`), which compress reads per chunk. Each input's max |x| (the
 maximum over shards) comes with it: NVFP4 W4A4 writes its input global scale from it. When no
-rule reads XᵀX (W4A4 alone), the shards skip the products and stage nothing but markers.
+rule reads XᵀX (W4A4 alone), the shards skip the products and stage nothing but markers. Beside
+each XᵀX the sums stage its input norms ‖x_j‖ = sqrt((XᵀX)_jj), which Wanda pruning reads in
+place of an activations file (`with_input_norms`).
 
 Inputs are the *original* model's activations ("parallel" calibration, as GPTQ's paper and
 llm-compressor's default `sequential` pipeline differ on: the latter feeds each layer the
@@ -27,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,7 @@ __all__ = [
     "load_factor",
     "load_hessian",
     "read_weight",
+    "with_input_norms",
 ]
 
 STAGE = "calibrate"
@@ -72,6 +75,7 @@ class Statistic:
     cols: int
     factor: str | None = None  # GPTQ's staged Cholesky factor U of (H + λI)⁻¹, when asked for
     absmax: float = 0.0
+    norms: str | None = None  # the staged ‖x_j‖ = sqrt(diag XᵀX), (cols,) F32, with XᵀX
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,10 @@ def _factor(layer: int, group: int) -> str:
     return f"calib/u/l{layer:04d}g{group:03d}"
 
 
+def _norms(layer: int, group: int) -> str:
+    return f"calib/n/l{layer:04d}g{group:03d}"
+
+
 _SUM_ROWS = 1024
 
 
@@ -253,10 +261,15 @@ def sum_layer(job: LayerSum) -> dict[str, dict]:
                 r1 = min(r0 + _SUM_ROWS, cols)
                 total[r0:r1] += staging.read_rows(_part(s, job.layer, j), r0, r1)
         stored = total.astype(np.float32)
+        # Wanda's input norms ‖x_j‖ over every calibration token: a few bytes beside XᵀX
+        norms = np.sqrt(np.clip(np.diagonal(total), 0.0, None)).astype(np.float32)
         del total  # before the factor: memory is a few (cols, cols) float32 arrays at most
         staging.create(_final(job.layer, k), (cols, cols), "F32", cols)
         staging.write_rows(_final(job.layer, k), 0, stored)
         entry["path"] = _final(job.layer, k)
+        staging.create(_norms(job.layer, k), (cols,), "F32", cols)
+        staging.write_rows(_norms(job.layer, k), 0, norms)
+        entry["norms"] = _norms(job.layer, k)
         if job.dampening is not None:  # once per input here, not once per worker in compress
             with one_thread():  # the same bits whichever worker computes it
                 u, _ = inverse_hessian_factor(torch.from_numpy(stored), job.dampening)
@@ -299,7 +312,7 @@ def calibrate(
     for per_layer in sums:
         for module, s in per_layer.items():
             stats[f"{module}.weight"] = Statistic(
-                s["path"], s["tokens"], s["cols"], s.get("factor"), s["absmax"]
+                s["path"], s["tokens"], s["cols"], s.get("factor"), s["absmax"], s.get("norms")
             )
     notes = [samples.note] if samples.note else []
     missing = [t.name for t in plan.staged if t.args is not None and t.name not in stats]
@@ -358,3 +371,29 @@ def check(config: RunConfig) -> str:
             hint="pip install 'checkpoint-compressor[eval]'",
         ) from None
     return str(folder)  # the file itself was read for the run key (plan): it is readable
+
+
+def with_input_norms(plan: Plan, calibration: Calibration) -> tuple[Plan, Calibration]:
+    """Wanda without an activations file: each weight pruned by importance "activation" reads
+    its input's calibrated norms. A weight no calibration token reached (an expert never routed
+    to) is pruned by magnitude instead, said in a note."""
+    unreached: list[str] = []
+
+    def resolved(t: TensorPlan) -> TensorPlan:
+        p = t.prune
+        if p is None or p.importance != "activation" or p.activation is not None:
+            return t
+        stat = calibration.get(t.name)
+        if stat is None or stat.norms is None:
+            unreached.append(t.name)
+            return replace(t, prune=replace(p, importance="magnitude"))
+        return replace(t, prune=replace(p, norms=stat.norms))
+
+    tensors = tuple(resolved(t) for t in plan.tensors)
+    if unreached:
+        note = (
+            f"pruning: {len(unreached)} weight(s) saw no calibration token (e.g. {unreached[0]}); "
+            "they are pruned by magnitude |w| instead of |w|·‖x‖"
+        )
+        calibration = replace(calibration, notes=(*calibration.notes, note))
+    return replace(plan, tensors=tensors), calibration

@@ -78,6 +78,7 @@ class PrunePlan:
     bitmask: bool  # store kept values + bitmask (unquantized tensors only)
     gradient: tuple[str, TensorInfo] | None = None  # where this tensor's gradient is
     activation: tuple[str, TensorInfo] | None = None  # where its input-norm vector is
+    norms: str | None = None  # or the calibration's staged ‖x‖ (set after the calibrate stage)
 
 
 class Encoded(Protocol):

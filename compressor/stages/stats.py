@@ -134,9 +134,12 @@ def chunk_importance(
             staging.read_rows(f"in/{t.key}.grad", r0, r1), t.prune.gradient[1].dtype
         )
     elif t.prune.importance == "activation":
-        assert t.prune.activation is not None
-        file, info = t.prune.activation  # one small vector (in_features,), read where needed
-        act = dtypes.to_torch(read_tensor(file, info), info.dtype)
+        if t.prune.activation is not None:  # one small vector (in_features,), read where needed
+            file, info = t.prune.activation
+            act = dtypes.to_torch(read_tensor(file, info), info.dtype)
+        else:
+            assert t.prune.norms is not None, "the calibrate stage gives every input its norms"
+            act = torch.from_numpy(staging.read_rows(t.prune.norms, 0, t.info.shape[1]))
     return importance(w, t.prune.importance, grad, act, scale)
 
 

@@ -216,3 +216,54 @@ def test_budget_with_calibration_measures_the_output_error(
     assert got[name].signal == pytest.approx(float(((w.double() @ h) * w.double()).sum()))
     report = compress_checkpoint(config)
     assert report.ratio > 1
+
+
+def test_wanda_reads_its_input_norms_from_the_calibration(
+    tiny_llama: Path,
+    token_file: Path,
+    tmp_path: Path,
+) -> None:
+    """Pruning importance "activation" without an activations file scores |w|·‖x_j‖ with the
+    calibration's input norms: it prunes the weights that an activations file of the float64
+    norms of transformers' own forward on the same tokens prunes, and not magnitude's."""
+    from safetensors.numpy import save_file
+
+    h = _full_forward_hessians(tiny_llama, np.load(token_file))
+    norms = tmp_path / "norms.safetensors"
+    save_file({m: torch.diagonal(x).sqrt().float().numpy() for m, x in h.items()}, str(norms))
+    pruning = {"sparsity": 0.5, "importance": "activation"}
+    calibrated = compress_checkpoint(
+        _config(tiny_llama, tmp_path / "cal", token_file, preset="dense", pruning=pruning)
+    )
+    assert calibrated.ratio == pytest.approx(1.0, abs=0.01)
+    for dest, options in (
+        ("file", {**pruning, "activations": str(norms)}),
+        ("magnitude", {"sparsity": 0.5}),
+    ):
+        compress_checkpoint(
+            _config(tiny_llama, tmp_path / dest, None, preset="dense", pruning=options)
+        )
+    cal, file, magnitude = (load_dir(tmp_path / d) for d in ("cal", "file", "magnitude"))
+    pruned = [n for n in h if f"{n}.weight" in cal]
+    assert len(pruned) == len(h) == 21
+    agree = differ = total = 0
+    for module in pruned:
+        name = f"{module}.weight"
+        mask = cal[name] == 0
+        assert mask.float().mean() == pytest.approx(0.5, abs=0.01), name
+        agree += int((mask == (file[name] == 0)).sum())
+        differ += int((mask != (magnitude[name] == 0)).sum())
+        total += mask.numel()
+    assert agree / total > 0.999  # float32 sums against float64: ties at the threshold only
+    assert differ / total > 0.05
+
+
+def test_wanda_needs_calibration_or_an_activations_file(tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--calibration FILE .* or --activations FILE"):
+        _config(
+            tiny_llama,
+            tmp_path / "out",
+            None,
+            preset="dense",
+            pruning={"sparsity": 0.5, "importance": "activation"},
+        )
