@@ -22,6 +22,7 @@ from rich.table import Table
 
 from compressor.errors import CompressorError, ConfigError, OutputError
 from compressor.summary import note_lines
+from flows.notify import DEFAULT_NAME as DEFAULT_FAILURE_WEBHOOK  # a constant, no Prefect import
 
 app = typer.Typer(
     name="compressor",
@@ -186,7 +187,10 @@ def compress(
         Path | None, typer.Option(help="Gradients checkpoint for --importance gradient.")
     ] = None,
     activations: Annotated[
-        Path | None, typer.Option(help="Activation-norm file for --importance activation.")
+        Path | None,
+        typer.Option(
+            help="Input-norm file for --importance activation (default: from --calibration)."
+        ),
     ] = None,
     sparse_format: Annotated[
         str | None, typer.Option(help="Pruned, unquantized tensors: dense | bitmask.")
@@ -715,6 +719,34 @@ def history(
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
     out.print(table)
+
+
+@app.command("notify-failures")
+def notify_failures(
+    url: Annotated[str, typer.Argument(help="Webhook URL, e.g. a Slack incoming webhook.")],
+    name: Annotated[
+        str, typer.Option(help="Automation and Webhook block name (re-running replaces it).")
+    ] = DEFAULT_FAILURE_WEBHOOK,
+) -> None:
+    """POST every failed compress flow run's message (the error and its fix) to URL: a Prefect
+    automation on the run's failure event with a webhook action, on the server in
+    PREFECT_API_URL (whose triggers and actions services send it)."""
+    from flows.notify import create_failure_webhook
+
+    try:
+        automation_id = create_failure_webhook(url, name=name)
+    except Exception as e:  # the API is down, or refused the name
+        from prefect.settings import PREFECT_API_URL
+
+        _fail(
+            ConfigError(
+                f"cannot create the failure webhook in Prefect ({type(e).__name__}: {e})",
+                path=PREFECT_API_URL.value() or "the local Prefect database",
+                hint="start the Prefect server (or point PREFECT_API_URL at a running one); "
+                "a --name holds lowercase letters, digits and dashes",
+            )
+        )
+    out.print(f"automation {name} ({automation_id}): failed runs POST to the webhook", markup=False)
 
 
 def main() -> None:
