@@ -79,6 +79,7 @@ FP4_PEER = {"nvfp4": "NVFP4"}  # scheme key → the peer's preset (round to near
 METHODS: dict[str, tuple[str, list[str], bool]] = {
     "rtn": ("ours, RTN (data-free)", [], False),
     "hqq": ("ours, hqq (data-free)", ["--rounding", "hqq"], False),
+    "mse": ("ours, mse (data-free)", ["--rounding", "mse"], False),
     "mse-cal": ("ours, mse weighted by calibration", ["--rounding", "mse"], True),
     "hqq-cal": ("ours, hqq weighted by calibration", ["--rounding", "hqq"], True),
     "gptq": ("ours, GPTQ", ["--method", "gptq"], True),
@@ -92,7 +93,7 @@ DEFAULT = [
     "w3-rtn", "w3-hqq", "w3-hqq-cal", "w3-gptq", "w3-awq", "w3-llmc", "w3-llmc-awq",
     "w4asym-rtn", "w4asym-gptq", "w4asym-awq", "w4asym-llmc", "w4asym-llmc-awq",
     "w8-rtn", "w8-gptq", "w8-llmc",
-    "w4g64asym-rtn", "w4g64asym-hqq", "w4g64asym-hqq-lib",
+    "w4g64asym-rtn", "w4g64asym-mse", "w4g64asym-hqq", "w4g64asym-hqq-lib",
     "nvfp4a16-rtn", "nvfp4-rtn", "nvfp4-llmc",
 ]  # fmt: skip
 
