@@ -507,7 +507,7 @@ def test_transformers_loads_w4a16_asym_with_dequantize_on_load(llama_src, tmp_pa
     [
         ("w4a16", {}, True),  # every chunk takes the fused kernels, read straight from the source
         ("w8a16", {}, True),
-        ("w4a16", {"rounding": "mse"}, False),  # the search runs in torch
+        ("w4a16", {"rounding": "mse"}, True),  # the search has fused kernels too
         ("nf4", {}, False),
         ("w4a16", {"pruning": {"sparsity": 0.5}}, False),  # staged input, torch importance
         ("w4a16", {"worker_kind": "threads", "rounding": "mse"}, True),  # asked for

@@ -49,13 +49,16 @@ Python loop over groups), plus two float64 passes for the final choice. Measured
 1024×1024 Student-t weights, int4 g128, defaults, one CPU thread of the (shared, loaded) test
 machine, CPU time per 1M weights: rtn ≈ 1.3 ms; mse ≈ 75 ms (sym), ≈ 230 ms (asym),
 ≈ 200 ms (minmax); hqq ≈ 175-300 ms. Peak memory is about six copies of the block in the work
-dtype. The same code runs on CUDA tensors.
+dtype. The same code runs on CUDA tensors. On the CPU, compress runs int schemes' mse and hqq
+on 16-bit weights through `fused_search` instead (`math.search_kernels`: the same candidates,
+one compiled loop per group, 4-10× faster; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 from compressor.math.quant import (
@@ -69,7 +72,15 @@ from compressor.math.quant import (
     quantized_range,
 )
 
-__all__ = ["RoundingMode", "quantize_rows", "reconstruction_error", "search_qparams"]
+__all__ = [
+    "HQQ_ITERATIONS",
+    "MSE_GRID",
+    "RoundingMode",
+    "fused_search",
+    "quantize_rows",
+    "reconstruction_error",
+    "search_qparams",
+]
 
 RoundingMode = Literal["rtn", "mse", "hqq"]
 
@@ -77,6 +88,8 @@ _SHRINK_MIN = 0.6  # smallest range fraction the mse grid tries
 _SHIFTS = (0.0, 0.5, 1.0)  # where the shrunk range sits: keep lo, centred, keep hi
 _HQQ_BETA = 0.3  # initial penalty, in code units (residuals divided by s)
 _HQQ_KAPPA = 1.3  # β growth per iteration (HQQ's annealing: the fit settles as β grows)
+MSE_GRID = 21  # mse's shrink factors, 1.0 down to 0.6
+HQQ_ITERATIONS = 15
 
 QParams = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -87,8 +100,8 @@ def search_qparams(
     scale_dtype: torch.dtype,
     mode: RoundingMode,
     importance: torch.Tensor | None = None,
-    grid: int = 21,
-    iterations: int = 15,
+    grid: int = MSE_GRID,
+    iterations: int = HQQ_ITERATIONS,
 ) -> QParams:
     """Scale and zero/offset for a (rows, cols) block, chosen by `mode` (see the module doc).
 
@@ -309,6 +322,33 @@ class _Best:
 # --------------------------------------------------------------------------------------------
 # mse: clipped-range grid
 # --------------------------------------------------------------------------------------------
+
+
+def fused_search(
+    raw: np.ndarray,
+    kind: int,
+    args: QuantArgs,
+    mode: RoundingMode,
+    importance: torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """`search_qparams` with the defaults, for int schemes on 16-bit weight bits (uint16), on
+    the fused CPU kernels (`math.search_kernels`): the same candidates, ranked in one compiled
+    loop per group. Returns the scales' 16-bit patterns, the int8 zero points (None when
+    symmetric) and the number of groups holding NaN or ±inf (left at RTN; refuse the block)."""
+    from compressor.math import search_kernels
+
+    cols = raw.shape[1]
+    group = args.group_size if args.strategy == "group" else cols
+    qrange = quantized_range(args)
+    imp = None if importance is None else importance.to(torch.float64).cpu().numpy()
+    if mode == "mse":
+        factors = np.array(_shrink_factors(MSE_GRID), np.float64)
+        return search_kernels.search_mse_16(raw, kind, group, args.symmetric, qrange, factors, imp)
+    if mode == "hqq":
+        return search_kernels.search_hqq_16(
+            raw, kind, group, args.symmetric, qrange, HQQ_ITERATIONS, _HQQ_BETA, _HQQ_KAPPA, imp
+        )
+    raise ValueError(f"the fused search runs mse or hqq, not {mode!r}")
 
 
 def _shrink_factors(grid: int) -> list[float]:

@@ -34,7 +34,7 @@ from compressor.formats import dtypes
 from compressor.formats.layout import CT_FORMAT, MINMAX_FORMAT, OutputSpec, module_name
 from compressor.formats.quant_config import OUR_TOOL
 from compressor.formats.safetensors_io import TensorInfo
-from compressor.math import kernels
+from compressor.math import kernels, search_kernels
 from compressor.math.gptq import InputHessian, gptq_rows
 from compressor.math.pack import pack_rows, packed_width, unpack_rows
 from compressor.math.quant import (
@@ -44,7 +44,7 @@ from compressor.math.quant import (
     qparams_from_range,
     quantized_range,
 )
-from compressor.math.rounding import RoundingMode, quantize_rows, search_qparams
+from compressor.math.rounding import RoundingMode, fused_search, quantize_rows
 from compressor.math.stats import ErrorStats, combine_errors, error_stats
 from compressor.schemes.base import (
     Args,
@@ -176,6 +176,7 @@ def warm_up() -> None:
     cost shows as start-up, not inside the first chunks of the stage."""
     if device().type == "cpu":
         kernels.warm_up()
+        search_kernels.warm_up()
 
 
 def quantize_rows_packed(
@@ -189,7 +190,8 @@ def quantize_rows_packed(
     """Quantize `pruned` (= `x` when nothing was pruned), pack it, and measure it against `x`.
 
     On the CPU, integer schemes on 16-bit weights take the fused kernels (`math.kernels`: one
-    pass, same bits as the torch path); everything else runs the torch path in blocks of
+    pass, same bits as the torch path; the mse and hqq searches `math.search_kernels`: the same
+    candidates); everything else runs the torch path in blocks of
     `BLOCK_ROWS` (GPU: `GPU_BLOCK_ROWS`) rows so temporaries stay cache-sized.
     """
     kind = fused_kind(x, args, fixed)
@@ -245,22 +247,15 @@ def _fused_rows(
     else:
         if fixed.scale is not None:
             scale, zero = fixed.scale, fixed.zero
-        else:  # the search runs in torch, block by block; the kernel then applies its parameters
+        else:  # the search's own kernels choose the parameters; the kernel below applies them
             importance = hessian.diagonal() if hessian is not None else None
-            found = [
-                search_qparams(
-                    pruned[b0 : b0 + BLOCK_ROWS],
-                    args,
-                    x.dtype,
-                    cast(RoundingMode, rounding),
-                    importance,
-                )
-                for b0 in range(0, rows, BLOCK_ROWS)
-            ]
-            scale = torch.cat([s for s, _ in found])
-            zero = (
-                None if found[0][1] is None else torch.cat([z for _, z in found if z is not None])
+            bits16, zeros, bad = fused_search(
+                raw, kind, args, cast(RoundingMode, rounding), importance
             )
+            if bad:
+                raise NonFiniteWeights(int((~torch.isfinite(pruned)).sum()))
+            scale = torch.from_numpy(bits16.view(np.int16)).view(x.dtype)
+            zero = None if zeros is None else torch.from_numpy(zeros)
         ngroups = -(-cols // group)
         packed, sq_error, sq_signal, max_abs = kernels.quantize_pack_16(
             raw,
@@ -479,7 +474,7 @@ class IntScheme(Scheme):
             and args.method == "int"
             and args.strategy != "tensor"
             and dtype in ("BF16", "F16")
-            and rounding == "rtn"
+            and rounding in ("rtn", "mse", "hqq")
         )
 
     def encode_chunk(self, out: RowSink, args: Args, chunk: ChunkInput) -> ErrorStats:

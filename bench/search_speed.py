@@ -1,0 +1,91 @@
+"""CPU time per weight of the data-free searches against round to nearest, as compress runs them.
+
+    python -m bench.search_speed [--rounds 5]
+
+One thread; bfloat16 1024 × 1024 Student-t (4 d.o.f.) weights, int4 g128, symmetric and
+asymmetric, unweighted and weighted by a per-column importance. Each row times what the compress
+stage does for a block on the CPU: `rtn` the fused quantize-and-pack kernel with its own
+parameters (`kernels.quantize_pack_rtn_16`); `mse` / `hqq` the fused search
+(`rounding.fused_search`) plus the same kernel applying its parameters; "torch" rows the torch
+search (`rounding.search_qparams`, what ran before the fused searches, and what GPU workers run)
+plus that kernel. Rounds alternate the cases; the median per case is reported, with its ratio to
+rtn's in the same run. Writes bench/results/search-speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.math import kernels
+from compressor.math.quant import QuantArgs, quantized_range
+from compressor.math.rounding import fused_search, search_qparams
+
+RESULTS = Path(__file__).parent / "results" / "search-speed.json"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=5)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = (torch.distributions.StudentT(4.0).sample((1024, 1024)) * 0.02).to(torch.bfloat16)
+    raw = x.view(torch.int16).numpy().view(np.uint16)
+    importance = torch.rand(1024, dtype=torch.float64) ** 4
+    kernels.warm_up()
+    cases = {}
+    for sym in (True, False):
+        args = QuantArgs(bits=4, symmetric=sym, strategy="group", group_size=128)
+        qrange = quantized_range(args)
+        label = "sym" if sym else "asym"
+
+        def apply(scale: np.ndarray, zero: np.ndarray | None, args: QuantArgs = args) -> None:
+            kernels.quantize_pack_16(raw, kernels.BF16, 128, scale, zero, quantized_range(args), 4)
+
+        cases[f"rtn {label}"] = lambda sym=sym, qrange=qrange: kernels.quantize_pack_rtn_16(
+            raw, kernels.BF16, 128, sym, qrange, 4
+        )
+        for mode in ("mse", "hqq"):
+            for weighted in (False, True):
+                imp = importance if weighted else None
+                name = f"{mode}{' weighted' if weighted else ''} {label}"
+
+                def fused(mode=mode, imp=imp, args=args, apply=apply) -> None:
+                    bits16, zero, _ = fused_search(raw, kernels.BF16, args, mode, imp)
+                    scale = torch.from_numpy(bits16.view(np.int16)).view(torch.bfloat16)
+                    apply(scale.float().numpy(), None if zero is None else zero.astype(np.int32))
+
+                def in_torch(mode=mode, imp=imp, args=args, apply=apply) -> None:
+                    s, z = search_qparams(x, args, torch.bfloat16, mode, imp)
+                    apply(s.float().numpy(), None if z is None else z.int().numpy())
+
+                fused()  # compile or load before timing
+                cases[name] = fused
+                cases[f"{name}, torch"] = in_torch
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(a.rounds):
+        for name, fn in cases.items():
+            start = time.process_time()
+            fn()
+            times[name].append(time.process_time() - start)
+    per_m = {k: statistics.median(v) / x.numel() * 1e9 for k, v in times.items()}  # ms per M
+    rows = []
+    for name, ms in per_m.items():
+        scheme = name.split(",")[0].split()[-1]  # sym | asym
+        rtn = per_m[f"rtn {scheme}"]
+        rows.append({"case": name, "ms_per_million": round(ms, 2), "x_rtn": round(ms / rtn, 1)})
+    RESULTS.write_text(json.dumps({"rounds": a.rounds, "rows": rows}, indent=1) + "\n")
+    print("| case | CPU ms per million weights | × rtn |\n| --- | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['case']} | {r['ms_per_million']} | {r['x_rtn']} |")
+
+
+if __name__ == "__main__":
+    main()
