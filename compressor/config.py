@@ -66,6 +66,9 @@ __all__ = [
 ]
 
 LINEAR = "Linear"
+# An absolute POSIX path or a URL with a scheme (s3://, gs://, file://): what a run submitted
+# through Prefect's form must give, since the worker resolves anything else against its own cwd.
+ABSOLUTE_OR_URL = r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"
 """Target meaning "the 2-D weights of linear layers" (embeddings and lm_head excluded)."""
 
 Preset = Literal[
@@ -576,14 +579,31 @@ class RunConfig(_Frozen):
     """Everything that decides a run's output, plus where and how it runs."""
 
     version: SkipJsonSchema[Literal[1]] = 1  # not in the run form (see Recipe.version)
-    source: str = Field(description="Input checkpoint directory or .safetensors file.")
-    destination: str = Field(description="Output directory (must not exist unless overwrite).")
+    # The run form's JSON schema asks for absolute paths or URLs, so the Prefect server refuses
+    # a relative one when the run is submitted: it would resolve on the worker, not where the
+    # form was filled. The CLI resolves relative paths itself, so the model does not enforce it.
+    source: str = Field(
+        description="Input checkpoint directory or .safetensors file: an absolute path or a "
+        "URL (s3://…).",
+        json_schema_extra={"pattern": ABSOLUTE_OR_URL, "minLength": 2},
+    )
+    destination: str = Field(
+        description="Output directory (must not exist unless overwrite): an absolute path or "
+        "a URL.",
+        json_schema_extra={"pattern": ABSOLUTE_OR_URL, "minLength": 2},
+    )
     preset: Preset = Field(
         "w4a16",
         description="Named scheme. "
         + " · ".join(f"{name}: {note}" for name, note in PRESET_NOTES.items()),
     )
     recipe: Recipe = Field(default_factory=lambda: PRESETS["w4a16"])
+    recipe_yaml: str | None = Field(
+        None,
+        description="A recipe written as in a recipe file (YAML), or the path of a recipe file, "
+        "in place of the recipe fields above. Its quantization rules need preset 'recipe'; "
+        "without rules it adds pruning, budget or ignore to the preset's.",
+    )
     strict_groups: bool = Field(
         False,
         description="Refuse tensors whose input size the group size does not divide, instead of "
@@ -658,6 +678,8 @@ class RunConfig(_Frozen):
         shows must not silently lose to it (or win over rules the user typed)."""
         if not isinstance(data, dict):
             return data
+        if data.get("recipe_yaml"):
+            data = _with_recipe_text(data)
         preset = data.get("preset", "w4a16")
         recipe = data.get("recipe")
         if recipe is None:
@@ -761,6 +783,40 @@ class RunConfig(_Frozen):
         if self.calibration is not None:  # the file counts by its bytes (plan's run key)
             fields["calibration"] = self.calibration.model_dump(exclude={"path"})
         return fields
+
+
+def _with_recipe_text(data: dict[str, Any]) -> dict[str, Any]:
+    """`recipe_yaml` (YAML text, or a recipe file's path) parsed into `recipe`. The run form
+    also sends the recipe fields, at their defaults; anything set there as well is a conflict."""
+    text = str(data["recipe_yaml"])
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe_yaml is not valid YAML: {e}") from None
+    if isinstance(parsed, str) and "\n" not in text.strip():  # one line, not a mapping: a path
+        path = Path(parsed).expanduser()
+        try:
+            parsed = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ValueError(f"recipe_yaml: cannot read recipe file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe_yaml: {path} is not valid YAML: {e}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(
+            "recipe_yaml must be a YAML mapping (quantization:, pruning:, budget:, ignore:) or "
+            "the path of a recipe file"
+        )
+    given = data.get("recipe")
+    if isinstance(given, dict):
+        set_too = [k for k, v in given.items() if k != "version" and v not in (None, [], {})]
+        if set_too:
+            raise ValueError(
+                f"recipe_yaml and the recipe fields ({', '.join(sorted(set_too))}) are both "
+                "given: write the whole recipe in recipe_yaml, or leave it empty"
+            )
+    elif isinstance(given, Recipe):
+        raise ValueError("recipe_yaml and recipe are both given: keep one")
+    return {**data, "recipe": parsed, "recipe_yaml": None}
 
 
 def load_recipe(path: str | Path) -> Recipe:

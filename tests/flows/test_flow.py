@@ -202,3 +202,52 @@ def test_the_run_form_produces_the_chosen_preset(
     assert state.is_completed(), state
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert {g["weights"]["num_bits"] for g in qc["config_groups"].values()} == {bits}
+
+
+def test_the_run_form_takes_the_recipe_as_yaml(
+    prefect_harness, llama_src: Path, tmp_path: Path
+) -> None:
+    """The form's recipe_yaml field: a recipe written out (here 8-bit rules, with preset
+    'recipe') replaces the recipe fields the form sends at their defaults."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.compress import compress_checkpoint
+
+    schema = parameter_schema(compress_checkpoint.fn).model_dump()
+    payload = _form_payload(schema, schema["properties"]["config"])
+    assert isinstance(payload, dict)
+    payload |= {
+        "source": str(llama_src),
+        "destination": str(tmp_path / "out"),
+        "preset": "recipe",
+        "recipe_yaml": "quantization:\n  - bits: 8\n    strategy: channel\n",
+        "workers": 0,
+    }
+    state = compress_checkpoint(config=payload, return_state=True)
+    assert state.is_completed(), state
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert {g["weights"]["num_bits"] for g in qc["config_groups"].values()} == {8}
+
+
+def test_a_relative_path_is_refused_when_the_run_is_submitted(prefect_harness) -> None:
+    """The server checks a submitted run's parameters against the deployment's schema: a
+    relative source (which the worker would resolve against its own directory) is refused
+    before any run exists; absolute paths are accepted."""
+    from prefect import get_client
+
+    from flows.compress import compress_checkpoint
+
+    deployment_id = compress_checkpoint.to_deployment(name="form-validation").apply()
+    with get_client(sync_client=True) as client:
+        with pytest.raises(Exception, match="source") as refused:
+            client.create_flow_run_from_deployment(
+                deployment_id,
+                parameters={"config": {"source": "models/llama", "destination": "/data/out"}},
+            )
+        assert "pattern" in str(refused.value) or "does not match" in str(refused.value)
+        run = client.create_flow_run_from_deployment(
+            deployment_id,
+            parameters={"config": {"source": "/data/llama", "destination": "s3://b/out"}},
+        )
+        client.delete_flow_run(run.id)  # nobody serves it: it would only wait
+        client.delete_deployment(deployment_id)
