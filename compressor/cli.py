@@ -200,6 +200,9 @@ def compress(
         bool, typer.Option(help="No progress, no table: only the output's location.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    verbose: Annotated[
+        bool, typer.Option(help="Also log the local Dask cluster's INFO lines.")
+    ] = False,
 ) -> None:
     """Compress SOURCE into DESTINATION."""
     from compressor.config import build_config
@@ -210,6 +213,7 @@ def compress(
         "scheduler": scheduler,
         "listen": listen,
         "dashboard": dashboard,
+        "verbose": verbose,
         "staging_dir": str(staging) if staging else None,
         "strict_groups": strict_groups,
         "overwrite": overwrite,

@@ -634,6 +634,11 @@ class RunConfig(_Frozen):
         description="Serve an embedded cluster's Dask dashboard on <listen>:8787 (a free port "
         "when 8787 is taken; the pages need bokeh).",
     )
+    verbose: bool = Field(
+        False,
+        description="Also log an embedded cluster's own INFO lines (scheduler, workers, "
+        "connections); by default only its errors, and in a flow run its warnings.",
+    )
     gpu: bool = Field(
         False,
         description="Start a local dask-cuda cluster (one worker per GPU; needs the gpu extra).",

@@ -67,6 +67,12 @@ from compressor.stages.write import ShardResult
 __all__ = ["Pipeline", "RunReport", "compress_checkpoint", "open_executor"]
 
 
+def _cluster_logs(config: RunConfig) -> int:
+    """The level distributed's loggers are set to in an embedded cluster: its per-connection
+    INFO lines only when asked (--verbose)."""
+    return logging.INFO if config.verbose else logging.ERROR
+
+
 @contextlib.contextmanager
 def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor]:
     """Serial (workers=0), an existing cluster (scheduler), or an embedded LocalCluster: of
@@ -116,7 +122,7 @@ def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor
                 dashboard_address=_http_address(config, 8787 if config.dashboard else 0),
                 scheduler_kwargs={"dashboard": config.dashboard},
                 worker_dashboard_address=_http_address(config, 0),
-                silence_logs=logging.ERROR,
+                silence_logs=_cluster_logs(config),
             ) as cluster,
             Client(cluster) as client,
         ):
@@ -136,7 +142,7 @@ def open_executor(config: RunConfig, threads: bool = False) -> Iterator[Executor
             host=config.listen,
             dashboard_address=_http_address(config, 8787 if config.dashboard else 0),
             scheduler_kwargs={"dashboard": config.dashboard},
-            silence_logs=logging.ERROR,
+            silence_logs=_cluster_logs(config),
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -166,7 +172,7 @@ def _slurm_cluster(config: RunConfig) -> Any:
         # On loopback (the default) the workers listen there too: such a cluster only works
         # on this machine, and opens nothing to the network unless `listen` says so.
         worker_extra_args=["--host", config.listen] if config.listen == "127.0.0.1" else [],
-        silence_logs=logging.ERROR,
+        silence_logs=_cluster_logs(config),
     )
     cluster.scale(jobs=s.jobs)
     return cluster
@@ -237,7 +243,7 @@ def _cuda_cluster(config: RunConfig) -> Any:
         dashboard_address=_http_address(config, 8787 if config.dashboard else 0),
         scheduler_kwargs={"dashboard": config.dashboard},
         resources={"GPU": 1},
-        silence_logs=logging.ERROR,
+        silence_logs=_cluster_logs(config),
     )
 
 

@@ -249,7 +249,8 @@ def compress_checkpoint(config: RunConfig) -> Any:
     # Prefect routes the root logger to its run logs; distributed's per-connection INFO lines
     # would drown the stage messages there. Its child loggers carry levels of their own (dask's
     # logging config), so each is set, not just the parent.
-    _quiet_distributed()
+    if not config.verbose:
+        _quiet_distributed()
     if config.evaluate:  # before any work: it would fail only after publishing
         from compressor.evaluation import require_eval_extra
 

@@ -336,6 +336,25 @@ def test_a_prefect_run_prints_no_distributed_chatter(tmp_path: Path) -> None:
     assert done.stdout.strip().splitlines()[-1] == str(out)
 
 
+def test_verbose_brings_the_clusters_info_lines_back(tmp_path: Path) -> None:
+    """The embedded cluster's INFO lines are off by default; --verbose shows them (on stderr),
+    for whoever debugs the cluster itself."""
+    from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
+
+    shape = LlamaShape(hidden_size=128, intermediate_size=256, num_hidden_layers=1, vocab_size=64)
+    src = generate_llama_checkpoint(tmp_path / "src", shape)
+    chatter = {}
+    for flag in ("--no-verbose", "--verbose"):
+        done = run_cli(
+            "compress", src, tmp_path / flag, "--workers", "1", "--worker-kind", "processes",
+            "--quiet", flag,
+        )  # fmt: skip
+        assert done.stdout.strip() == str(tmp_path / flag)
+        chatter[flag] = [line for line in done.stderr.splitlines() if "distributed." in line]
+    assert chatter["--no-verbose"] == []
+    assert any(" - INFO - " in line for line in chatter["--verbose"]), chatter["--verbose"]
+
+
 def test_history_with_the_prefect_api_down_is_one_clear_message() -> None:
     """Not "this is a bug": the API at PREFECT_API_URL refuses the connection."""
     with socket.socket() as s:  # a loopback port nothing listens on once released
