@@ -20,8 +20,9 @@ Guarantee, as the torch search: RTN's parameters are always a candidate, and the
 between the best candidate and RTN compares float64 errors, keeping RTN unless the candidate is
 strictly better, so for every group E(chosen) ≤ E(rtn) in float64. Against the torch search:
 the candidates are the same (mse) or the same iteration (hqq), but sums run in another order, so
-where two candidates' float32 errors agree to rounding the two may keep different ones (tested:
-the chosen errors agree to ~1e-6 relative in total).
+where two candidates' float32 errors agree to rounding the two may keep different ones, and hqq's
+iterates move a little (tested: > 99 % of groups keep the same parameters; the total error
+agrees to 1e-5 relative for mse, 1e-3 for hqq).
 """
 
 from __future__ import annotations
