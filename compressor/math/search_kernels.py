@@ -135,8 +135,124 @@ def _finish(xf, wd, weighted, n, kind, s0, z0, bs, bz, fmin, fmax, scale, zero, 
     zero[r, gi] = bz
 
 
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz):
+    """(best error, scale, zero) after measuring candidate (s, z) against the best so far,
+    unless clipping the extremes alone already costs as much."""
+    zf = np.float32(z)
+    glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
+    if _clip_bound(lo, hi, w_lo, w_hi, s, zf, glo, ghi, kind) >= best:
+        return best, bs, bz
+    e = _error32(xf, wf, weighted, n, s, zf, glo, ghi, kind, best)
+    if e < best:
+        return e, s, z
+    return best, bs, bz
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors):
+    """mse's best candidate of one group (RTN's (s0, z0) with error `best` to beat)."""
+    fmin = np.float32(qmin)
+    fmax = np.float32(qmax)
+    bs, bz = s0, z0
+    w_hi, w_lo = _extremes(xf, wf, n)
+    if symmetric:
+        for a in factors[1:]:
+            fa = np.float32(a)
+            s, z = _rtn_params(np.float64(lo * fa), np.float64(hi * fa), kind, True, qmin, qmax)
+            if s != bs:
+                best, bs, bz = _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz)  # fmt: skip
+        return bs, bz
+    clo = min(lo, np.float32(0.0))  # the int asymmetric range always holds 0
+    chi = max(hi, np.float32(0.0))
+    width = chi - clo
+    for a in factors[1:]:
+        cut = width * np.float32(1.0 - a)
+        for t in (np.float32(0.0), np.float32(0.5), np.float32(1.0)):  # keep lo, centred, keep hi
+            c_lo = clo + cut * t
+            c_hi = chi - cut * (np.float32(1.0) - t)
+            s, z = _rtn_params(np.float64(c_lo), np.float64(c_hi), kind, False, qmin, qmax)
+            if s != bs or z != bz:
+                best, bs, bz = _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz)  # fmt: skip
+    return bs, bz
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_group(xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax, iterations, beta0, kappa):  # fmt: skip
+    """hqq's best iterate of one group, snapped to the format (RTN's (s0, z0), error `best`)."""
+    fmin = np.float32(qmin)
+    fmax = np.float32(qmax)
+    bs, bz = s0, z0
+    nw = np.float32(0.0)  # Σ w
+    for k in range(n):
+        nw += wf[k]
+    s = s0
+    o = np.float32(0.0) if symmetric else -np.float32(z0) * s0
+    last_s, last_z = s0, z0
+    beta = np.float32(beta0)
+    for _ in range(iterations):
+        sqq = np.float32(0.0)
+        sqy = np.float32(0.0)
+        sq = np.float32(0.0)
+        sy = np.float32(0.0)
+        for k in range(n):
+            u = (xf[k] - o) / s  # code units
+            q = np.rint(u)
+            q = fmin if q < fmin else q
+            q = fmax if q > fmax else q
+            res = u - q
+            a = abs(res)  # shrink_p(res, β), p = ½: sign·max(|r| − |r|^(−½)/β, 0)
+            shrunk = a - np.float32(1.0) / (np.sqrt(max(a, np.float32(1e-8))) * beta)
+            shrunk = shrunk if shrunk > 0 else np.float32(0.0)
+            e = shrunk if res >= 0 else -shrunk
+            target = xf[k] - e * s
+            qw = q * wf[k]
+            sqq += qw * q
+            sqy += qw * target
+            sq += qw
+            sy += target * wf[k]
+        beta *= np.float32(kappa)
+        if symmetric:  # weighted least squares of target on q: s (and the offset o)
+            new_s = sqy / sqq
+            if sqq > 0 and new_s > 0 and np.isfinite(new_s):
+                s = new_s
+        else:
+            det = nw * sqq - sq * sq
+            new_s = (nw * sqy - sq * sy) / det
+            new_o = (sy - new_s * sq) / nw
+            if det > 0 and new_s > 0 and np.isfinite(new_s) and np.isfinite(new_o):
+                s = new_s
+                o = new_o
+        # snap to the format: the scale narrowed to 16 bits, an integer zero point
+        cs = _narrow(s, kind)
+        if cs == 0:
+            cs = np.float32(1.0)
+        cz = 0
+        if not symmetric:
+            zf = np.rint(-o / cs)
+            zf = np.float32(0.0) if zf != zf else zf
+            zf = fmin if zf < fmin else zf
+            zf = fmax if zf > fmax else zf
+            cz = int(zf)
+        if cs == last_s and cz == last_z:  # the same candidate again: nothing to measure
+            continue
+        last_s, last_z = cs, cz
+        czf = np.float32(cz)
+        glo, ghi = _finite_codes(cs, czf, kind, fmin, fmax)
+        e = _error32(xf, wf, weighted, n, cs, czf, glo, ghi, kind, best)
+        if e < best:
+            best, bs, bz = e, cs, cz
+    return bs, bz
+
+
+_MSE = 0
+_HQQ = 1
+
+
 @_jit(fastmath=_FASTMATH, error_model="numpy")
-def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, imp, weighted, scale, zero):
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, iterations, beta0, kappa, imp, weighted, scale, zero):  # fmt: skip
+    """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
+    Returns the number of groups holding NaN or ±inf (left at RTN's parameters)."""
     rows, cols = raw.shape
     ngroups = scale.shape[1]
     fmin = np.float32(qmin)
@@ -144,7 +260,6 @@ def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, imp, weighte
     xf = np.empty(g, np.float32)
     wf = np.ones(g, np.float32)
     wd = np.ones(g, np.float64)
-    shifts = (np.float32(0.0), np.float32(0.5), np.float32(1.0))
     nonfinite = 0
     for r in range(rows):
         for gi in range(ngroups):
@@ -158,130 +273,16 @@ def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, imp, weighte
             else:
                 glo, ghi = _finite_codes(s0, np.float32(z0), kind, fmin, fmax)
                 best = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind, np.inf)
-                w_hi, w_lo = _extremes(xf, wf, n)
-                if symmetric:
-                    for a in factors[1:]:
-                        fa = np.float32(a)
-                        s, z = _rtn_params(
-                            np.float64(lo * fa), np.float64(hi * fa), kind, True, qmin, qmax
-                        )
-                        if s == bs:
-                            continue
-                        glo, ghi = _finite_codes(s, np.float32(0.0), kind, fmin, fmax)
-                        zf = np.float32(0.0)
-                        if _clip_bound(lo, hi, w_lo, w_hi, s, zf, glo, ghi, kind) >= best:
-                            continue
-                        e = _error32(xf, wf, weighted, n, s, zf, glo, ghi, kind, best)
-                        if e < best:
-                            best, bs, bz = e, s, z
+                if mode == _MSE:
+                    bs, bz = _mse_group(
+                        xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax,
+                        factors,
+                    )  # fmt: skip
                 else:
-                    clo = min(lo, np.float32(0.0))
-                    chi = max(hi, np.float32(0.0))
-                    width = chi - clo
-                    for a in factors[1:]:
-                        cut = width * np.float32(1.0 - a)
-                        for t in shifts:
-                            c_lo = clo + cut * t
-                            c_hi = chi - cut * (np.float32(1.0) - t)
-                            s, z = _rtn_params(
-                                np.float64(c_lo), np.float64(c_hi), kind, False, qmin, qmax
-                            )
-                            if s == bs and z == bz:
-                                continue
-                            zf = np.float32(z)
-                            glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
-                            if _clip_bound(lo, hi, w_lo, w_hi, s, zf, glo, ghi, kind) >= best:
-                                continue
-                            e = _error32(xf, wf, weighted, n, s, zf, glo, ghi, kind, best)
-                            if e < best:
-                                best, bs, bz = e, s, z
-            _finish(xf, wd, weighted, n, kind, s0, z0, bs, bz, fmin, fmax, scale, zero, r, gi)
-    return nonfinite
-
-
-@_jit(fastmath=_FASTMATH, error_model="numpy")
-def _search_hqq(
-    raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, imp, weighted, scale, zero
-):
-    rows, cols = raw.shape
-    ngroups = scale.shape[1]
-    fmin = np.float32(qmin)
-    fmax = np.float32(qmax)
-    xf = np.empty(g, np.float32)
-    wf = np.ones(g, np.float32)
-    wd = np.ones(g, np.float64)
-    nonfinite = 0
-    for r in range(rows):
-        for gi in range(ngroups):
-            c0 = gi * g
-            n = min(g, cols - c0)
-            lo, hi = _load_group(raw[r], keys[r], c0, n, kind, imp, weighted, xf, wf, wd)
-            s0, z0 = _rtn_params(np.float64(lo), np.float64(hi), kind, symmetric, qmin, qmax)
-            bs, bz = s0, z0
-            if not (np.isfinite(lo) and np.isfinite(hi)):
-                nonfinite += 1
-            else:
-                glo, ghi = _finite_codes(s0, np.float32(z0), kind, fmin, fmax)
-                best = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind, np.inf)
-                nw = np.float32(0.0)  # Σ w
-                for k in range(n):
-                    nw += wf[k]
-                s = s0
-                o = np.float32(0.0) if symmetric else -np.float32(z0) * s0
-                last_s, last_z = s0, z0
-                beta = np.float32(beta0)
-                for _ in range(iterations):
-                    sqq = np.float32(0.0)
-                    sqy = np.float32(0.0)
-                    sq = np.float32(0.0)
-                    sy = np.float32(0.0)
-                    for k in range(n):
-                        u = (xf[k] - o) / s
-                        q = np.rint(u)
-                        q = fmin if q < fmin else q
-                        q = fmax if q > fmax else q
-                        res = u - q
-                        a = abs(res)
-                        shrunk = a - np.float32(1.0) / (np.sqrt(max(a, np.float32(1e-8))) * beta)
-                        shrunk = shrunk if shrunk > 0 else np.float32(0.0)
-                        e = shrunk if res >= 0 else -shrunk
-                        target = xf[k] - e * s
-                        qw = q * wf[k]
-                        sqq += qw * q
-                        sqy += qw * target
-                        sq += qw
-                        sy += target * wf[k]
-                    beta *= np.float32(kappa)
-                    if symmetric:
-                        new_s = sqy / sqq
-                        if sqq > 0 and new_s > 0 and np.isfinite(new_s):
-                            s = new_s
-                    else:
-                        det = nw * sqq - sq * sq
-                        new_s = (nw * sqy - sq * sy) / det
-                        new_o = (sy - new_s * sq) / nw
-                        if det > 0 and new_s > 0 and np.isfinite(new_s) and np.isfinite(new_o):
-                            s = new_s
-                            o = new_o
-                    # snap to the format: the scale narrowed to 16 bits, an integer zero point
-                    cs = _narrow(s, kind)
-                    if cs == 0:
-                        cs = np.float32(1.0)
-                    cz = 0
-                    if not symmetric:
-                        zf = np.rint(-o / cs)
-                        zf = np.float32(0.0) if zf != zf else zf
-                        zf = fmin if zf < fmin else zf
-                        zf = fmax if zf > fmax else zf
-                        cz = int(zf)
-                    if cs == last_s and cz == last_z:
-                        continue
-                    last_s, last_z = cs, cz
-                    czf = np.float32(cz)
-                    glo, ghi = _finite_codes(cs, czf, kind, fmin, fmax)
-                    e = _error32(xf, wf, weighted, n, cs, czf, glo, ghi, kind, best)
-                    if e < best:
-                        best, bs, bz = e, cs, cz
+                    bs, bz = _hqq_group(
+                        xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax,
+                        iterations, beta0, kappa,
+                    )  # fmt: skip
             _finish(xf, wd, weighted, n, kind, s0, z0, bs, bz, fmin, fmax, scale, zero, r, gi)
     return nonfinite
 
@@ -324,9 +325,10 @@ def search_mse_16(
     imp, weighted, scale, zero = _prepare(raw, kind, group, importance)
     qmin, qmax = qrange
     f = np.ascontiguousarray(factors, dtype=np.float64)
-    nonfinite = _search_mse(
-        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, f, imp, weighted, scale, zero
-    )
+    nonfinite = _search(
+        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, 0, 0.0, 1.0,
+        imp, weighted, scale, zero,
+    )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
 
@@ -345,9 +347,9 @@ def search_hqq_16(
     RTN's parameters, penalty `beta` growing by `kappa` per step."""
     imp, weighted, scale, zero = _prepare(raw, kind, group, importance)
     qmin, qmax = qrange
-    nonfinite = _search_hqq(
-        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, iterations, beta, kappa,
-        imp, weighted, scale, zero,
+    nonfinite = _search(
+        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1),
+        iterations, beta, kappa, imp, weighted, scale, zero,
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
