@@ -73,6 +73,8 @@ SCHEMES: dict[str, tuple[str, list[str], int, bool, int]] = {
     "nvfp4a16": ("NVFP4 W4A16", ["--preset", "nvfp4a16"], 4, False, 16),
     # W4A4: activations quantized too; its input scales always come from the calibration
     "nvfp4": ("NVFP4 W4A4", ["--preset", "nvfp4"], 4, False, 16),
+    # pruning only (zeros stored densely in bf16): what the importance measure costs
+    "s24": ("2:4 sparse, bf16", ["--preset", "dense", "--structure", "2:4"], 16, False, 0),
 }
 FP4_PEER = {"nvfp4": "NVFP4"}  # scheme key → the peer's preset (round to nearest, calibrated)
 # method key → (label, extra flags, calibrated)
@@ -87,6 +89,8 @@ METHODS: dict[str, tuple[str, list[str], bool]] = {
     "llmc": ("llm-compressor GPTQ", [], True),
     "llmc-awq": ("llm-compressor AWQ", [], True),
     "hqq-lib": ("hqq library 0.2.8 (data-free)", [], False),
+    "magnitude": ("ours, magnitude", [], False),
+    "wanda": ("ours, Wanda, input norms from calibration", ["--importance", "activation"], True),
 }
 DEFAULT = [
     "w4-rtn", "w4-hqq", "w4-mse-cal", "w4-hqq-cal", "w4-gptq", "w4-awq", "w4-llmc", "w4-llmc-awq",
@@ -95,6 +99,7 @@ DEFAULT = [
     "w8-rtn", "w8-gptq", "w8-llmc",
     "w4g64asym-rtn", "w4g64asym-mse", "w4g64asym-hqq", "w4g64asym-hqq-lib",
     "nvfp4a16-rtn", "nvfp4-rtn", "nvfp4-llmc",
+    "s24-magnitude", "s24-wanda",
 ]  # fmt: skip
 
 
