@@ -370,6 +370,11 @@ class PruneConfig(_Frozen):
                 raise ValueError(f"schedule[{pattern!r}] = {value}: sparsity must be in [0, 1)")
         return self
 
+    @property
+    def reads_calibration(self) -> bool:
+        """Wanda without an activations file: the input norms come from the calibration."""
+        return self.importance == "activation" and not self.activations
+
     def nm(self) -> tuple[int, int] | None:
         """(N, M) for an N:M structure, None otherwise."""
         if self.structure in ("unstructured", "row"):
@@ -734,8 +739,8 @@ class RunConfig(_Frozen):
                 "preset nvfp4a16 (weight-only)"
             )
         pruning = self.recipe.pruning
-        wanda = pruning is not None and pruning.importance == "activation"
-        if wanda and pruning is not None and not pruning.activations and self.calibration is None:
+        wanda = pruning is not None and pruning.reads_calibration
+        if wanda and self.calibration is None:
             raise ValueError(
                 "pruning importance 'activation' (Wanda) weighs each input by its norm ‖x‖: add "
                 "--calibration FILE (a text file or a .npy of token ids), or --activations FILE "

@@ -395,10 +395,9 @@ class Pipeline:
         pruning without an activations file (its norms are XᵀX's diagonal); not W4A4's input
         scales, which need max |x| alone."""
         recipe = self.config.recipe
-        wanda = recipe.pruning is not None and recipe.pruning.importance == "activation"
         return (
             recipe.budget is not None
-            or (wanda and recipe.pruning is not None and not recipe.pruning.activations)
+            or (recipe.pruning is not None and recipe.pruning.reads_calibration)
             or any(r.rounding != "rtn" or r.scaling != "none" for r in recipe.quantization)
         )
 
