@@ -230,6 +230,8 @@ def _finite_codes(s, z, kind, fmin, fmax):
     limit = _LIMIT_F16 if kind == F16 else _LIMIT_BF16
     sd = np.float64(s)
     levels = np.float64(fmax) - np.float64(fmin)
+    if sd * (levels + 1.0) < limit:  # every code is finite (exact: a 16-bit value × a small int)
+        return fmin, fmax
     k = np.floor(limit / sd)
     if not k < levels:  # also a NaN scale (a non-finite group, refused by the caller)
         k = levels

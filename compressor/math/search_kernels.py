@@ -5,11 +5,11 @@ candidate over the whole block.
 Each group's weights are widened once into a small buffer, then every candidate is evaluated
 there, in cache:
 
-    mse   the same candidate set as `rounding._mse_candidates` (each clipped range's parameters
-          from `kernels._rtn_params`, the float64 steps of `quant.qparams_from_range`), ranked by
-          Σ w·(x − x̂)² in float32. A candidate is skipped when clipping the group's two extremes
-          alone costs the best error so far, and its sum stops as soon as it reaches that error
-          (every term is ≥ 0, so it could not win); neither changes what is chosen.
+    mse   the same walk over the same candidates as `rounding._mse` (each clipped range's
+          parameters from `kernels._rtn_params`, the float64 steps of
+          `quant.qparams_from_range`), ranked by Σ w·(x − x̂)² in float32. A candidate is
+          skipped when clipping the group's extremes alone costs the best error so far (it
+          could not win, so nothing chosen changes).
     hqq   the iteration of `rounding._hqq` (shrunk residual, weighted least squares fit of scale
           and offset, β annealed), each iterate snapped to the format and ranked the same way; an
           iterate equal to the last one offered is not evaluated again.
@@ -18,10 +18,15 @@ x̂ is what the stored format reconstructs: `kernels._quantize_pack`'s codes (on
 division, rint, the finite code range) and its product narrowed once to the 16-bit dtype.
 
 Guarantee, as the torch search: RTN's parameters are always a candidate, and the final choice
-between the best candidate and RTN compares float64 errors, keeping RTN unless the candidate is
-strictly better, so for every group E(chosen) ≤ E(rtn) in float64. Against the torch search:
-the candidates are the same (mse) or the same iteration (hqq), but sums run in another order, so
-where two candidates' float32 errors agree to rounding the two may keep different ones, and hqq's
+between the best candidate and RTN keeps RTN unless the candidate is strictly better in float64,
+so for every group E(chosen) ≤ E(rtn) in float64. The float64 sums are taken only where the two
+float32 errors are within n·2^-22 of each other (`_TIE`): a wider gap can't be rounding.
+
+Speed: each error sum is one straight loop that LLVM vectorises; a per-element branch or an
+early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. Against the torch search:
+the candidates and walk are the same (mse) or the same iteration (hqq), but sums run in another order, so
+where two candidates' float32 errors agree to rounding the two may keep different ones (and walk
+on from there), and hqq's
 iterates move a little (tested: at most max(2, 1 %) of the groups differ; the total error
 agrees to 1e-5 relative for mse, 1e-3 for hqq).
 """
@@ -46,29 +51,29 @@ from compressor.math.kernels import (
 __all__ = ["search_hqq_16", "search_mse_16"]
 
 _FASTMATH = {"reassoc"}
-_BLOCK = 32  # weights summed between two checks against the best error (mse's early stop)
+# Two float32 errors of an n-weight group whose relative gap is wider than n·_TIE rank as their
+# float64 values do: each term w·d² is within ~2^-23 relative of its exact value (x and x̂ are
+# 16-bit values, so d = x̂ − x is exact but at extreme exponent gaps) and a float32 sum of n
+# non-negative terms within n·2^-24 of the exact sum, in any order.
+_TIE = np.float32(2.0**-22)  # per weight summed: the gap must exceed n·2^-22 (4× the bound)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _error32(xf, wf, weighted, n, s, z, glo, ghi, kind, best):
-    """Σ w·(x − x̂)² of one group in float32 for parameters (s, z); stops once it reaches
-    `best` (then the value returned is ≥ best and the candidate loses)."""
+def _error32(xf, wf, weighted, n, s, z, glo, ghi, kind):
+    """Σ w·(x − x̂)² of one group in float32 for parameters (s, z). One straight loop per case,
+    so LLVM vectorises it (8 lanes): an early exit inside the loop, or the weighting decided per
+    element, kept it scalar and 4-5× slower than the whole sum."""
     acc = np.float32(0.0)
-    k0 = 0
-    while k0 < n:
-        k1 = min(k0 + _BLOCK, n)
-        part = np.float32(0.0)
-        for k in range(k0, k1):
-            y = np.rint(xf[k] / s) + z
-            y = glo if y < glo else y
-            y = ghi if y > ghi else y
+    if weighted:
+        for k in range(n):
+            y = min(max(np.rint(xf[k] / s) + z, glo), ghi)
             d = _narrow((y - z) * s, kind) - xf[k]
-            dw = d * wf[k] if weighted else d
-            part += dw * d
-        acc += part
-        if acc >= best:
-            return acc
-        k0 = k1
+            acc += d * d * wf[k]
+    else:
+        for k in range(n):
+            y = min(max(np.rint(xf[k] / s) + z, glo), ghi)
+            d = _narrow((y - z) * s, kind) - xf[k]
+            acc += d * d
     return acc
 
 
@@ -95,17 +100,19 @@ def _load_group(xr, kr, c0, n, kind, imp, weighted, xf, wf, wd):
     return _range_of(kr[c0 : c0 + n], kind)
 
 
-@_jit(inline="always")
-def _extremes(xf, wf, n):
-    """The weights of the group's largest and smallest weight (what clipping costs first)."""
-    i_hi = 0
-    i_lo = 0
-    for k in range(1, n):
-        if xf[k] > xf[i_hi]:
-            i_hi = k
-        if xf[k] < xf[i_lo]:
-            i_lo = k
-    return wf[i_hi], wf[i_lo]
+@_jit(inline="always", fastmath=_FASTMATH)
+def _extremes(xf, wf, weighted, n, lo, hi):
+    """The summed weights of the group's weights equal to its largest and smallest value: what
+    clipping costs first, per unit of squared clip. A sum, not an index search, so it vectorises;
+    unweighted, at least one weight of 1 sits at each end."""
+    if not weighted:
+        return np.float32(1.0), np.float32(1.0)
+    w_hi = np.float32(0.0)
+    w_lo = np.float32(0.0)
+    for k in range(n):
+        w_hi += wf[k] if xf[k] == hi else np.float32(0.0)
+        w_lo += wf[k] if xf[k] == lo else np.float32(0.0)
+    return w_hi, w_lo
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
@@ -123,9 +130,10 @@ def _clip_bound(lo, hi, w_lo, w_hi, s, z, glo, ghi, kind):
 
 
 @_jit(inline="always")
-def _finish(xf, wd, weighted, n, kind, s0, z0, bs, bz, fmin, fmax, scale, zero, r, gi):
-    """Store the best candidate if it beats RTN in float64, else RTN's parameters."""
-    if bs != s0 or bz != z0:
+def _finish(xf, wd, weighted, n, kind, s0, z0, e0, bs, bz, e1, fmin, fmax, scale, zero, r, gi):
+    """Store the best candidate (float32 error e1) if it beats RTN (e0) in float64, else RTN's
+    parameters. Only near-ties are summed again in float64: a wider gap decides alone."""
+    if (bs != s0 or bz != z0) and not e1 < e0 * (np.float32(1.0) - np.float32(n) * _TIE):
         lo0, hi0 = _finite_codes(s0, np.float32(z0), kind, fmin, fmax)
         lo1, hi1 = _finite_codes(bs, np.float32(bz), kind, fmin, fmax)
         e0 = _error64(xf, wd, weighted, n, s0, np.float32(z0), lo0, hi0, kind)
@@ -144,38 +152,58 @@ def _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best
     glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
     if _clip_bound(lo, hi, w_lo, w_hi, s, zf, glo, ghi, kind) >= best:
         return best, bs, bz
-    e = _error32(xf, wf, weighted, n, s, zf, glo, ghi, kind, best)
+    e = _error32(xf, wf, weighted, n, s, zf, glo, ghi, kind)
     if e < best:
         return e, s, z
     return best, bs, bz
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors):
-    """mse's best candidate of one group (RTN's (s0, z0) with error `best` to beat)."""
+def _mse_candidate(lo, hi, i, t, factors, s0, z0, kind, symmetric, qmin, qmax):
+    """Grid point (factor index i, shift index t)'s parameters, as `rounding._mse_candidates`
+    makes them (i = 0 is RTN's)."""
+    if i == 0:
+        return s0, z0
+    fa = np.float32(factors[i])
+    if symmetric:
+        return _rtn_params(np.float64(lo * fa), np.float64(hi * fa), kind, True, qmin, qmax)
+    clo = min(lo, np.float32(0.0))  # the int asymmetric range always holds 0
+    chi = max(hi, np.float32(0.0))
+    cut = (chi - clo) * np.float32(1.0 - factors[i])
+    shift = np.float32(0.5) * np.float32(t)  # 0 keep lo, ½ centred, 1 keep hi
+    c_lo = clo + cut * shift
+    c_hi = chi - cut * (np.float32(1.0) - shift)
+    return _rtn_params(np.float64(c_lo), np.float64(c_hi), kind, False, qmin, qmax)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps):  # fmt: skip
+    """mse's best candidate of one group (RTN's (s0, z0) with error `best` to beat), walking the
+    grid as `rounding._mse` does: the coarse points (path_i, path_t), then ∓ each of `steps` in
+    factor index around the best so far, at its shift."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     bs, bz = s0, z0
-    w_hi, w_lo = _extremes(xf, wf, n)
-    if symmetric:
-        for a in factors[1:]:
-            fa = np.float32(a)
-            s, z = _rtn_params(np.float64(lo * fa), np.float64(hi * fa), kind, True, qmin, qmax)
-            if s != bs:
-                best, bs, bz = _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz)  # fmt: skip
-        return bs, bz
-    clo = min(lo, np.float32(0.0))  # the int asymmetric range always holds 0
-    chi = max(hi, np.float32(0.0))
-    width = chi - clo
-    for a in factors[1:]:
-        cut = width * np.float32(1.0 - a)
-        for t in (np.float32(0.0), np.float32(0.5), np.float32(1.0)):  # keep lo, centred, keep hi
-            c_lo = clo + cut * t
-            c_hi = chi - cut * (np.float32(1.0) - t)
-            s, z = _rtn_params(np.float64(c_lo), np.float64(c_hi), kind, False, qmin, qmax)
+    w_hi, w_lo = _extremes(xf, wf, weighted, n, lo, hi)
+    at_i = 0
+    at_t = 0 if symmetric else 1
+    for k in range(path_i.shape[0]):
+        s, z = _mse_candidate(lo, hi, path_i[k], path_t[k], factors, s0, z0, kind, symmetric, qmin, qmax)  # fmt: skip
+        if s != bs or z != bz:
+            e, _, _ = _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz)  # fmt: skip
+            if e < best:
+                best, bs, bz, at_i, at_t = e, s, z, path_i[k], path_t[k]
+    top = factors.shape[0] - 1
+    for step in steps:
+        centre = at_i
+        for d in (-step, step):
+            i = min(max(centre + d, 0), top)
+            s, z = _mse_candidate(lo, hi, i, at_t, factors, s0, z0, kind, symmetric, qmin, qmax)
             if s != bs or z != bz:
-                best, bs, bz = _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz)  # fmt: skip
-    return bs, bz
+                e, _, _ = _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz)  # fmt: skip
+                if e < best:
+                    best, bs, bz, at_i = e, s, z, i
+    return best, bs, bz
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
@@ -198,9 +226,7 @@ def _hqq_group(xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax, i
         sy = np.float32(0.0)
         for k in range(n):
             u = (xf[k] - o) / s  # code units
-            q = np.rint(u)
-            q = fmin if q < fmin else q
-            q = fmax if q > fmax else q
+            q = min(max(np.rint(u), fmin), fmax)
             res = u - q
             a = abs(res)  # shrink_p(res, β), p = ½: sign·max(|r| − |r|^(−½)/β, 0)
             shrunk = a - np.float32(1.0) / (np.sqrt(max(a, np.float32(1e-8))) * beta)
@@ -240,18 +266,19 @@ def _hqq_group(xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax, i
         last_s, last_z = cs, cz
         czf = np.float32(cz)
         glo, ghi = _finite_codes(cs, czf, kind, fmin, fmax)
-        e = _error32(xf, wf, weighted, n, cs, czf, glo, ghi, kind, best)
+        e = _error32(xf, wf, weighted, n, cs, czf, glo, ghi, kind)
         if e < best:
             best, bs, bz = e, cs, cz
-    return bs, bz
+    return best, bs, bz
 
 
 _MSE = 0
 _HQQ = 1
+_NONE = np.zeros(0, np.int64)
 
 
 @_jit(fastmath=_FASTMATH, error_model="numpy")
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, iterations, beta0, kappa, imp, weighted, scale, zero):  # fmt: skip
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, imp, weighted, scale, zero):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
     Returns the number of groups holding NaN or ±inf (left at RTN's parameters)."""
     rows, cols = raw.shape
@@ -269,22 +296,26 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, iterations
             lo, hi = _load_group(raw[r], keys[r], c0, n, kind, imp, weighted, xf, wf, wd)
             s0, z0 = _rtn_params(np.float64(lo), np.float64(hi), kind, symmetric, qmin, qmax)
             bs, bz = s0, z0
+            e0 = np.float32(np.inf)
+            best = e0
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 nonfinite += 1
             else:
                 glo, ghi = _finite_codes(s0, np.float32(z0), kind, fmin, fmax)
-                best = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind, np.inf)
+                e0 = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind)
                 if mode == _MSE:
-                    bs, bz = _mse_group(
-                        xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax,
-                        factors,
+                    best, bs, bz = _mse_group(
+                        xf, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax,
+                        factors, path_i, path_t, steps,
                     )  # fmt: skip
                 else:
-                    bs, bz = _hqq_group(
-                        xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax,
+                    best, bs, bz = _hqq_group(
+                        xf, wf, weighted, n, s0, z0, e0, kind, symmetric, qmin, qmax,
                         iterations, beta0, kappa,
                     )  # fmt: skip
-            _finish(xf, wd, weighted, n, kind, s0, z0, bs, bz, fmin, fmax, scale, zero, r, gi)
+            _finish(
+                xf, wd, weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax, scale, zero, r, gi
+            )
     return nonfinite
 
 
@@ -316,19 +347,24 @@ def search_mse_16(
     symmetric: bool,
     qrange: tuple[int, int],
     factors: np.ndarray,
+    path: tuple[list[tuple[int, int]], tuple[int, ...]],
     importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """mse's parameters for a (rows, cols) block of 16-bit weight bits (uint16, C order):
-    `factors` the shrink factors (1.0 first, as `rounding._shrink_factors`), `importance` an
-    optional per-column weight. Returns (scale bits uint16 (rows, ngroups), int8 zero points or
-    None when symmetric, the number of groups holding NaN or ±inf: those keep RTN's parameters,
-    their figures are meaningless and the caller refuses the block)."""
+    `factors` the shrink factors (1.0 first, as `rounding._shrink_factors`), `path` the walk over
+    them (`rounding.mse_path`), `importance` an optional per-column weight. Returns (scale bits
+    uint16 (rows, ngroups), int8 zero points or None when symmetric, the number of groups holding
+    NaN or ±inf: those keep RTN's parameters, their figures are meaningless and the caller
+    refuses the block)."""
     imp, weighted, scale, zero = _prepare(raw, kind, group, importance)
     qmin, qmax = qrange
     f = np.ascontiguousarray(factors, dtype=np.float64)
+    coarse, steps = path
+    path_i = np.array([i for i, _ in coarse], np.int64)
+    path_t = np.array([t for _, t in coarse], np.int64)
     nonfinite = _search(
-        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, 0, 0.0, 1.0,
-        imp, weighted, scale, zero,
+        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, path_i, path_t,
+        np.array(steps, np.int64), 0, 0.0, 1.0, imp, weighted, scale, zero,
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
@@ -349,8 +385,8 @@ def search_hqq_16(
     imp, weighted, scale, zero = _prepare(raw, kind, group, importance)
     qmin, qmax = qrange
     nonfinite = _search(
-        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1),
-        iterations, beta, kappa, imp, weighted, scale, zero,
+        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1), _NONE,
+        _NONE, _NONE, iterations, beta, kappa, imp, weighted, scale, zero,
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
@@ -359,5 +395,5 @@ def warm_up() -> None:
     """Compile or load both searches on a tiny block."""
     raw = np.zeros((1, 32), np.uint16)
     for symmetric in (True, False):
-        search_mse_16(raw, BF16, 32, symmetric, (-8, 7), np.array([1.0, 0.8]))
+        search_mse_16(raw, BF16, 32, symmetric, (-8, 7), np.array([1.0, 0.8]), ([(1, 0)], (1,)))
         search_hqq_16(raw, F16, 32, symmetric, (-8, 7), 2, 0.3, 1.3, np.ones(32))

@@ -293,3 +293,24 @@ def test_quantize_rows_search_never_worse_than_rtn_for_minmax(mode, bits):
         chosen = reconstruction_error(x, scale, zero, args)
         rtn = reconstruction_error(x, rtn_scale, rtn_zero, args)
         assert bool((chosen <= rtn).all()), (seed, int((chosen > rtn).sum()))
+
+
+@pytest.mark.parametrize(("method", "symmetric"), SCHEMES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mse_walk_keeps_the_exhaustive_grids_gain(method, symmetric, weighted):
+    """mse tries 9 (symmetric) or 19 of the grid's 21 or 61 candidates: its gain over RTN must
+    stay within 2 % of the best candidate's per group, found here by trying every one."""
+    rng = np.random.default_rng(2)
+    x = heavy_tailed(rng, 64, 1024, 4.0, 8, torch.bfloat16)
+    args = QuantArgs(4, method, symmetric, "group", 64)
+    g = torch.Generator().manual_seed(5)
+    imp = torch.rand(1024, dtype=torch.float64, generator=g) ** 4 if weighted else None
+    lo, hi = group_ranges(x, args)
+    cands = [c for row in rounding._mse_candidates(lo, hi, args, torch.bfloat16, rounding.MSE_GRID) for c in row]  # fmt: skip
+    base = reconstruction_error(x, *rtn(x, args), args, imp)
+    every = torch.stack([base] + [reconstruction_error(x, *c, args, imp) for c in cands])
+    best = every.min(dim=0).values.sum()
+    got = reconstruction_error(x, *search_qparams(x, args, torch.bfloat16, "mse", imp), args, imp)
+    gain, best_gain = float(base.sum() - got.sum()), float(base.sum() - best)
+    assert best_gain > 0.05 * float(base.sum())  # the grid has something to find here
+    assert gain >= 0.98 * best_gain

@@ -92,10 +92,13 @@ def test_a_non_finite_group_is_counted_and_the_others_are_searched():
 
 
 def test_bad_arguments_are_refused():
+    PATH = ([(1, 0)], (1,))
     raw = np.zeros((2, 64), np.uint16)
     with pytest.raises(ValueError, match="64 finite non-negative"):
-        search_kernels.search_mse_16(raw, kernels.BF16, 32, True, (-8, 7), np.ones(2), -np.ones(64))
+        search_kernels.search_mse_16(
+            raw, kernels.BF16, 32, True, (-8, 7), np.ones(2), PATH, -np.ones(64)
+        )
     with pytest.raises(ValueError, match="uint16"):
         search_kernels.search_hqq_16(raw.astype(np.int32), kernels.BF16, 32, True, (-8, 7), 2, 0.3, 1.3)  # fmt: skip
     with pytest.raises(ValueError, match="group"):
-        search_kernels.search_mse_16(raw, kernels.BF16, 0, True, (-8, 7), np.ones(2))
+        search_kernels.search_mse_16(raw, kernels.BF16, 0, True, (-8, 7), np.ones(2), PATH)
