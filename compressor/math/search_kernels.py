@@ -11,8 +11,8 @@ there, in cache:
           skipped when clipping the group's extremes alone costs the best error so far (it
           could not win, so nothing chosen changes).
     hqq   the iteration of `rounding._hqq` (shrunk residual, weighted least squares fit of scale
-          and offset, β annealed), each iterate snapped to the format and ranked the same way; an
-          iterate equal to the last one offered is not evaluated again.
+          and offset, β annealed) on snapped iterates: each iterate is stored-format parameters,
+          so one pass both measures it (the format's codes) and fits the next from those codes.
 
 x̂ is what the stored format reconstructs: `kernels._quantize_pack`'s codes (one float32
 division, rint, the finite code range) and its product narrowed once to the 16-bit dtype.
@@ -22,13 +22,13 @@ between the best candidate and RTN keeps RTN unless the candidate is strictly be
 so for every group E(chosen) ≤ E(rtn) in float64. The float64 sums are taken only where the two
 float32 errors are within n·2^-22 of each other (`_TIE`): a wider gap can't be rounding.
 
+Against the torch search: the walk over the candidates (mse) and the iteration (hqq, whose fit
+sums and solves in float64 in both) are the same, but float32 error sums run in another order,
+so where two candidates' errors agree to rounding the two may keep different ones (tested: at
+most max(2, 1 %) of the groups differ; the total error agrees to 1e-5 relative).
+
 Speed: each error sum is one straight loop that LLVM vectorises; a per-element branch or an
-early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. Against the torch search:
-the candidates and walk are the same (mse) or the same iteration (hqq), but sums run in another order, so
-where two candidates' float32 errors agree to rounding the two may keep different ones (and walk
-on from there), and hqq's
-iterates move a little (tested: at most max(2, 1 %) of the groups differ; the total error
-agrees to 1e-5 relative for mse, 1e-3 for hqq).
+early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from compressor.math.kernels import (
     _jit,
     _narrow,
     _range_of,
+    _round_to,
     _rtn_params,
     _widen,
 )
@@ -207,69 +208,84 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_group(xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax, iterations, beta0, kappa):  # fmt: skip
-    """hqq's best iterate of one group, snapped to the format (RTN's (s0, z0), error `best`)."""
+def _hqq_pass(xf, wf, n, s, z, glo, ghi, kind, beta):
+    """One pass over a group at the stored parameters (s, z): their error Σ w·(x − x̂)² with the
+    format's own codes, and the sums of hqq's weighted least squares fit of the shrunk targets
+    on those codes (Σ w·q², Σ w·q·y, Σ w·q, Σ w·y). wf is all ones when unweighted."""
+    err = np.float32(0.0)
+    sqq = np.float32(0.0)
+    sqy = np.float32(0.0)
+    sq = np.float32(0.0)
+    sy = np.float32(0.0)
+    inv_beta = np.float32(1.0) / beta
+    for k in range(n):
+        t = xf[k] / s
+        q = min(max(np.rint(t) + z, glo), ghi)  # the stored code
+        d = _narrow((q - z) * s, kind) - xf[k]
+        err += d * d * wf[k]
+        res = t + z - q  # code units
+        a = abs(res)  # shrink_p(res, β), p = ½: sign·max(|r| − |r|^(−½)/β, 0)
+        shrunk = max(a - inv_beta / np.sqrt(max(a, np.float32(1e-8))), np.float32(0.0))
+        target = xf[k] - (shrunk if res >= 0 else -shrunk) * s
+        qw = q * wf[k]
+        sqq += qw * q
+        sqy += qw * target
+        sq += qw
+        sy += target * wf[k]
+    return err, sqq, sqy, sq, sy
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa):
+    """hqq on one group from RTN's (s0, z0), every iterate snapped to the format before the next
+    (`rounding._hqq`): one pass per iterate measures it and fits the next. Returns (RTN's float32
+    error, the best error, its scale and zero point)."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
-    bs, bz = s0, z0
     nw = np.float32(0.0)  # Σ w
     for k in range(n):
         nw += wf[k]
-    s = s0
-    o = np.float32(0.0) if symmetric else -np.float32(z0) * s0
-    last_s, last_z = s0, z0
+    s, z = s0, z0
+    e0 = np.float32(np.inf)
+    best, bs, bz = e0, s0, z0
     beta = np.float32(beta0)
-    for _ in range(iterations):
-        sqq = np.float32(0.0)
-        sqy = np.float32(0.0)
-        sq = np.float32(0.0)
-        sy = np.float32(0.0)
-        for k in range(n):
-            u = (xf[k] - o) / s  # code units
-            q = min(max(np.rint(u), fmin), fmax)
-            res = u - q
-            a = abs(res)  # shrink_p(res, β), p = ½: sign·max(|r| − |r|^(−½)/β, 0)
-            shrunk = a - np.float32(1.0) / (np.sqrt(max(a, np.float32(1e-8))) * beta)
-            shrunk = shrunk if shrunk > 0 else np.float32(0.0)
-            e = shrunk if res >= 0 else -shrunk
-            target = xf[k] - e * s
-            qw = q * wf[k]
-            sqq += qw * q
-            sqy += qw * target
-            sq += qw
-            sy += target * wf[k]
+    for it in range(iterations + 1):
+        zf = np.float32(z)
+        glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
+        e, sqq, sqy, sq, sy = _hqq_pass(xf, wf, n, s, zf, glo, ghi, kind, beta)
+        if it == 0:
+            e0, best = e, e
+        elif e < best:
+            best, bs, bz = e, s, z
+        if it == iterations:
+            break
         beta *= np.float32(kappa)
-        if symmetric:  # weighted least squares of target on q: s (and the offset o)
-            new_s = sqy / sqq
-            if sqq > 0 and new_s > 0 and np.isfinite(new_s):
-                s = new_s
+        new_s = np.float64(s)
+        new_o = -np.float64(zf) * np.float64(s)
+        # weighted least squares of the targets on the codes, solved in float64 from the
+        # float32 sums (its determinant Σw·Σwq² − (Σwq)² cancels): s, and the offset o
+        a_qq, a_qy = np.float64(sqq), np.float64(sqy)
+        if symmetric:
+            fit = a_qy / a_qq
+            if a_qq > 0 and fit > 0 and np.isfinite(fit):
+                new_s = fit
         else:
-            det = nw * sqq - sq * sq
-            new_s = (nw * sqy - sq * sy) / det
-            new_o = (sy - new_s * sq) / nw
-            if det > 0 and new_s > 0 and np.isfinite(new_s) and np.isfinite(new_o):
-                s = new_s
-                o = new_o
+            a_w, a_q, a_y = np.float64(nw), np.float64(sq), np.float64(sy)
+            det = a_w * a_qq - a_q * a_q
+            fit = (a_w * a_qy - a_q * a_y) / det
+            off = (a_y - fit * a_q) / a_w
+            if det > 0 and fit > 0 and np.isfinite(fit) and np.isfinite(off):
+                new_s = fit
+                new_o = off
         # snap to the format: the scale narrowed to 16 bits, an integer zero point
-        cs = _narrow(s, kind)
-        if cs == 0:
-            cs = np.float32(1.0)
-        cz = 0
+        s = _round_to(new_s, kind)
+        if s == 0:
+            s = np.float32(1.0)
         if not symmetric:
-            zf = np.rint(-o / cs)
-            zf = np.float32(0.0) if zf != zf else zf
-            zf = fmin if zf < fmin else zf
-            zf = fmax if zf > fmax else zf
-            cz = int(zf)
-        if cs == last_s and cz == last_z:  # the same candidate again: nothing to measure
-            continue
-        last_s, last_z = cs, cz
-        czf = np.float32(cz)
-        glo, ghi = _finite_codes(cs, czf, kind, fmin, fmax)
-        e = _error32(xf, wf, weighted, n, cs, czf, glo, ghi, kind)
-        if e < best:
-            best, bs, bz = e, cs, cz
-    return best, bs, bz
+            zr = np.rint(-new_o / np.float64(s))
+            zr = np.float32(0.0) if zr != zr else zr
+            z = int(min(max(zr, fmin), fmax))
+    return e0, best, bs, bz
 
 
 _MSE = 0
@@ -300,19 +316,17 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
             best = e0
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 nonfinite += 1
-            else:
+            elif mode == _MSE:
                 glo, ghi = _finite_codes(s0, np.float32(z0), kind, fmin, fmax)
                 e0 = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind)
-                if mode == _MSE:
-                    best, bs, bz = _mse_group(
-                        xf, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax,
-                        factors, path_i, path_t, steps,
-                    )  # fmt: skip
-                else:
-                    best, bs, bz = _hqq_group(
-                        xf, wf, weighted, n, s0, z0, e0, kind, symmetric, qmin, qmax,
-                        iterations, beta0, kappa,
-                    )  # fmt: skip
+                best, bs, bz = _mse_group(
+                    xf, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax,
+                    factors, path_i, path_t, steps,
+                )  # fmt: skip
+            else:
+                e0, best, bs, bz = _hqq_group(
+                    xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa
+                )
             _finish(
                 xf, wd, weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax, scale, zero, r, gi
             )

@@ -56,12 +56,11 @@ def test_fused_search_matches_the_torch_search(dtype, args, mode, weighted):
     assert bool((fused_e <= rtn_e).all())  # the guarantee, group by group, in float64
     if args.bits < 8:  # and the search does search (8 bits leave it little to find)
         assert float(fused_e.sum()) < 0.97 * float(rtn_e.sum())
-    # mse: the same candidates, so the same choice but at float32 ties; hqq: the same iteration,
-    # whose float32 sums (taken in another order) move the iterates a little
-    tolerance = 1e-5 if mode == "mse" else 1e-3
-    assert float(fused_e.sum()) == pytest.approx(float(torch_e.sum()), rel=tolerance)
+    # the same candidates (mse) or iteration (hqq, its fit in float64), so the same choice but
+    # where two float32 errors tie to rounding: a few groups at most (measured over 3 importance
+    # draws × these 16 cases: hqq 1 group in 2 cases, mse ≤ 1 of 96 per-channel groups)
+    assert float(fused_e.sum()) == pytest.approx(float(torch_e.sum()), rel=1e-5)
     same = scale == ts if zero is None else (scale == ts) & (zero == tz)
-    # a few groups at most (measured over 12 importance draws: ≤ 1 of 96 per-channel groups)
     assert int((~same).sum()) <= max(2, same.numel() // 100)
 
 

@@ -151,7 +151,7 @@ RECIPES = {
 
 CALIBRATION_TEXT = REPO / "compressor" / "evaluation" / "data" / "persuasion_ch1-4.txt"
 CALIBRATION_SIZE = ["--calibration-samples", "8", "--calibration-seq-len", "256"]
-SCORED = ("base", "nvfp4")  # cases whose perplexity vLLM reports on one passage
+SCORED = ("base", "w8a16", "nvfp4")  # cases whose perplexity vLLM reports on one passage
 SCORE_TOKENS = 255  # within MAX_MODEL_LEN
 SCORE_TEXT = REPO / "tests" / "data" / "pride_and_prejudice_ch1-3.txt"
 
@@ -358,14 +358,16 @@ def test_vllm_judges(case: str, judged: dict[str, Any], smollm2: Path) -> None:
     assert texts[0].startswith(" Paris"), f"{case}: {PROMPTS[0]!r} → {texts[0]!r}"
 
     if case == "w8a16":
-        # int8 per channel is close to the bf16 model: measured, the greedy continuations agree
-        # on the first token of every prompt and on 32 of the 48 tokens as common prefixes
-        # (5, 3, 12, 12); ask for the first token and half.
+        # int8 per channel is close to the bf16 model: the greedy continuations start with the
+        # same token for every prompt, and vLLM's perplexity on the scored passage is within 3 %
+        # of the bf16 model's. (How far greedy continuations then run together is no measure:
+        # the same checkpoint bytes gave 32 of 48 tokens as common prefixes on an AVX2 host and
+        # 22 on an AVX-512 one, whose vLLM runs the bf16 layers with other kernels.)
         base = judged["base"]["token_ids"]
         ours = record["token_ids"]
         assert [b[0] for b in base] == [o[0] for o in ours], (judged["base"]["texts"], texts)
-        agree = sum(common_prefix(b, o) for b, o in zip(base, ours, strict=True))
-        assert agree >= len(PROMPTS) * MAX_TOKENS // 2, (agree, judged["base"]["texts"], texts)
+        ppl, base_ppl = record["perplexity"], judged["base"]["perplexity"]
+        assert abs(ppl / base_ppl - 1) < 0.03, (ppl, base_ppl)
 
 
 @pytest.mark.parametrize("check", list(STAND_IN_CHECKS))

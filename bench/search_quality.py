@@ -1,18 +1,20 @@
-"""What mse's coarse-to-fine walk gives up against trying its whole grid: weight errors.
+"""The data-free searches' weight error against RTN's, and what mse's walk gives up.
 
-    python -m bench.mse_walk
+    python -m bench.search_quality
 
-`rounding._mse` tries 9 of the 20 shrunk candidates (int symmetric) or 19 of 60 (int asymmetric)
-instead of all of them. For each set of weights, scheme and weighting this prints the summed
-Σ w·(x − x̂)² (float64, `reconstruction_error`) of the walk's choice and of the best candidate of
-the whole grid per group, both relative to RTN's. Weights: Student-t (4 d.o.f.) 512 × 1024, and
-three of SmolLM2's linear weights (first 512 rows) when `fetch_smollm2` has cached the model.
-"weighted" draws a per-column importance rand⁴ (seeded), as activation statistics skew it.
-Writes bench/results/mse-walk.json and prints a markdown table.
+For each set of weights, scheme and weighting this prints the summed Σ w·(x − x̂)² (float64,
+`reconstruction_error`) of: the best candidate of mse's whole grid per group, mse's choice
+(`rounding._mse` walks 9 of the 20 shrunk candidates, int symmetric, or 19 of 60, asymmetric)
+and hqq's, each relative to RTN's. Weights: Student-t (4 d.o.f.) 512 × 1024, and three of
+SmolLM2's linear weights (first 512 rows) when `fetch_smollm2` has cached the model. "weighted"
+draws a per-column importance rand⁴ (seeded), as activation statistics skew it. Runs against
+an older checkout too (PYTHONPATH=<checkout>), to compare its searches on the same weights.
+Writes bench/results/search-quality.json (or --out) and prints a markdown table.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ from compressor.math import rounding
 from compressor.math.quant import QuantArgs, group_ranges, qparams_from_range
 from compressor.math.rounding import reconstruction_error, search_qparams
 
-RESULTS = Path(__file__).parent / "results" / "mse-walk.json"
+RESULTS = Path(__file__).parent / "results" / "search-quality.json"
 SMOLLM2_TENSORS = (
     "model.layers.3.self_attn.q_proj.weight",
     "model.layers.3.mlp.down_proj.weight",
@@ -54,6 +56,9 @@ def weights() -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args()
     rows = []
     for label, x in weights():
         x = x.to(torch.bfloat16)
@@ -67,8 +72,14 @@ def main() -> None:
                 rtn = qparams_from_range(lo, hi, args, torch.bfloat16)
                 base = reconstruction_error(x, *rtn, args, imp)
                 grid = rounding._mse_candidates(lo, hi, args, torch.bfloat16, rounding.MSE_GRID)
-                every = torch.stack([base] + [reconstruction_error(x, *c, args, imp) for row in grid for c in row])  # fmt: skip
-                walk = reconstruction_error(x, *search_qparams(x, args, torch.bfloat16, "mse", imp), args, imp)  # fmt: skip
+                flat = [c for row in grid for c in (row if isinstance(row, list) else [row])]
+                every = torch.stack([base] + [reconstruction_error(x, *c, args, imp) for c in flat])
+                found = {
+                    mode: reconstruction_error(
+                        x, *search_qparams(x, args, torch.bfloat16, mode, imp), args, imp
+                    )
+                    for mode in ("mse", "hqq")
+                }
                 rows.append(
                     {
                         "weights": label,
@@ -76,14 +87,16 @@ def main() -> None:
                         "scheme": args.describe(),
                         "candidates": int(every.shape[0] - 1),
                         "grid_vs_rtn": round(float(every.min(0).values.sum() / base.sum()), 4),
-                        "walk_vs_rtn": round(float(walk.sum() / base.sum()), 4),
+                        "mse_vs_rtn": round(float(found["mse"].sum() / base.sum()), 4),
+                        "hqq_vs_rtn": round(float(found["hqq"].sum() / base.sum()), 4),
                     }
                 )
                 print(rows[-1], flush=True)
-    RESULTS.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    print("\n| weights | weighted | scheme | whole grid / RTN | walk / RTN |\n| --- | --- | --- | ---: | ---: |")  # fmt: skip
+    out = Path(a.out)
+    out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    print("\n| weights | weighted | scheme | mse whole grid | mse | hqq |\n| --- | --- | --- | ---: | ---: | ---: |")  # fmt: skip
     for r in rows:
-        print(f"| {r['weights']} | {'yes' if r['weighted'] else 'no'} | {r['scheme']} | {r['grid_vs_rtn']} | {r['walk_vs_rtn']} |")  # fmt: skip
+        print(f"| {r['weights']} | {'yes' if r['weighted'] else 'no'} | {r['scheme']} | {r['grid_vs_rtn']} | {r['mse_vs_rtn']} | {r['hqq_vs_rtn']} |")  # fmt: skip
 
 
 if __name__ == "__main__":
