@@ -214,11 +214,19 @@ def render_model(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
     rows = result["rows"]
     ppl0 = next((r["ppl_original"] for r in rows if r.get("ppl_original")), None)
+    machine = f"{m.get('cpu', '?')} ({m.get('cpus')} cores, torch {m.get('torch')})"
+    # rows from a later run (`--only`) carry their own date: marked ‡ and said apart
+    later = sorted({r["measured"] for r in rows if r.get("measured")})
+    when = (
+        f"Rows marked ‡ measured {'; '.join(later)}, the others "
+        f"{result.get('earlier', result['date'] + ' on ' + machine)}"
+        if later
+        else f"Measured {result['date']} on {machine}"
+    )
     lines = [
         f"### {result['model']}",
         "",
-        f"Measured {result['date']} on {m.get('cpu', '?')} ({m.get('cpus')} cores, torch "
-        f"{m.get('torch')}); calibration {result['samples']} × {result['seq_len']} tokens of "
+        f"{when}; calibration {result['samples']} × {result['seq_len']} tokens of "
         f"Pride and Prejudice (the same ids for both tools); evaluation {result['tokens']} tokens "
         f"of Persuasion ch. 1-4, windows of {result['window']}; original perplexity "
         f"{ppl0:.3f}."
@@ -233,8 +241,9 @@ def render_model(result: dict[str, Any]) -> str:
             err = r["error"].splitlines()[-1][:200].replace("|", "\\|")
             lines.append(f"| {r['scheme']} | {r['method']} | failed: {err} | | | | |")
             continue
+        mark = " ‡" if r.get("measured") else ""
         lines.append(
-            f"| {r['scheme']} | {r['method']} | {r['ppl']:.3f} | {r['delta_ppl_pct']:+.1f} "
+            f"| {r['scheme']} | {r['method']}{mark} | {r['ppl']:.3f} | {r['delta_ppl_pct']:+.1f} "
             f"| {r['total_rel_error']:.4f} | {r['compress_s']:.0f} | `{r['command']}` |"
         )
     return "\n".join(lines)
@@ -293,9 +302,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _machine(),
         "rows": [],
     }
+    if args.only and previous:  # a subset: the rows kept say when they were measured
+        before = json.loads(out.read_text())
+        result["earlier"] = before.get(
+            "earlier", f"{before['date']} on {before.get('machine', {}).get('cpu', '?')}"
+        )
     for key in keys:
         row = run_row(src, key, tokens, args)
         row["load_avg"] = os.getloadavg()
+        if args.only and previous:
+            row["measured"] = f"{result['date']} on {result['machine'].get('cpu', '?')}"
         previous[key] = row
         order = {k: i for i, k in enumerate(DEFAULT)}
         result["rows"] = sorted(previous.values(), key=lambda r: order.get(r["key"], 99))
