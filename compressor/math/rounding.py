@@ -59,8 +59,8 @@ Python loop over groups), plus two float64 passes for the final choice. Measured
 machine, CPU time per 1M weights, before the walk: rtn ≈ 1.3 ms; mse ≈ 75 ms (sym), ≈ 230 ms (asym),
 ≈ 200 ms (minmax); hqq ≈ 175-300 ms. Peak memory is about six copies of the block in the work
 dtype. The same code runs on CUDA tensors. On the CPU, compress runs int schemes' mse and hqq
-on 16-bit weights through `fused_search` instead (`math.search_kernels`: the same candidates,
-one compiled loop per group; docs/benchmarks.md has the figures).
+on 16-bit weights through `fused_search` instead (`math.search_kernels`: the same walk and
+iteration, one compiled loop per group; docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
@@ -344,8 +344,8 @@ def fused_search(
     importance: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """`search_qparams` with the defaults, for int schemes on 16-bit weight bits (uint16), on
-    the fused CPU kernels (`math.search_kernels`): the same candidates, ranked in one compiled
-    loop per group. Returns the scales' 16-bit patterns, the int8 zero points (None when
+    the fused CPU kernels (`math.search_kernels`): the same walk (mse) and iteration (hqq), in
+    one compiled loop per group. Returns the scales' 16-bit patterns, the int8 zero points (None when
     symmetric) and the number of groups holding NaN or ±inf (left at RTN; refuse the block)."""
     from compressor.math import search_kernels
 
