@@ -70,6 +70,15 @@ SCHEMES: dict[str, tuple[str, list[str], int, bool, int]] = {
         True,
         64,
     ),
+    # our float-offset study layout (not served): how much of the hqq library's lead a float
+    # offset alone gives back on these GGUF-born models
+    "w4g64minmax": (
+        "W4 minmax g64 (float offset, study layout)",
+        ["--preset", "minmax", "--bits", "4", "--group-size", "64"],
+        4,
+        True,
+        64,
+    ),
     "nvfp4a16": ("NVFP4 W4A16", ["--preset", "nvfp4a16"], 4, False, 16),
     # W4A4: activations quantized too; its input scales always come from the calibration
     "nvfp4": ("NVFP4 W4A4", ["--preset", "nvfp4"], 4, False, 16),
@@ -98,6 +107,7 @@ DEFAULT = [
     "w4asym-rtn", "w4asym-gptq", "w4asym-awq", "w4asym-llmc", "w4asym-llmc-awq",
     "w8-rtn", "w8-gptq", "w8-llmc",
     "w4g64asym-rtn", "w4g64asym-mse", "w4g64asym-hqq", "w4g64asym-hqq-lib",
+    "w4g64minmax-rtn", "w4g64minmax-mse", "w4g64minmax-hqq",
     "nvfp4a16-rtn", "nvfp4-rtn", "nvfp4-llmc",
     "s24-magnitude", "s24-wanda",
 ]  # fmt: skip
