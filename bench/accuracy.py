@@ -315,12 +315,22 @@ def render_model(result: dict[str, Any]) -> str:
     orig_bytes = result.get("original_bytes")
     ppl0 = next((r.get("ppl_original") for r in rows if r.get("ppl_original") is not None), None)
     m = result.get("machine", {})
+    machine = (
+        f"{m.get('cpu', '?')} ({m.get('cpus', '?')} cores, {m.get('mem_gb', '?')} GB, "
+        f"torch {m.get('torch', '?')}, CPU, float32 eval)"
+    )
+    # rows from a later run (`--only`) carry their own date: marked ‡ and said apart
+    later = sorted({r["measured"] for r in rows if r.get("measured")})
+    when = (
+        f"rows marked ‡ measured {'; '.join(later)}, the others "
+        f"{result.get('earlier', str(result.get('date', '?')) + ' on ' + machine)}"
+        if later
+        else f"measured {result.get('date', '?')} on {machine}"
+    )
     lines = [
         f"### {result['model']}",
         "",
-        f"Source `{result.get('source_name', '?')}`; measured {result.get('date', '?')} on "
-        f"{m.get('cpu', '?')} ({m.get('cpus', '?')} cores, {m.get('mem_gb', '?')} GB, "
-        f"torch {m.get('torch', '?')}, CPU, float32 eval); {result.get('tokens')} tokens, "
+        f"Source `{result.get('source_name', '?')}`; {when}; {result.get('tokens')} tokens, "
         f"window {result.get('window', 256)}.",
         "",
         "| configuration | exact command | output MB | ratio | target bits/w | perplexity "
@@ -341,7 +351,7 @@ def render_model(result: dict[str, Any]) -> str:
             continue
         out = r.get("output_bytes")
         ratio = orig_bytes / out if orig_bytes and out else None
-        label = r["label"]
+        label = r["label"] + (" ‡" if r.get("measured") else "")
         if "load_error" in r:
             label += " ¹"
             notes.append(
@@ -433,8 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     out_path = RESULTS / f"accuracy-{args.model}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
     previous: dict[str, Any] = {}
+    before: dict[str, Any] = {}
     if args.only and out_path.exists():
-        previous = {r["key"]: r for r in json.loads(out_path.read_text()).get("rows", [])}
+        before = json.loads(out_path.read_text())
+        previous = {r["key"]: r for r in before.get("rows", [])}
     result: dict[str, Any] = {
         "model": args.model,
         "source_name": src.name,
@@ -449,6 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
     }
 
+    if previous:  # a subset: the rows kept say when they were measured
+        m = before.get("machine", {})
+        result["earlier"] = before.get(
+            "earlier",
+            f"{before.get('date', '?')} on {m.get('cpu', '?')} ({m.get('cpus', '?')} cores, "
+            f"{m.get('mem_gb', '?')} GB, torch {m.get('torch', '?')}, CPU, float32 eval)",
+        )
+
     def save() -> None:
         order = [k for k, _, _ in CONFIGS]
         merged = {**previous, **{r["key"]: r for r in result["rows"]}}
@@ -459,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, label, flags in wanted:
         row = run_config(args.model, src, key, label, flags, args)
         row["load_avg"] = os.getloadavg()
+        if previous:
+            row["measured"] = f"{result['date']} on {result['machine'].get('cpu', '?')}"
         result["rows"].append(row)
         if "error" in row:
             print(f"[{key}] FAILED: {row['error'][:300]}", flush=True)
