@@ -310,6 +310,16 @@ def _summary(error: str, n: int = 300) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def measured_when(result: dict[str, Any], machine: str) -> str:
+    """When a results table was measured: "measured DATE on MACHINE", or, where rows from a
+    later run (`--only`) carry their own date (`measured`, marked ‡ in the table), both."""
+    later = sorted({r["measured"] for r in result["rows"] if r.get("measured")})
+    if not later:
+        return f"measured {result.get('date', '?')} on {machine}"
+    earlier = result.get("earlier", f"{result.get('date', '?')} on {machine}")
+    return f"rows marked ‡ measured {'; '.join(later)}, the others {earlier}"
+
+
 def render_model(result: dict[str, Any]) -> str:
     rows = result["rows"]
     orig_bytes = result.get("original_bytes")
@@ -319,14 +329,7 @@ def render_model(result: dict[str, Any]) -> str:
         f"{m.get('cpu', '?')} ({m.get('cpus', '?')} cores, {m.get('mem_gb', '?')} GB, "
         f"torch {m.get('torch', '?')}, CPU, float32 eval)"
     )
-    # rows from a later run (`--only`) carry their own date: marked ‡ and said apart
-    later = sorted({r["measured"] for r in rows if r.get("measured")})
-    when = (
-        f"rows marked ‡ measured {'; '.join(later)}, the others "
-        f"{result.get('earlier', str(result.get('date', '?')) + ' on ' + machine)}"
-        if later
-        else f"measured {result.get('date', '?')} on {machine}"
-    )
+    when = measured_when(result, machine)
     lines = [
         f"### {result['model']}",
         "",

@@ -42,6 +42,7 @@ from bench.accuracy import (
     _safetensors_bytes,
     _tail,
     _target_bits,
+    measured_when,
     replace_block,
 )
 
@@ -225,14 +226,8 @@ def render_model(result: dict[str, Any]) -> str:
     rows = result["rows"]
     ppl0 = next((r["ppl_original"] for r in rows if r.get("ppl_original")), None)
     machine = f"{m.get('cpu', '?')} ({m.get('cpus')} cores, torch {m.get('torch')})"
-    # rows from a later run (`--only`) carry their own date: marked ‡ and said apart
-    later = sorted({r["measured"] for r in rows if r.get("measured")})
-    when = (
-        f"Rows marked ‡ measured {'; '.join(later)}, the others "
-        f"{result.get('earlier', result['date'] + ' on ' + machine)}"
-        if later
-        else f"Measured {result['date']} on {machine}"
-    )
+    when = measured_when(result, machine)
+    when = when[0].upper() + when[1:]
     lines = [
         f"### {result['model']}",
         "",
