@@ -310,6 +310,14 @@ def _summary(error: str, n: int = 300) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _machine_text(m: dict[str, Any]) -> str:
+    """The machine of a results file, as the table's header names it."""
+    return (
+        f"{m.get('cpu', '?')} ({m.get('cpus', '?')} cores, {m.get('mem_gb', '?')} GB, "
+        f"torch {m.get('torch', '?')}, CPU, float32 eval)"
+    )
+
+
 def measured_when(result: dict[str, Any], machine: str) -> str:
     """When a results table was measured: "measured DATE on MACHINE", or, where rows from a
     later run (`--only`) carry their own date (`measured`, marked ‡ in the table), both."""
@@ -325,11 +333,7 @@ def render_model(result: dict[str, Any]) -> str:
     orig_bytes = result.get("original_bytes")
     ppl0 = next((r.get("ppl_original") for r in rows if r.get("ppl_original") is not None), None)
     m = result.get("machine", {})
-    machine = (
-        f"{m.get('cpu', '?')} ({m.get('cpus', '?')} cores, {m.get('mem_gb', '?')} GB, "
-        f"torch {m.get('torch', '?')}, CPU, float32 eval)"
-    )
-    when = measured_when(result, machine)
+    when = measured_when(result, _machine_text(m))
     lines = [
         f"### {result['model']}",
         "",
@@ -465,12 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     if previous:  # a subset: the rows kept say when they were measured
-        m = before.get("machine", {})
-        result["earlier"] = before.get(
-            "earlier",
-            f"{before.get('date', '?')} on {m.get('cpu', '?')} ({m.get('cpus', '?')} cores, "
-            f"{m.get('mem_gb', '?')} GB, torch {m.get('torch', '?')}, CPU, float32 eval)",
-        )
+        machine = _machine_text(before.get("machine", {}))
+        result["earlier"] = before.get("earlier", f"{before.get('date', '?')} on {machine}")
 
     def save() -> None:
         order = [k for k, _, _ in CONFIGS]

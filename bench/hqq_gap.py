@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.accuracy import _compressor, _last_json
+from compressor.evaluation.models import cache_root
 
-MODELS = Path.home() / ".cache/checkpoint-compressor/models"
-SRC = MODELS / "SmolLM2-135M-Instruct"
+SRC = cache_root() / "models" / "SmolLM2-135M-Instruct"
 WORK = Path("/work/bench-data/hqq-gap")
 PEER_PYTHON = "/work/bench-data/peer-venv/bin/python"
 REPO = Path(__file__).resolve().parent.parent
@@ -127,12 +127,14 @@ def _stats(
 ) -> dict[str, float]:
     got = _weights(path)
     err2 = sig2 = ext2 = cross = out_err = out_sig = 0.0
-    for n, w in original.items():
+    for n, w0 in original.items():
         xtx = moments[n]
-        out_err += float(((got[n].double() - w.double()) @ xtx).mul(got[n].double() - w).sum())
-        out_sig += float((w.double() @ xtx).mul(w.double()).sum())
-        w = w.double().reshape(w.shape[0], -1, GROUP)
-        e = got[n].double().reshape(w.shape) - w
+        w0 = w0.double()
+        d = got[n].double() - w0
+        out_err += float((d @ xtx).mul(d).sum())
+        out_sig += float((w0 @ xtx).mul(w0).sum())
+        w = w0.reshape(w0.shape[0], -1, GROUP)
+        e = d.reshape(w.shape)
         a = w.abs()
         extremes = a >= a.amax(2, keepdim=True)
         err2 += float(e.pow(2).sum())
@@ -157,6 +159,17 @@ def _ppl(path: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    missing = [
+        f"{path} ({fix})"
+        for path, fix in (
+            (SRC, "run `compressor fetch smollm2`"),
+            (Path(PEER_PYTHON), "make a venv there with torch==2.13.0 hqq==0.2.8 transformers"),
+            (TEXTS["pride_and_prejudice"], "the shared data folder"),
+        )
+        if not path.exists()
+    ]
+    if missing:
+        raise SystemExit("hqq_gap needs: " + "; ".join(missing))
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     original = _weights(SRC)
