@@ -149,10 +149,11 @@ def _stats(
     }
 
 
-def _ppl(path: Path) -> dict[str, float]:
+def _ppl(path: Path, src: Path = SRC, texts: dict[str, Path] = TEXTS) -> dict[str, float]:
+    """ΔPPL % of the dense checkpoint `path` against `src` on each of `texts`."""
     out = {}
-    for label, text in TEXTS.items():
-        cmd = [_compressor(), "eval", str(SRC), str(path), "--text", str(text)]
+    for label, text in texts.items():
+        cmd = [_compressor(), "eval", str(src), str(path), "--text", str(text)]
         cmd += ["--tokens", "2048", "--window", "512", "--json"]
         out[label] = round(_last_json(_run(cmd))["delta_ppl_pct"], 1)
     return out

@@ -1,0 +1,194 @@
+"""What the `hqq` library's data-free lead on SmolLM2 is made of: its optimiser rewritten from
+its description, checked against the library's own output, then stored the ways a format can.
+
+    python -m bench.hqq_replica        # the library check needs /work/bench-data/peer-venv
+    python -m bench.hqq_replica --model gemma3-270m --only float32,offset-bf16,integer-zero
+
+hqq 0.2.8's `optimize_weights_proximal` (the default of `Quantizer.quantize`, settings of
+`bench/peer_hqq.py`: 4 bits, groups of 64 along the input, zero rounded first) works on the
+inverse scale a = 15/(max − min) and a float zero z:
+
+    z ← round(−min·a);  repeat ≤ 20 times:
+        q ← clamp(round(x·a + z), 0, 15);  r ← (q − z)/a
+        e ← shrink_0.7(x − r, β = 10);     z ← mean(q − (x − e)·a)
+        stop after the first pass whose whole-tensor mean |x − r| did not fall
+
+The shrink's threshold |x − r|^(−0.3)/β is about 0.5 for residuals of a few 1e-3, far above
+every residual of these weights, so e = 0 and the loop is a least-squares fit of z alone, the
+scale staying at the full range (no clipping). Rows, each scored by `compressor eval` like
+`bench.hqq_gap` (2048 tokens of *Persuasion* ch. 1-4 and of *Pride and Prejudice*, windows
+of 512), weight error ‖Ŵ − W‖/‖W‖ over all q/k/v/o/gate/up/down weights, and the share of the
+squared error that is each group's mean ("bias"):
+
+    replica, float32           the loop above, s = 1/a and z in float32 (the library's storage)
+    replica, scale bf16        s stored in bfloat16, codes recomputed from the stored (s, m)
+    replica, offset bf16       the offset m = −z·s stored in bfloat16 (our `minmax` layout's
+                               offset dtype), codes recomputed
+    replica, scale+offset bf16 both (what `--preset minmax` stores)
+    replica, integer zero      z rounded to an integer, s in bfloat16 (compressed-tensors'
+                               asymmetric int: codes clamp(round(x/s) + z))
+    fit from min, float32      the same fit started from m = min instead of the rounded zero
+
+With the peer venv present, the replica is compared with the library's own dequantized
+weights (`bench/peer_hqq.py`) and the largest difference printed. Writes
+bench/results/hqq-replica-MODEL.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.hqq_gap import PEER_PYTHON, REPO, TEXTS, _ppl, _run, _weights
+from compressor.evaluation.models import cache_root
+
+GROUP = 64
+LEVELS = 15  # 4 bits, unsigned codes
+WORK = Path("/work/bench-data/hqq-replica")
+RESULTS = Path(__file__).parent / "results"
+MODELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "gemma-3-270m"}
+
+Params = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # groups (n, g), inverse scale a, zero z
+
+
+def _shrink(r: torch.Tensor, beta: float = 10.0, p: float = 0.7) -> torch.Tensor:
+    """hqq's generalised soft threshold for the ℓ_p loss."""
+    a = r.abs()
+    return torch.sign(r) * torch.relu(a - a.add(1e-8).pow(p - 1) / beta)
+
+
+def library_fit(w: torch.Tensor, start: str = "rounded zero", iterations: int = 20) -> Params:
+    """The library's parameters for one weight: groups, inverse scale a, float zero z."""
+    x = w.float().reshape(-1, GROUP)
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    span = hi - lo
+    a = torch.where(span.abs() <= 1e-4, torch.ones_like(span), LEVELS / span).clamp(max=2e4)
+    z = torch.round(-lo * a) if start == "rounded zero" else -lo * a
+    best = float("inf")
+    for _ in range(iterations):
+        q = torch.round(x * a + z).clamp(0, LEVELS)
+        r = (q - z) / a
+        z = torch.mean(q - (x - _shrink(x - r)) * a, 1, keepdim=True)
+        error = float((x - r).abs().mean())
+        if error >= best:
+            break
+        best = error
+    return x, a, z
+
+
+def _offset_layout(x: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x̂ = m + q·s with q = clamp(round((x − m)/s)): codes from the stored parameters."""
+    q = torch.round((x - m) / s).clamp(0, LEVELS)
+    return m + q * s
+
+
+def stored(params: Params, storage: str) -> torch.Tensor:
+    """The reconstruction of `params` under one storage (see the module doc)."""
+    x, a, z = params
+    s = 1.0 / a
+    bf16 = torch.bfloat16
+
+    def snap(t: torch.Tensor) -> torch.Tensor:
+        return t.to(bf16).float()
+
+    if storage == "float32":
+        return (torch.round(x * a + z).clamp(0, LEVELS) - z) * s
+    if storage == "integer zero":
+        sb = snap(s)
+        zi = torch.round(z).clamp(0, LEVELS)
+        return (torch.round(x / sb).add(zi).clamp(0, LEVELS) - zi) * sb
+    sb = snap(s) if "scale" in storage else s
+    m = -z * sb
+    return _offset_layout(x, sb, snap(m) if "offset" in storage else m)
+
+
+ROWS: dict[str, tuple[str, str, str]] = {  # --only key: (label, start, storage)
+    "float32": ("replica, float32", "rounded zero", "float32"),
+    "scale-bf16": ("replica, scale bf16", "rounded zero", "scale bf16"),
+    "offset-bf16": ("replica, offset bf16", "rounded zero", "offset bf16"),
+    "bf16": ("replica, scale+offset bf16", "rounded zero", "scale+offset bf16"),
+    "integer-zero": ("replica, integer zero", "rounded zero", "integer zero"),
+    "from-min": ("fit from min, float32", "min", "float32"),
+}
+
+
+def _dense(src: Path, label: str, start: str, storage: str) -> Path:
+    """A copy of `src` with every projection weight replaced by its replica fit from `start`,
+    reconstructed under `storage`, in the weight's dtype."""
+    out = WORK / label.replace(", ", "-").replace(" ", "_").replace("+", "-")
+    shutil.copytree(src, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    for name, w in tensors.items():
+        if name.endswith("proj.weight"):
+            tensors[name] = stored(library_fit(w, start), storage).reshape(w.shape).to(w.dtype)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _weight_stats(path: Path, original: dict[str, torch.Tensor]) -> dict[str, float]:
+    got = _weights(path)
+    err2 = sig2 = bias2 = 0.0
+    for name, w in original.items():
+        e = (got[name].double() - w.double()).reshape(-1, GROUP)
+        err2 += float(e.pow(2).sum())
+        bias2 += float(e.mean(1).pow(2).sum()) * GROUP
+        sig2 += float(w.double().pow(2).sum())
+    return {"rel_error": round((err2 / sig2) ** 0.5, 4), "bias_share": round(bias2 / err2, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    parser.add_argument("--only", default=",".join(ROWS), help="comma-separated keys of ROWS")
+    a = parser.parse_args()
+    keys = a.only.split(",")
+    if unknown := sorted(set(keys) - set(ROWS)):
+        raise SystemExit(f"--only: unknown {unknown}; choose from {sorted(ROWS)}")
+    src = cache_root() / "models" / MODELS[a.model]
+    missing = [str(path) for path in (src, *TEXTS.values()) if not path.exists()]
+    if missing:
+        raise SystemExit(f"hqq_replica needs {missing} (`compressor fetch {a.model}`, shared data)")
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    original = _weights(src)
+    rows: list[dict[str, object]] = []
+    try:
+        if Path(PEER_PYTHON).exists():
+            library = WORK / "library"
+            _run([PEER_PYTHON, str(REPO / "bench" / "peer_hqq.py"), str(src), str(library)])
+            theirs = _weights(library)
+            ours = _weights(_dense(src, "replica, float32", "rounded zero", "float32"))
+            worst = max(float((ours[n].float() - theirs[n].float()).abs().max()) for n in ours)
+            same = sum(bool(torch.equal(ours[n], theirs[n])) for n in ours)
+            print(f"replica vs library: {same}/{len(ours)} weights identical, max |Δ| {worst:.3g}")
+            shutil.rmtree(WORK / "replica-float32")
+        for key in keys:
+            label, start, storage = ROWS[key]
+            path = _dense(src, label, start, storage)
+            row = {
+                "variant": label,
+                **_weight_stats(path, original),
+                "delta_ppl_pct": _ppl(path, src),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(path)
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
+    out = RESULTS / f"hqq-replica-{a.model}.json"
+    out.write_text(json.dumps({"model": MODELS[a.model], "rows": rows}, indent=1))
+    print("\n| variant | ΔPPL % Persuasion | ΔPPL % Pride and Prejudice | weight rel. error | bias share |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        p = r["delta_ppl_pct"]
+        assert isinstance(p, dict)
+        print(f"| {r['variant']} | {p['persuasion']:+.1f} | {p['pride_and_prejudice']:+.1f} | {r['rel_error']} | {r['bias_share']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
