@@ -1,0 +1,65 @@
+"""Where the fused mse search's time goes: the group's own work against its candidates.
+
+    python -m bench.mse_overhead [--rounds 7]
+
+One thread; the weights of `bench.search_speed` (bfloat16 1024 × 1024 Student-t, int4 g128),
+unweighted. Times `search_kernels.search_mse_16` alone (no quantize-and-pack) with the walk
+compress uses (`rounding.mse_path`) and with an empty one: the empty walk still loads each
+group, makes RTN's parameters, sums RTN's error and makes the final choice, so the difference
+divided by the candidates that reach an error pass is what one candidate costs. One error pass
+alone (`_error32` over 128 weights) is 0.36 ns per weight (docs/benchmarks.md). CPU time per
+weight, minimum over alternating rounds. Writes bench/results/mse-overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.math import kernels, search_kernels
+from compressor.math.quant import QuantArgs, quantized_range
+from compressor.math.rounding import MSE_GRID, _shrink_factors, mse_path
+
+RESULTS = Path(__file__).parent / "results" / "mse-overhead.json"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=7)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = (torch.distributions.StudentT(4.0).sample((1024, 1024)) * 0.02).to(torch.bfloat16)
+    raw = x.view(torch.int16).numpy().view(np.uint16)
+    factors = np.array(_shrink_factors(MSE_GRID), np.float64)
+    search_kernels.warm_up()
+    rows = []
+    for sym in (True, False):
+        args = QuantArgs(bits=4, symmetric=sym, strategy="group", group_size=128)
+        qrange = quantized_range(args)
+        walks = {"walk": mse_path(MSE_GRID, 1 if sym else 3), "empty": ([], ())}
+        best = {name: float("inf") for name in walks}
+        for _ in range(a.rounds):
+            for name, walk in walks.items():
+                start = time.process_time()
+                search_kernels.search_mse_16(raw, kernels.BF16, 128, sym, qrange, factors, walk)
+                best[name] = min(best[name], time.process_time() - start)
+        coarse, steps = walks["walk"]
+        row = {
+            "case": "sym" if sym else "asym",
+            "walk_ns_per_weight": round(best["walk"] / raw.size * 1e9, 2),
+            "empty_ns_per_weight": round(best["empty"] / raw.size * 1e9, 2),
+            "candidates_at_most": len(coarse) + 2 * len(steps),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    RESULTS.write_text(json.dumps({"rounds": a.rounds, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
