@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from bench.search_speed import student_t_block
 from compressor.math import kernels, search_kernels
 from compressor.math.quant import QuantArgs, quantized_range
 from compressor.math.rounding import MSE_GRID, _shrink_factors, mse_path
@@ -32,10 +32,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    x = (torch.distributions.StudentT(4.0).sample((1024, 1024)) * 0.02).to(torch.bfloat16)
-    raw = x.view(torch.int16).numpy().view(np.uint16)
+    _, raw = student_t_block()
     factors = np.array(_shrink_factors(MSE_GRID), np.float64)
     search_kernels.warm_up()
     rows = []
