@@ -23,6 +23,7 @@ import glob
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,22 +79,30 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return {n: w for n, w in found.items() if n.endswith("proj.weight")}
 
 
-def _deshrunk(name: str, original: dict[str, torch.Tensor]) -> Path:
-    """Variant `name` with each group's reconstruction scaled by k = ⟨w, w⟩ / ⟨ŵ, w⟩."""
-    src = WORK / name
-    out = WORK / f"{name}-deshrunk"
+def rewritten(src: Path, out: Path, rebuild: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
+    """A copy of checkpoint `src` at `out` with every projection weight t (the ones `_weights`
+    reads) replaced by `rebuild(name, t)`, reshaped and cast back to t's shape and dtype."""
     shutil.copytree(src, out, dirs_exist_ok=True)
     for file in glob.glob(str(out / "*.safetensors")):
         tensors = load_file(file)
         for n, t in tensors.items():
-            if n in original:
-                w = original[n].double().reshape(t.shape[0], -1, GROUP)
-                h = t.double().reshape(w.shape)
-                dot = (h * w).sum(2, keepdim=True)
-                k = torch.where(dot > 0, (w * w).sum(2, keepdim=True) / dot, torch.ones_like(dot))
-                tensors[n] = (h * k).reshape(t.shape).to(t.dtype)
+            if n.endswith("proj.weight"):
+                tensors[n] = rebuild(n, t).reshape(t.shape).to(t.dtype)
         save_file(tensors, file, metadata={"format": "pt"})
     return out
+
+
+def _deshrunk(name: str, original: dict[str, torch.Tensor]) -> Path:
+    """Variant `name` with each group's reconstruction scaled by k = ⟨w, w⟩ / ⟨ŵ, w⟩."""
+
+    def deshrink(n: str, t: torch.Tensor) -> torch.Tensor:
+        w = original[n].double().reshape(t.shape[0], -1, GROUP)
+        h = t.double().reshape(w.shape)
+        dot = (h * w).sum(2, keepdim=True)
+        k = torch.where(dot > 0, (w * w).sum(2, keepdim=True) / dot, torch.ones_like(dot))
+        return h * k
+
+    return rewritten(WORK / name, WORK / f"{name}-deshrunk", deshrink)
 
 
 def _input_moments(windows: int = 16, length: int = 512) -> dict[str, torch.Tensor]:

@@ -42,9 +42,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from bench.hqq_gap import PEER_PYTHON, REPO, TEXTS, _ppl, _run, _weights
+from bench.hqq_gap import PEER_PYTHON, REPO, TEXTS, _ppl, _run, _weights, rewritten
 from compressor.evaluation.models import cache_root
 
 GROUP = 64
@@ -117,17 +116,10 @@ ROWS: dict[str, tuple[str, str, str]] = {  # --only key: (label, start, storage)
 }
 
 
-def _dense(src: Path, label: str, start: str, storage: str) -> Path:
-    """A copy of `src` with every projection weight replaced by its replica fit from `start`,
-    reconstructed under `storage`, in the weight's dtype."""
-    out = WORK / label.replace(", ", "-").replace(" ", "_").replace("+", "-")
-    shutil.copytree(src, out)
-    tensors = load_file(str(out / "model.safetensors"))
-    for name, w in tensors.items():
-        if name.endswith("proj.weight"):
-            tensors[name] = stored(library_fit(w, start), storage).reshape(w.shape).to(w.dtype)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+def _dense(src: Path, key: str) -> Path:
+    """A copy of `src` with every projection weight replaced by row `key`'s reconstruction."""
+    _, start, storage = ROWS[key]
+    return rewritten(src, WORK / key, lambda _, w: stored(library_fit(w, start), storage))
 
 
 def _weight_stats(path: Path, original: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -150,9 +142,7 @@ def main() -> None:
     if unknown := sorted(set(keys) - set(ROWS)):
         raise SystemExit(f"--only: unknown {unknown}; choose from {sorted(ROWS)}")
     src = cache_root() / "models" / MODELS[a.model]
-    # One unsharded file, as both test models ship: `_dense` rewrites it in a copy.
-    checkpoint = src / "model.safetensors"
-    missing = [str(path) for path in (checkpoint, *TEXTS.values()) if not path.exists()]
+    missing = [str(path) for path in (src, *TEXTS.values()) if not path.exists()]
     if missing:
         raise SystemExit(f"hqq_replica needs {missing} (`compressor fetch {a.model}`, shared data)")
     shutil.rmtree(WORK, ignore_errors=True)
@@ -160,20 +150,21 @@ def main() -> None:
     original = _weights(src)
     rows: list[dict[str, object]] = []
     try:
-        if Path(PEER_PYTHON).exists():
+        if Path(PEER_PYTHON).exists():  # the replica first, against the library's own output
             library = WORK / "library"
             _run([PEER_PYTHON, str(REPO / "bench" / "peer_hqq.py"), str(src), str(library)])
             theirs = _weights(library)
-            ours = _weights(_dense(src, "replica, float32", "rounded zero", "float32"))
+            ours = _weights(_dense(src, "float32"))
             worst = max(float((ours[n].float() - theirs[n].float()).abs().max()) for n in ours)
             same = sum(bool(torch.equal(ours[n], theirs[n])) for n in ours)
             print(f"replica vs library: {same}/{len(ours)} weights identical, max |Δ| {worst:.3g}")
-            shutil.rmtree(WORK / "replica-float32")
+            shutil.rmtree(library)
         for key in keys:
-            label, start, storage = ROWS[key]
-            path = _dense(src, label, start, storage)
+            path = WORK / key
+            if not path.exists():  # the float32 row may stand from the check above
+                _dense(src, key)
             row = {
-                "variant": label,
+                "variant": ROWS[key][0],
                 **_weight_stats(path, original),
                 "delta_ppl_pct": _ppl(path, src),
             }

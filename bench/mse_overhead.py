@@ -6,7 +6,8 @@ One thread; the weights of `bench.search_speed` (bfloat16 1024 × 1024 Student-t
 unweighted. Times `search_kernels.search_mse_16` alone (no quantize-and-pack) with the walk
 compress uses (`rounding.mse_path`) and with an empty one: the empty walk still loads each
 group, makes RTN's parameters, sums RTN's error and makes the final choice, so the difference
-divided by the candidates that reach an error pass is what one candidate costs. One error pass
+divided by the most candidates the walk can try (`candidates_at_most`; some are cut by the
+clipping bound or equal the best) is a lower bound of what one candidate costs. One error pass
 alone (`_error32` over 128 weights) is 0.36 ns per weight (docs/benchmarks.md). CPU time per
 weight, minimum over alternating rounds. Writes bench/results/mse-overhead.json.
 """
