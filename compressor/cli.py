@@ -107,7 +107,8 @@ def compress(
             "--rounding",
             "--method",
             help="Scales and codes: rtn (default) | mse | hqq | gptq | awq (the last two need "
-            "--calibration; awq: AWQ's equivalent scaling, then rtn). With --calibration, mse "
+            "--calibration; awq: AWQ's equivalent scaling, then rtn; hqq on minmax: the hqq "
+            "library's offset fit). With --calibration, mse "
             "and hqq weight inputs by their activations.",
         ),
     ] = None,

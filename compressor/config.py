@@ -177,7 +177,8 @@ class QuantRule(_Frozen):
     rounding: Literal["rtn", "mse", "hqq", "gptq"] = Field(
         "rtn",
         description="How scales and codes are chosen: round-to-nearest min-max; 'mse', a clipping "
-        "search per group; 'hqq', half-quadratic optimisation; 'gptq', GPTQ's error feedback "
+        "search per group; 'hqq', half-quadratic optimisation (on minmax, the hqq library's fit of "
+        "the float offset); 'gptq', GPTQ's error feedback "
         "through the input Hessian (needs calibration). Same output format. With calibration, "
         "mse and hqq weight each input by its activations' second moment.",
     )
