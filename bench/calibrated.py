@@ -72,7 +72,7 @@ SCHEMES: dict[str, tuple[str, list[str], int, bool, int]] = {
         64,
     ),
     # our float-offset study layout (not served): how much of the hqq library's lead a float
-    # offset alone gives back on these GGUF-born models
+    # offset gives back on these GGUF-born models (its hqq is the library's own offset fit)
     "w4g64minmax": (
         "W4 minmax g64 (float offset, study layout)",
         ["--preset", "minmax", "--bits", "4", "--group-size", "64"],

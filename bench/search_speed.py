@@ -1,6 +1,6 @@
 """CPU time per weight of the data-free searches against round to nearest, as compress runs them.
 
-    python -m bench.search_speed [--rounds 5]
+    python -m bench.search_speed [--rounds 5] [--layout minmax]
 
 One thread; bfloat16 1024 × 1024 Student-t (4 d.o.f.) weights, int4 g128, symmetric and
 asymmetric, unweighted and weighted by a per-column importance. Each row times what the compress
@@ -10,6 +10,11 @@ parameters (`kernels.quantize_pack_rtn_16`); `mse` / `hqq` the fused search
 search (`rounding.search_qparams`, what ran before the fused searches, and what GPU workers run)
 plus that kernel. Rounds alternate the cases; the median per case is reported, with its ratio to
 rtn's in the same run. Writes bench/results/search-speed.json.
+
+`--layout minmax`: our float-offset layout instead, int4 g64, which compress runs in torch
+(`rounding.quantize_rows`: parameters, codes and x̂) for rtn, mse and hqq (the hqq library's
+offset fit), hqq also weighted; ratios to that layout's own rtn. Writes
+bench/results/search-speed-minmax.json.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +31,9 @@ import torch
 
 from compressor.math import kernels
 from compressor.math.quant import QuantArgs, quantized_range
-from compressor.math.rounding import fused_search, search_qparams
+from compressor.math.rounding import fused_search, quantize_rows, search_qparams
 
-RESULTS = Path(__file__).parent / "results" / "search-speed.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 def student_t_block() -> tuple[torch.Tensor, np.ndarray]:
@@ -39,15 +45,28 @@ def student_t_block() -> tuple[torch.Tensor, np.ndarray]:
     return x, x.view(torch.int16).numpy().view(np.uint16)
 
 
+def minmax_cases(x: torch.Tensor, importance: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The minmax layout's roundings as compress runs them (torch, `quantize_rows`)."""
+    args = QuantArgs(bits=4, method="minmax", symmetric=False, strategy="group", group_size=64)
+    cases: dict[str, Callable[[], object]] = {}
+    for mode, imp in (("rtn", None), ("mse", None), ("hqq", None), ("hqq", importance)):
+        name = f"{mode}{'' if imp is None else ' weighted'} minmax"
+        cases[name] = lambda mode=mode, imp=imp: quantize_rows(x, args, mode, importance=imp)
+    return cases
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layout", choices=["int", "minmax"], default="int")
     a = p.parse_args()
     x, raw = student_t_block()
     importance = torch.rand(1024, dtype=torch.float64) ** 4
     kernels.warm_up()
-    cases = {}
-    for sym in (True, False):
+    cases: dict[str, Callable[[], object]] = {}
+    if a.layout == "minmax":
+        cases = minmax_cases(x, importance)
+    for sym in (True, False) if a.layout == "int" else ():
         args = QuantArgs(bits=4, symmetric=sym, strategy="group", group_size=128)
         qrange = quantized_range(args)
         label = "sym" if sym else "asym"
@@ -84,10 +103,11 @@ def main() -> None:
     per_m = {k: statistics.median(v) / x.numel() * 1e9 for k, v in times.items()}  # ms per M
     rows = []
     for name, ms in per_m.items():
-        scheme = name.split(",")[0].split()[-1]  # sym | asym
+        scheme = name.split(",")[0].split()[-1]  # sym | asym | minmax
         rtn = per_m[f"rtn {scheme}"]
         rows.append({"case": name, "ms_per_million": round(ms, 2), "x_rtn": round(ms / rtn, 1)})
-    RESULTS.write_text(json.dumps({"rounds": a.rounds, "rows": rows}, indent=1) + "\n")
+    out = RESULTS / ("search-speed.json" if a.layout == "int" else "search-speed-minmax.json")
+    out.write_text(json.dumps({"rounds": a.rounds, "rows": rows}, indent=1) + "\n")
     print("| case | CPU ms per million weights | × rtn |\n| --- | ---: | ---: |")
     for r in rows:
         print(f"| {r['case']} | {r['ms_per_million']} | {r['x_rtn']} |")
