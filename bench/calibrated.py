@@ -108,7 +108,7 @@ DEFAULT = [
     "w4asym-rtn", "w4asym-gptq", "w4asym-awq", "w4asym-llmc", "w4asym-llmc-awq",
     "w8-rtn", "w8-gptq", "w8-llmc",
     "w4g64asym-rtn", "w4g64asym-mse", "w4g64asym-hqq", "w4g64asym-hqq-lib",
-    "w4g64minmax-rtn", "w4g64minmax-mse", "w4g64minmax-hqq",
+    "w4g64minmax-rtn", "w4g64minmax-mse", "w4g64minmax-hqq", "w4g64minmax-hqq-cal",
     "nvfp4a16-rtn", "nvfp4-rtn", "nvfp4-llmc",
     "s24-magnitude", "s24-wanda",
 ]  # fmt: skip

@@ -11,7 +11,8 @@ after its first pass whose mean |error| did not fall. The stored scale and offse
 the codes are recomputed from them, as `--preset minmax` stores them:
 
     product           `search_qparams(..., "hqq")` on the minmax layout: the fit uses the stored
-                      (bf16) scale and carries the offset in float64, rounded once at the end
+                      (bf16) scale and carries the offset unrounded (float32, the search's
+                      work dtype for 16-bit weights), rounded once at the end
     library-notation  the library's notation (inverse scale a = 15/(max − min), float zero z,
                       codes round(x·a + z)), float32, unrounded scale during the fit
     float32 / float64 offset notation, the unrounded scale during the fit
