@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -133,18 +134,43 @@ def _weight_stats(path: Path, original: dict[str, torch.Tensor]) -> dict[str, fl
     return {"rel_error": round((err2 / sig2) ** 0.5, 4), "bias_share": round(bias2 / err2, 4)}
 
 
-def main() -> None:
+def arguments(bench: str, rows: Iterable[str]) -> tuple[str, Path, list[str]]:
+    """`--model` and `--only` (keys of `rows`), checked: (model key, its checkpoint, keys)."""
+    rows = list(rows)
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
-    parser.add_argument("--only", default=",".join(ROWS), help="comma-separated keys of ROWS")
+    parser.add_argument("--only", default=",".join(rows), help="comma-separated row keys")
     a = parser.parse_args()
     keys = a.only.split(",")
-    if unknown := sorted(set(keys) - set(ROWS)):
-        raise SystemExit(f"--only: unknown {unknown}; choose from {sorted(ROWS)}")
+    if unknown := sorted(set(keys) - set(rows)):
+        raise SystemExit(f"--only: unknown {unknown}; choose from {sorted(rows)}")
     src = cache_root() / "models" / MODELS[a.model]
     missing = [str(path) for path in (src, *TEXTS.values()) if not path.exists()]
     if missing:
-        raise SystemExit(f"hqq_replica needs {missing} (`compressor fetch {a.model}`, shared data)")
+        raise SystemExit(f"{bench} needs {missing} (`compressor fetch {a.model}`, shared data)")
+    return a.model, src, keys
+
+
+HEADS = {"rel_error": "weight rel. error", "bias_share": "bias share"}
+
+
+def report(name: str, model: str, rows: list[dict[str, object]], columns: list[str]) -> None:
+    """Write bench/results/NAME-MODEL.json and print the rows as a table: ΔPPL on both texts,
+    then `columns` (keys of each row)."""
+    out = RESULTS / f"{name}-{model}.json"
+    out.write_text(json.dumps({"model": MODELS[model], "rows": rows}, indent=1))
+    heads = " | ".join(HEADS.get(c, c) for c in columns)
+    print(f"\n| variant | ΔPPL % Persuasion | ΔPPL % Pride and Prejudice | {heads} |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(columns))
+    for r in rows:
+        p = r["delta_ppl_pct"]
+        assert isinstance(p, dict)
+        rest = " | ".join(str(r[c]) for c in columns)
+        print(f"| {r['variant']} | {p['persuasion']:+.1f} | {p['pride_and_prejudice']:+.1f} | {rest} |")  # fmt: skip
+
+
+def main() -> None:
+    model, src, keys = arguments("hqq_replica", ROWS)
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     original = _weights(src)
@@ -173,14 +199,7 @@ def main() -> None:
             shutil.rmtree(path)
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
-    out = RESULTS / f"hqq-replica-{a.model}.json"
-    out.write_text(json.dumps({"model": MODELS[a.model], "rows": rows}, indent=1))
-    print("\n| variant | ΔPPL % Persuasion | ΔPPL % Pride and Prejudice | weight rel. error | bias share |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        p = r["delta_ppl_pct"]
-        assert isinstance(p, dict)
-        print(f"| {r['variant']} | {p['persuasion']:+.1f} | {p['pride_and_prejudice']:+.1f} | {r['rel_error']} | {r['bias_share']} |")  # fmt: skip
+    report("hqq-replica", model, rows, ["rel_error", "bias_share"])
 
 
 if __name__ == "__main__":

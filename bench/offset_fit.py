@@ -26,7 +26,6 @@ Each row is scored like `bench.hqq_replica` (ΔPPL on *Persuasion* and *Pride an
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Callable
@@ -34,14 +33,12 @@ from pathlib import Path
 
 import torch
 
-from bench.hqq_gap import TEXTS, _ppl, _weights, rewritten
-from bench.hqq_replica import GROUP, LEVELS, MODELS, _weight_stats
-from compressor.evaluation.models import cache_root
+from bench.hqq_gap import _ppl, _weights, rewritten
+from bench.hqq_replica import GROUP, LEVELS, _weight_stats, arguments, report
 from compressor.math.quant import QuantArgs, dequantize, quantize
 from compressor.math.rounding import OFFSET_FIT_ITERATIONS, search_qparams
 
 WORK = Path("/work/bench-data/offset-fit")
-RESULTS = Path(__file__).parent / "results"
 MINMAX = QuantArgs(bits=4, method="minmax", symmetric=False, strategy="group", group_size=GROUP)
 BF16 = torch.bfloat16
 
@@ -114,17 +111,7 @@ ROWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
-    parser.add_argument("--only", default=",".join(ROWS), help="comma-separated keys of ROWS")
-    a = parser.parse_args()
-    keys = a.only.split(",")
-    if unknown := sorted(set(keys) - set(ROWS)):
-        raise SystemExit(f"--only: unknown {unknown}; choose from {sorted(ROWS)}")
-    src = cache_root() / "models" / MODELS[a.model]
-    missing = [str(path) for path in (src, *TEXTS.values()) if not path.exists()]
-    if missing:
-        raise SystemExit(f"offset_fit needs {missing} (`compressor fetch {a.model}`, shared data)")
+    model, src, keys = arguments("offset_fit", ROWS)
     original = _weights(src)
     rows: list[dict[str, object]] = []
     try:
@@ -140,14 +127,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
-    out = RESULTS / f"offset-fit-{a.model}.json"
-    out.write_text(json.dumps({"model": MODELS[a.model], "rows": rows}, indent=1))
-    print("\n| variant | ΔPPL % Persuasion | ΔPPL % Pride and Prejudice | weight rel. error |")
-    print("| --- | ---: | ---: | ---: |")
-    for r in rows:
-        p = r["delta_ppl_pct"]
-        assert isinstance(p, dict)
-        print(f"| {r['variant']} | {p['persuasion']:+.1f} | {p['pride_and_prejudice']:+.1f} | {r['rel_error']} |")  # fmt: skip
+    report("offset-fit", model, rows, ["rel_error"])
 
 
 if __name__ == "__main__":
