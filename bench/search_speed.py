@@ -45,28 +45,14 @@ def student_t_block() -> tuple[torch.Tensor, np.ndarray]:
     return x, x.view(torch.int16).numpy().view(np.uint16)
 
 
-def minmax_cases(x: torch.Tensor, importance: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The minmax layout's roundings as compress runs them (torch, `quantize_rows`)."""
-    args = QuantArgs(bits=4, method="minmax", symmetric=False, strategy="group", group_size=64)
-    cases: dict[str, Callable[[], object]] = {}
-    for mode, imp in (("rtn", None), ("mse", None), ("hqq", None), ("hqq", importance)):
-        name = f"{mode}{'' if imp is None else ' weighted'} minmax"
-        cases[name] = lambda mode=mode, imp=imp: quantize_rows(x, args, mode, importance=imp)
-    return cases
-
-
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--layout", choices=["int", "minmax"], default="int")
-    a = p.parse_args()
-    x, raw = student_t_block()
-    importance = torch.rand(1024, dtype=torch.float64) ** 4
+def int_cases(
+    x: torch.Tensor, raw: np.ndarray, importance: torch.Tensor
+) -> dict[str, Callable[[], object]]:
+    """The int schemes as compress runs them on the CPU: rtn, the fused mse/hqq searches and
+    the torch ones, each followed by the quantize-and-pack kernel."""
     kernels.warm_up()
     cases: dict[str, Callable[[], object]] = {}
-    if a.layout == "minmax":
-        cases = minmax_cases(x, importance)
-    for sym in (True, False) if a.layout == "int" else ():
+    for sym in (True, False):
         args = QuantArgs(bits=4, symmetric=sym, strategy="group", group_size=128)
         qrange = quantized_range(args)
         label = "sym" if sym else "asym"
@@ -94,6 +80,27 @@ def main() -> None:
                 fused()  # compile or load before timing
                 cases[name] = fused
                 cases[f"{name}, torch"] = in_torch
+    return cases
+
+
+def minmax_cases(x: torch.Tensor, importance: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The minmax layout's roundings as compress runs them (torch, `quantize_rows`)."""
+    args = QuantArgs(bits=4, method="minmax", symmetric=False, strategy="group", group_size=64)
+    cases: dict[str, Callable[[], object]] = {}
+    for mode, imp in (("rtn", None), ("mse", None), ("hqq", None), ("hqq", importance)):
+        name = f"{mode}{'' if imp is None else ' weighted'} minmax"
+        cases[name] = lambda mode=mode, imp=imp: quantize_rows(x, args, mode, importance=imp)
+    return cases
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layout", choices=["int", "minmax"], default="int")
+    a = p.parse_args()
+    x, raw = student_t_block()
+    importance = torch.rand(1024, dtype=torch.float64) ** 4
+    cases = minmax_cases(x, importance) if a.layout == "minmax" else int_cases(x, raw, importance)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(a.rounds):
         for name, fn in cases.items():

@@ -63,8 +63,9 @@ to `reconstruction_error` bit for bit. Partial last groups (cols % g ≠ 0) are 
 the row's last weight) with importance 0 on the padding, so they work for every method.
 
 Cost: mse evaluates 1 + 9 candidates (int symmetric), 1 + 19 (int asymmetric) or
-1 + 3·(grid − 1) (minmax), hqq `iterations` iterates (minmax: until its last group stops); each evaluation is ~8 vectorised passes over the block (no
-Python loop over groups), plus two float64 passes for the final choice. Measured on bfloat16
+1 + 3·(grid − 1) (minmax), hqq `iterations` iterates (minmax: until its last group stops);
+each evaluation is ~8 vectorised passes over the block (no Python loop over groups), plus two
+float64 passes for the final choice. Measured on bfloat16
 1024×1024 Student-t weights, int4 g128, defaults, one CPU thread of the (shared, loaded) test
 machine, CPU time per 1M weights, before the walk: rtn ≈ 1.3 ms; mse ≈ 75 ms (sym), ≈ 230 ms (asym),
 ≈ 200 ms (minmax); hqq ≈ 175-300 ms. Peak memory is about six copies of the block in the work
@@ -131,10 +132,11 @@ def search_qparams(
     Returns `(scale, zero)` with the shapes and dtypes of `qparams_from_range`: scale
     (rows, ngroups) in `scale_dtype`; zero None (int symmetric), int8 integer zero points (int
     asymmetric) or `scale_dtype` float offsets (minmax). For every group the weighted squared
-    reconstruction error is ≤ RTN's (but for minmax's hqq, the library's offset fit). `importance` (≥ 0, broadcastable to (rows, cols), e.g. a
-    per-input-column (cols,) vector) weights the error; `grid` is the number of shrink factors
-    of `mse` (1.0 down to 0.6); `iterations` the number of `hqq` steps (default
-    `HQQ_ITERATIONS`, minmax `OFFSET_FIT_ITERATIONS`). Never mutates `x`.
+    reconstruction error is ≤ RTN's (but for minmax's hqq, the library's offset fit).
+    `importance` (≥ 0, broadcastable to (rows, cols), e.g. a per-input-column (cols,) vector)
+    weights the error; `grid` is the number of shrink factors of `mse` (1.0 down to 0.6);
+    `iterations` the number of `hqq` steps (default `HQQ_ITERATIONS`, minmax
+    `OFFSET_FIT_ITERATIONS`). Never mutates `x`.
 
     >>> x = torch.randn(8, 256, dtype=torch.bfloat16)
     >>> args = QuantArgs(bits=4, symmetric=True, strategy="group", group_size=128)

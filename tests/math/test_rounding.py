@@ -148,7 +148,8 @@ def test_search_is_storable_and_never_worse_than_rtn_per_group(case, mode):
 
     if offset_fit(args, mode):  # no squared-error guarantee: see test_offset_fit_*
         assert torch.equal(s, base_s)
-        assert z is not None and bool(torch.isfinite(z).all() | ~torch.isfinite(base_z).all())
+        assert z is not None and base_z is not None
+        assert bool(torch.isfinite(z)[torch.isfinite(base_z)].all())  # finite where RTN's is
         return
     chosen = group_errors(x, s, z, args, importance)
     base = group_errors(x, base_s, base_z, args, importance)
@@ -288,8 +289,10 @@ def test_runs_on_cuda_and_keeps_the_invariant(method, symmetric):
         s, z = search_qparams(x.cuda(), args, torch.bfloat16, mode)
         assert s.device.type == "cuda"
         s, z = s.cpu(), None if z is None else z.cpu()
-        if offset_fit(args, mode):
-            assert torch.equal(z, search_qparams(x, args, torch.bfloat16, mode)[1])
+        if offset_fit(args, mode):  # another summation order may tip a rare near-tie
+            on_cpu = search_qparams(x, args, torch.bfloat16, mode)[1]
+            assert z is not None and on_cpu is not None
+            assert float((z == on_cpu).double().mean()) >= 0.998
             continue
         assert np.all(
             group_errors(x, s, z, args, None)
