@@ -9,7 +9,12 @@ group, makes RTN's parameters, sums RTN's error and makes the final choice, so t
 divided by the most candidates the walk can try (`candidates_at_most`; some are cut by the
 clipping bound or equal the best) is a lower bound of what one candidate costs. One error pass
 alone (`_error32` over 128 weights) is 0.36 ns per weight (docs/benchmarks.md). CPU time per
-weight, minimum over alternating rounds. Writes bench/results/mse-overhead.json.
+weight, minimum over alternating rounds.
+
+`groups` (symmetric): the empty walk and RTN's quantize-and-pack kernel at group sizes 32 to
+1024, each fitted as t = per_weight + per_group / g (least squares over the sizes): what a
+group costs before any candidate, against what RTN's whole kernel spends per group. Writes
+bench/results/mse-overhead.json.
 """
 
 from __future__ import annotations
@@ -27,6 +32,41 @@ from compressor.math.quant import QuantArgs, quantized_range
 from compressor.math.rounding import MSE_GRID, _shrink_factors, mse_path
 
 RESULTS = Path(__file__).parent / "results" / "mse-overhead.json"
+
+
+GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
+
+
+def fixed_costs(raw: np.ndarray, factors: np.ndarray, rounds: int) -> dict[str, object]:
+    """ns per weight of the empty walk and of RTN's kernel at each group size (symmetric int4),
+    and each fitted as per_weight + per_group / g."""
+    qrange = quantized_range(QuantArgs(bits=4, symmetric=True, strategy="group", group_size=32))
+    cases = {
+        "empty walk": lambda g: search_kernels.search_mse_16(
+            raw, kernels.BF16, g, True, qrange, factors, ([], ())
+        ),
+        "rtn kernel": lambda g: kernels.quantize_pack_rtn_16(raw, kernels.BF16, g, True, qrange, 4),
+    }
+    best = {(name, g): float("inf") for name in cases for g in GROUP_SIZES}
+    for _ in range(rounds):
+        for name, run in cases.items():
+            for g in GROUP_SIZES:
+                start = time.process_time()
+                run(g)
+                best[name, g] = min(best[name, g], time.process_time() - start)
+    out: dict[str, object] = {}
+    for name in cases:
+        ns = np.array([best[name, g] / raw.size * 1e9 for g in GROUP_SIZES])
+        design = np.stack([np.ones(len(GROUP_SIZES)), 1.0 / np.array(GROUP_SIZES)], axis=1)
+        (per_weight, per_group), *_ = np.linalg.lstsq(design, ns, rcond=None)
+        out[name] = {
+            "ns_per_weight": {
+                str(g): round(float(t), 2) for g, t in zip(GROUP_SIZES, ns, strict=True)
+            },
+            "fit_per_weight_ns": round(float(per_weight), 2),
+            "fit_per_group_ns": round(float(per_group), 1),
+        }
+    return out
 
 
 def main() -> None:
@@ -56,7 +96,9 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    RESULTS.write_text(json.dumps({"rounds": a.rounds, "rows": rows}, indent=1))
+    groups = fixed_costs(raw, factors, a.rounds)
+    print(json.dumps(groups), flush=True)
+    RESULTS.write_text(json.dumps({"rounds": a.rounds, "rows": rows, "groups": groups}, indent=1))
 
 
 if __name__ == "__main__":
