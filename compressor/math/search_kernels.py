@@ -93,11 +93,18 @@ def _error64(xf, wd, weighted, n, s, z, glo, ghi, kind):
 
 @_jit(inline="always")
 def _load_group(xr, kr, c0, n, kind, imp, weighted, xf, wf, wd):
+    """The group's weights widened into xf (its importance into wf and wd when weighted);
+    returns the group's (min, max). Each loop indexes a slice from 0, so the compiler sees
+    contiguous non-negative indices and vectorises it: with xr[c0 + k] it cannot rule out a
+    negative index (which numba wraps) and gathers element by element."""
+    seg = xr[c0 : c0 + n]
     for k in range(n):
-        xf[k] = _widen(xr[c0 + k], kind)
-        if weighted:
-            wd[k] = imp[c0 + k]
-            wf[k] = np.float32(imp[c0 + k])
+        xf[k] = _widen(seg[k], kind)
+    if weighted:
+        ws = imp[c0 : c0 + n]
+        for k in range(n):
+            wd[k] = ws[k]
+            wf[k] = np.float32(ws[k])
     return _range_of(kr[c0 : c0 + n], kind)
 
 
@@ -293,17 +300,19 @@ _HQQ = 1
 _NONE = np.zeros(0, np.int64)
 
 
-@_jit(fastmath=_FASTMATH, error_model="numpy")
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, imp, weighted, scale, zero):  # fmt: skip
+# Compiled without numba's runtime (`_nrt=False`): with it, every array view and every array
+# handed to an inlined helper takes and drops an atomic reference count, which numba's pruning
+# leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
+# the kernel cannot allocate, so the group buffers (xf, wf, wd) come from the caller.
+@_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, imp, weighted, scale, zero, xf, wf, wd):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
+    xf, wf, wd are buffers of g float32 / float32 ones / float64 ones (`_group_buffers`).
     Returns the number of groups holding NaN or ±inf (left at RTN's parameters)."""
     rows, cols = raw.shape
     ngroups = scale.shape[1]
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
-    xf = np.empty(g, np.float32)
-    wf = np.ones(g, np.float32)
-    wd = np.ones(g, np.float64)
     nonfinite = 0
     for r in range(rows):
         for gi in range(ngroups):
@@ -331,6 +340,12 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
                 xf, wd, weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax, scale, zero, r, gi
             )
     return nonfinite
+
+
+def _group_buffers(group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_search`'s per-group buffers: the widened weights, and the importance in float32 and
+    float64 (ones: an unweighted search reads them as weights of 1)."""
+    return np.empty(group, np.float32), np.ones(group, np.float32), np.ones(group, np.float64)
 
 
 def _prepare(
@@ -378,7 +393,7 @@ def search_mse_16(
     path_t = np.array([t for _, t in coarse], np.int64)
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, path_i, path_t,
-        np.array(steps, np.int64), 0, 0.0, 1.0, imp, weighted, scale, zero,
+        np.array(steps, np.int64), 0, 0.0, 1.0, imp, weighted, scale, zero, *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
@@ -400,7 +415,7 @@ def search_hqq_16(
     qmin, qmax = qrange
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1), _NONE,
-        _NONE, _NONE, iterations, beta, kappa, imp, weighted, scale, zero,
+        _NONE, _NONE, iterations, beta, kappa, imp, weighted, scale, zero, *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
