@@ -28,7 +28,9 @@ so where two candidates' errors agree to rounding the two may keep different one
 most max(2, 1 %) of the groups differ; the total error agrees to 1e-5 relative).
 
 Speed: each error sum is one straight loop that LLVM vectorises; a per-element branch or an
-early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group.
+early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. The
+search runs without numba's runtime (see `_search`): its reference counts were half the time of
+a search with an empty walk.
 """
 
 from __future__ import annotations
