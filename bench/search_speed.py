@@ -9,7 +9,8 @@ parameters (`kernels.quantize_pack_rtn_16`); `mse` / `hqq` the fused search
 (`rounding.fused_search`) plus the same kernel applying its parameters; "torch" rows the torch
 search (`rounding.search_qparams`, what ran before the fused searches, and what GPU workers run)
 plus that kernel. Rounds alternate the cases; the median per case is reported, with its ratio to
-rtn's in the same run. Writes bench/results/search-speed.json.
+rtn's in the same run. Also counts the passes per group the fused hqq runs (of 16: it leaves out
+those that would repeat the last one exactly). Writes bench/results/search-speed.json.
 
 `--layout minmax`: our float-offset layout instead, int4 g64, which compress runs in torch
 (`rounding.quantize_rows`: parameters, codes and x̂) for rtn, mse and hqq (the hqq library's
@@ -29,9 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor.math import kernels
+from compressor.math import kernels, search_kernels
 from compressor.math.quant import QuantArgs, quantized_range
-from compressor.math.rounding import fused_search, quantize_rows, search_qparams
+from compressor.math.rounding import (
+    _HQQ_BETA,
+    _HQQ_KAPPA,
+    HQQ_ITERATIONS,
+    fused_search,
+    quantize_rows,
+    search_qparams,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -93,6 +101,30 @@ def minmax_cases(x: torch.Tensor, importance: torch.Tensor) -> dict[str, Callabl
     return cases
 
 
+def hqq_passes(raw: np.ndarray, importance: torch.Tensor) -> dict[str, float]:
+    """Mean passes per group the fused hqq runs on the block (of 16: RTN's and 15 iterations),
+    int4 g128 as timed: the passes left out repeat the last one exactly (`_repeats`)."""
+    out = {}
+    for sym in (True, False):
+        for imp in (None, importance.numpy()):
+            passes = np.zeros(1, np.int64)
+            scale, _, _ = search_kernels.search_hqq_16(
+                raw,
+                kernels.BF16,
+                128,
+                sym,
+                (-8, 7),
+                HQQ_ITERATIONS,
+                _HQQ_BETA,
+                _HQQ_KAPPA,
+                imp,
+                passes=passes,
+            )
+            name = f"hqq{'' if imp is None else ' weighted'} {'sym' if sym else 'asym'}"
+            out[name] = round(float(passes[0]) / scale.size, 2)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
@@ -114,7 +146,11 @@ def main() -> None:
         rtn = per_m[f"rtn {scheme}"]
         rows.append({"case": name, "ms_per_million": round(ms, 2), "x_rtn": round(ms / rtn, 1)})
     out = RESULTS / ("search-speed.json" if a.layout == "int" else "search-speed-minmax.json")
-    out.write_text(json.dumps({"rounds": a.rounds, "rows": rows}, indent=1) + "\n")
+    report: dict[str, object] = {"rounds": a.rounds, "rows": rows}
+    if a.layout == "int":
+        report["hqq_passes_per_group"] = hqq_passes(raw, importance)
+        print("hqq passes per group (of 16):", report["hqq_passes_per_group"])
+    out.write_text(json.dumps(report, indent=1) + "\n")
     print("| case | CPU ms per million weights | × rtn |\n| --- | ---: | ---: |")
     for r in rows:
         print(f"| {r['case']} | {r['ms_per_million']} | {r['x_rtn']} |")

@@ -42,12 +42,14 @@ from compressor.math.kernels import (
     F16,
     _bits16,
     _check_raw,
+    _f32_as_u32,
     _finite_codes,
     _jit,
     _narrow,
     _range_of,
     _round_to,
     _rtn_params,
+    _u32_as_f32,
     _widen,
 )
 
@@ -219,13 +221,17 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _hqq_pass(xf, wf, n, s, z, glo, ghi, kind, beta):
     """One pass over a group at the stored parameters (s, z): their error Σ w·(x − x̂)² with the
-    format's own codes, and the sums of hqq's weighted least squares fit of the shrunk targets
-    on those codes (Σ w·q², Σ w·q·y, Σ w·q, Σ w·y). wf is all ones when unweighted."""
+    format's own codes, the sums of hqq's weighted least squares fit of the shrunk targets on
+    those codes (Σ w·q², Σ w·q·y, Σ w·q, Σ w·y), and the largest |residual| in code units. wf is
+    all ones when unweighted."""
     err = np.float32(0.0)
     sqq = np.float32(0.0)
     sqy = np.float32(0.0)
     sq = np.float32(0.0)
     sy = np.float32(0.0)
+    # the largest |residual| as bits: non-negative floats order as their bits do, and an integer
+    # max vectorises where a float one does not (LLVM keeps its NaN semantics)
+    amax = np.uint32(0)
     inv_beta = np.float32(1.0) / beta
     for k in range(n):
         t = xf[k] / s
@@ -234,6 +240,7 @@ def _hqq_pass(xf, wf, n, s, z, glo, ghi, kind, beta):
         err += d * d * wf[k]
         res = t + z - q  # code units
         a = abs(res)  # shrink_p(res, β), p = ½: sign·max(|r| − |r|^(−½)/β, 0)
+        amax = max(amax, _f32_as_u32(a))
         shrunk = max(a - inv_beta / np.sqrt(max(a, np.float32(1e-8))), np.float32(0.0))
         target = xf[k] - (shrunk if res >= 0 else -shrunk) * s
         qw = q * wf[k]
@@ -241,14 +248,26 @@ def _hqq_pass(xf, wf, n, s, z, glo, ghi, kind, beta):
         sqy += qw * target
         sq += qw
         sy += target * wf[k]
-    return err, sqq, sqy, sq, sy
+    return err, sqq, sqy, sq, sy, _u32_as_f32(amax)
+
+
+@_jit(inline="always")
+def _repeats(s, z, last_s, last_z, amax, beta):
+    """Whether the pass at (s, z) with penalty β would repeat the last pass run exactly: the
+    iterate did not move (same codes, same residuals, largest |r| = amax) and β shrinks no
+    residual (|r| − |r|^−½/β < 0 for every |r| ≤ amax; then not at the last, smaller β either).
+    Its targets are the weights themselves in both passes, so the sums, the error and the fit are
+    the same: the skipped pass would measure the same error and fit (s, z) again. The margin
+    (amax^1.5·β < 1 − 1e-4) keeps float32 rounding from shrinking the largest residual."""
+    return s == last_s and z == last_z and np.float64(amax) ** 1.5 * np.float64(beta) < 1.0 - 1e-4
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa):
+def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip):  # fmt: skip
     """hqq on one group from RTN's (s0, z0), every iterate snapped to the format before the next
-    (`rounding._hqq`): one pass per iterate measures it and fits the next. Returns (RTN's float32
-    error, the best error, its scale and zero point)."""
+    (`rounding._hqq`): one pass per iterate measures it and fits the next. With `skip`, a pass
+    that would repeat the last one exactly is not run (`_repeats`). Returns (RTN's float32
+    error, the best error, its scale and zero point, the number of passes run)."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     nw = np.float32(0.0)  # Σ w
@@ -258,10 +277,21 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
     e0 = np.float32(np.inf)
     best, bs, bz = e0, s0, z0
     beta = np.float32(beta0)
-    for it in range(iterations + 1):
+    last_s = np.float32(np.nan)  # the parameters of the last pass run, and its largest |residual|
+    last_z = z
+    amax = np.float32(np.inf)
+    passes = 0
+    it = 0
+    while it <= iterations:
+        if skip and _repeats(s, z, last_s, last_z, amax, beta):
+            beta *= np.float32(kappa)  # as after a pass; the fit would give (s, z) again
+            it += 1
+            continue
         zf = np.float32(z)
         glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
-        e, sqq, sqy, sq, sy = _hqq_pass(xf, wf, n, s, zf, glo, ghi, kind, beta)
+        e, sqq, sqy, sq, sy, amax = _hqq_pass(xf, wf, n, s, zf, glo, ghi, kind, beta)
+        last_s, last_z = s, z
+        passes += 1
         if it == 0:
             e0, best = e, e
         elif e < best:
@@ -294,7 +324,8 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
             zr = np.rint(-new_o / np.float64(s))
             zr = np.float32(0.0) if zr != zr else zr
             z = int(min(max(zr, fmin), fmax))
-    return e0, best, bs, bz
+        it += 1
+    return e0, best, bs, bz, passes
 
 
 _MSE = 0
@@ -307,9 +338,10 @@ _NONE = np.zeros(0, np.int64)
 # leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
 # the kernel cannot allocate, so the group buffers (xf, wf, wd) come from the caller.
 @_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, imp, weighted, scale, zero, xf, wf, wd):  # fmt: skip
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, weighted, scale, zero, xf, wf, wd):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
-    xf, wf, wd are buffers of g float32 / float32 ones / float64 ones (`_group_buffers`).
+    xf, wf, wd are buffers of g float32 / float32 ones / float64 ones (`_group_buffers`);
+    passes[0] counts the passes hqq runs.
     Returns the number of groups holding NaN or ±inf (left at RTN's parameters)."""
     rows, cols = raw.shape
     ngroups = scale.shape[1]
@@ -335,9 +367,10 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
                     factors, path_i, path_t, steps,
                 )  # fmt: skip
             else:
-                e0, best, bs, bz = _hqq_group(
-                    xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa
+                e0, best, bs, bz, run = _hqq_group(
+                    xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip
                 )
+                passes[0] += run
             _finish(
                 xf, wd, weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax, scale, zero, r, gi
             )
@@ -395,7 +428,8 @@ def search_mse_16(
     path_t = np.array([t for _, t in coarse], np.int64)
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, path_i, path_t,
-        np.array(steps, np.int64), 0, 0.0, 1.0, imp, weighted, scale, zero, *_group_buffers(group),
+        np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(1, np.int64), imp, weighted, scale, zero,
+        *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
@@ -410,14 +444,25 @@ def search_hqq_16(
     beta: float,
     kappa: float,
     importance: np.ndarray | None = None,
+    skip_repeats: bool = True,
+    passes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """hqq's parameters for a block, as `search_mse_16` returns them: `iterations` steps from
-    RTN's parameters, penalty `beta` growing by `kappa` per step."""
+    RTN's parameters, penalty `beta` growing by `kappa` per step. `skip_repeats` leaves out the
+    passes that would repeat the last one exactly (`_repeats`: the same parameters either way,
+    about a third fewer passes on SmolLM2's weights); False runs them all, the reference the
+    skipping is tested against. `passes`, an int64 array of one, gets the passes run added."""
     imp, weighted, scale, zero = _prepare(raw, kind, group, importance)
+    if passes is not None and (passes.dtype != np.int64 or passes.shape != (1,)):
+        raise ValueError(
+            f"passes must be an int64 array of shape (1,), got {passes.dtype} {passes.shape}"
+        )
     qmin, qmax = qrange
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1), _NONE,
-        _NONE, _NONE, iterations, beta, kappa, imp, weighted, scale, zero, *_group_buffers(group),
+        _NONE, _NONE, iterations, beta, kappa, skip_repeats,
+        np.zeros(1, np.int64) if passes is None else passes, imp, weighted, scale, zero,
+        *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
