@@ -9,8 +9,8 @@ parameters (`kernels.quantize_pack_rtn_16`); `mse` / `hqq` the fused search
 (`rounding.fused_search`) plus the same kernel applying its parameters; "torch" rows the torch
 search (`rounding.search_qparams`, what ran before the fused searches, and what GPU workers run)
 plus that kernel. Rounds alternate the cases; the median per case is reported, with its ratio to
-rtn's in the same run. Also counts the passes per group the fused hqq runs (of 16: it leaves out
-those that would repeat the last one exactly). Writes bench/results/search-speed.json.
+rtn's in the same run. Also counts the codes passes per group the fused hqq runs (of 16: it
+leaves out those that would repeat the last one exactly). Writes bench/results/search-speed.json.
 
 `--layout minmax`: our float-offset layout instead, int4 g64, which compress runs in torch
 (`rounding.quantize_rows`: parameters, codes and x̂) for rtn, mse and hqq (the hqq library's
@@ -102,8 +102,8 @@ def minmax_cases(x: torch.Tensor, importance: torch.Tensor) -> dict[str, Callabl
 
 
 def hqq_passes(raw: np.ndarray, importance: torch.Tensor) -> dict[str, float]:
-    """Mean passes per group the fused hqq runs on the block (of 16: RTN's and 15 iterations),
-    int4 g128 as timed: the passes left out repeat the last one exactly (`_repeats`)."""
+    """Mean codes passes per group the fused hqq runs on the block (of 16: RTN's and 15
+    iterations), int4 g128 as timed: those left out would repeat the last one exactly."""
     out = {}
     for sym in (True, False):
         for imp in (None, importance.numpy()):
@@ -149,7 +149,7 @@ def main() -> None:
     report: dict[str, object] = {"rounds": a.rounds, "rows": rows}
     if a.layout == "int":
         report["hqq_passes_per_group"] = hqq_passes(raw, importance)
-        print("hqq passes per group (of 16):", report["hqq_passes_per_group"])
+        print("hqq codes passes per group (of 16):", report["hqq_passes_per_group"])
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("| case | CPU ms per million weights | × rtn |\n| --- | ---: | ---: |")
     for r in rows:

@@ -219,55 +219,68 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_pass(xf, wf, n, s, z, glo, ghi, kind, beta):
-    """One pass over a group at the stored parameters (s, z): their error Σ w·(x − x̂)² with the
-    format's own codes, the sums of hqq's weighted least squares fit of the shrunk targets on
-    those codes (Σ w·q², Σ w·q·y, Σ w·q, Σ w·y), and the largest |residual| in code units. wf is
-    all ones when unweighted."""
+def _hqq_codes(xf, wf, n, s, z, glo, ghi, kind, qb, rb):
+    """The codes half of an hqq pass at the stored parameters (s, z): their error Σ w·(x − x̂)²
+    with the format's own codes, Σ w·q² and Σ w·q of the fit, the largest |residual| in code
+    units; each weight's code and residual kept in qb and rb for `_hqq_targets`. wf is all ones
+    when unweighted."""
     err = np.float32(0.0)
     sqq = np.float32(0.0)
-    sqy = np.float32(0.0)
     sq = np.float32(0.0)
-    sy = np.float32(0.0)
     # the largest |residual| as bits: non-negative floats order as their bits do, and an integer
     # max vectorises where a float one does not (LLVM keeps its NaN semantics)
     amax = np.uint32(0)
-    inv_beta = np.float32(1.0) / beta
     for k in range(n):
         t = xf[k] / s
         q = min(max(np.rint(t) + z, glo), ghi)  # the stored code
         d = _narrow((q - z) * s, kind) - xf[k]
         err += d * d * wf[k]
         res = t + z - q  # code units
-        a = abs(res)  # shrink_p(res, β), p = ½: sign·max(|r| − |r|^(−½)/β, 0)
-        amax = max(amax, _f32_as_u32(a))
-        shrunk = max(a - inv_beta / np.sqrt(max(a, np.float32(1e-8))), np.float32(0.0))
-        target = xf[k] - (shrunk if res >= 0 else -shrunk) * s
+        qb[k] = q
+        rb[k] = res
+        amax = max(amax, _f32_as_u32(abs(res)))
         qw = q * wf[k]
         sqq += qw * q
-        sqy += qw * target
         sq += qw
-        sy += target * wf[k]
-    return err, sqq, sqy, sq, sy, _u32_as_f32(amax)
-
-
-@_jit(inline="always")
-def _repeats(s, z, last_s, last_z, amax, beta):
-    """Whether the pass at (s, z) with penalty β would repeat the last pass run exactly: the
-    iterate did not move (same codes, same residuals, largest |r| = amax) and β shrinks no
-    residual (|r| − |r|^−½/β < 0 for every |r| ≤ amax; then not at the last, smaller β either).
-    Its targets are the weights themselves in both passes, so the sums, the error and the fit are
-    the same: the skipped pass would measure the same error and fit (s, z) again. The margin
-    (amax^1.5·β < 1 − 1e-4) keeps float32 rounding from shrinking the largest residual."""
-    return s == last_s and z == last_z and np.float64(amax) ** 1.5 * np.float64(beta) < 1.0 - 1e-4
+    return err, sqq, sq, _u32_as_f32(amax)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip):  # fmt: skip
+def _hqq_targets(xf, wf, n, s, beta, qb, rb):
+    """The targets half: each weight's target x − shrink(r, β)·s from the residual r kept by
+    `_hqq_codes`, and the fit's Σ w·q·y and Σ w·y. shrink_p(r, β), p = ½:
+    sign(r)·max(|r| − |r|^(−½)/β, 0)."""
+    sqy = np.float32(0.0)
+    sy = np.float32(0.0)
+    inv_beta = np.float32(1.0) / beta
+    for k in range(n):
+        res = rb[k]
+        a = abs(res)
+        shrunk = max(a - inv_beta / np.sqrt(max(a, np.float32(1e-8))), np.float32(0.0))
+        target = xf[k] - (shrunk if res >= 0 else -shrunk) * s
+        sqy += qb[k] * wf[k] * target
+        sy += target * wf[k]
+    return sqy, sy
+
+
+@_jit(inline="always")
+def _repeats(amax, beta):
+    """For an iterate that did not move (the same codes and residuals as the last pass, the
+    largest |r| = amax): whether β shrinks no residual (|r| − |r|^−½/β < 0 for every |r| ≤ amax;
+    then not at the last, smaller β either). Its targets are then the weights themselves in both
+    passes, so the sums, the error and the fit are the same: the pass would fit (s, z) again. The
+    margin (amax^1.5·β < 1 − 1e-4) keeps float32 rounding from shrinking the largest residual."""
+    return np.float64(amax) ** 1.5 * np.float64(beta) < 1.0 - 1e-4
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip, qb, rb):  # fmt: skip
     """hqq on one group from RTN's (s0, z0), every iterate snapped to the format before the next
-    (`rounding._hqq`): one pass per iterate measures it and fits the next. With `skip`, a pass
-    that would repeat the last one exactly is not run (`_repeats`). Returns (RTN's float32
-    error, the best error, its scale and zero point, the number of passes run)."""
+    (`rounding._hqq`): one pass per iterate measures it (`_hqq_codes`) and fits the next
+    (`_hqq_targets`). With `skip`, an iterate equal to the last one keeps that pass's codes,
+    error and code sums (they would come out the same) and only its targets are made again at
+    the new β; when β shrinks no residual either, nothing is (`_repeats`). Returns (RTN's
+    float32 error, the best error, its scale and zero point, the number of codes passes run)."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     nw = np.float32(0.0)  # Σ w
@@ -277,27 +290,31 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
     e0 = np.float32(np.inf)
     best, bs, bz = e0, s0, z0
     beta = np.float32(beta0)
-    last_s = np.float32(np.nan)  # the parameters of the last pass run, and its largest |residual|
+    last_s = np.float32(np.nan)  # the parameters of the last codes pass, and its largest |r|
     last_z = z
     amax = np.float32(np.inf)
+    e = sqq = sq = np.float32(0.0)
     passes = 0
     it = 0
     while it <= iterations:
-        if skip and _repeats(s, z, last_s, last_z, amax, beta):
+        same = skip and s == last_s and z == last_z
+        if same and (it == iterations or _repeats(amax, beta)):
             beta *= np.float32(kappa)  # as after a pass; the fit would give (s, z) again
             it += 1
             continue
         zf = np.float32(z)
-        glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
-        e, sqq, sqy, sq, sy, amax = _hqq_pass(xf, wf, n, s, zf, glo, ghi, kind, beta)
-        last_s, last_z = s, z
-        passes += 1
+        if not same:  # the same codes as the last pass otherwise: its error, Σwq², Σwq hold
+            glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
+            e, sqq, sq, amax = _hqq_codes(xf, wf, n, s, zf, glo, ghi, kind, qb, rb)
+            last_s, last_z = s, z
+            passes += 1
         if it == 0:
             e0, best = e, e
         elif e < best:
             best, bs, bz = e, s, z
         if it == iterations:
             break
+        sqy, sy = _hqq_targets(xf, wf, n, s, beta, qb, rb)
         beta *= np.float32(kappa)
         new_s = np.float64(s)
         new_o = -np.float64(zf) * np.float64(s)
@@ -338,9 +355,10 @@ _NONE = np.zeros(0, np.int64)
 # leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
 # the kernel cannot allocate, so the group buffers (xf, wf, wd) come from the caller.
 @_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, weighted, scale, zero, xf, wf, wd):  # fmt: skip
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, weighted, scale, zero, xf, wf, wd, qb, rb):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
-    xf, wf, wd are buffers of g float32 / float32 ones / float64 ones (`_group_buffers`);
+    xf, wf, wd, qb, rb are buffers of g float32 / float32 ones / float64 ones / float32 /
+    float32 (`_group_buffers`);
     passes[0] counts the passes hqq runs.
     Returns the number of groups holding NaN or ±inf (left at RTN's parameters)."""
     rows, cols = raw.shape
@@ -368,8 +386,9 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
                 )  # fmt: skip
             else:
                 e0, best, bs, bz, run = _hqq_group(
-                    xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip
-                )
+                    xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip,
+                    qb, rb,
+                )  # fmt: skip
                 passes[0] += run
             _finish(
                 xf, wd, weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax, scale, zero, r, gi
@@ -377,10 +396,11 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
     return nonfinite
 
 
-def _group_buffers(group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_search`'s per-group buffers: the widened weights, and the importance in float32 and
-    float64 (ones: an unweighted search reads them as weights of 1)."""
-    return np.empty(group, np.float32), np.ones(group, np.float32), np.ones(group, np.float64)
+def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
+    """`_search`'s per-group buffers: the widened weights, the importance in float32 and
+    float64 (ones: an unweighted search reads them as weights of 1), hqq's codes and residuals."""
+    f32, f64 = np.float32, np.float64
+    return np.empty(group, f32), np.ones(group, f32), np.ones(group, f64), np.empty(group, f32), np.empty(group, f32)  # fmt: skip
 
 
 def _prepare(
@@ -449,9 +469,10 @@ def search_hqq_16(
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """hqq's parameters for a block, as `search_mse_16` returns them: `iterations` steps from
     RTN's parameters, penalty `beta` growing by `kappa` per step. `skip_repeats` leaves out the
-    passes that would repeat the last one exactly (`_repeats`: the same parameters either way,
-    about a third fewer passes on SmolLM2's weights); False runs them all, the reference the
-    skipping is tested against. `passes`, an int64 array of one, gets the passes run added."""
+    work that would repeat the last pass exactly (`_hqq_group`: the same parameters either way,
+    about half the codes passes on the bench's weights); False runs every pass, the reference
+    the skipping is tested against. `passes`, an int64 array of one, gets the codes passes run
+    added."""
     imp, weighted, scale, zero = _prepare(raw, kind, group, importance)
     if passes is not None and (passes.dtype != np.int64 or passes.shape != (1,)):
         raise ValueError(

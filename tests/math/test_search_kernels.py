@@ -67,10 +67,11 @@ def test_fused_search_matches_the_torch_search(dtype, args, mode, weighted):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("args", ARGS[:3], ids=lambda a: a.describe())
 @pytest.mark.parametrize("weighted", [False, True])
-def test_hqq_skips_only_passes_that_change_nothing(dtype, args, weighted):
-    """A pass left out because it would repeat the last one (`_repeats`) changes no parameter:
-    every group's scale and zero point equal those of the search that runs every pass, while
-    fewer passes run (measured here: 24 to 36 % fewer)."""
+def test_hqq_skips_only_work_that_changes_nothing(dtype, args, weighted):
+    """Codes passes left out for an iterate equal to the last one, and targets left out where
+    no residual is shrunk either (`_repeats`), change no parameter: every group's scale and
+    zero point equal those of the search that runs every pass, while fewer codes passes run
+    (measured here: 34 to 69 % fewer)."""
     x = _weights(dtype, rows=64, cols=400)
     raw = x.contiguous().view(torch.int16).numpy().view(np.uint16)
     g = torch.Generator().manual_seed(11)
@@ -87,21 +88,18 @@ def test_hqq_skips_only_passes_that_change_nothing(dtype, args, weighted):
         )  # fmt: skip
     ngroups = x.shape[0] * -(-x.shape[1] // args.group_size)
     assert int(counted[False][0]) == 16 * ngroups  # RTN's pass and 15 iterations
-    assert int(counted[True][0]) < 0.85 * int(counted[False][0])
+    assert int(counted[True][0]) < 0.8 * int(counted[False][0])
     np.testing.assert_array_equal(found[True][0], found[False][0])
     if not args.symmetric:
         np.testing.assert_array_equal(found[True][1], found[False][1])
 
 
-def test_repeats_needs_the_same_iterate_and_no_shrunk_residual():
-    """The skip condition: same (s, z), and amax^1.5·β below 1 with a margin."""
+def test_repeats_only_where_no_residual_is_shrunk():
+    """The condition for leaving out the targets too: amax^1.5·β below 1, with a margin."""
     repeats = search_kernels._repeats
-    s = np.float32(0.01)
-    assert repeats(s, 3, s, 3, np.float32(0.5), np.float32(2.0))  # 0.354·2 = 0.71
-    assert not repeats(s, 3, s, 3, np.float32(0.5), np.float32(2.83))  # 0.354·2.83 > 1 − 1e-4
-    assert not repeats(s, 3, s, 4, np.float32(0.5), np.float32(2.0))  # z moved
-    assert not repeats(s, 3, np.float32(0.0101), 3, np.float32(0.5), np.float32(2.0))  # s moved
-    assert not repeats(s, 3, np.float32(np.nan), 3, np.float32(0.5), np.float32(2.0))  # no pass yet
+    assert repeats(np.float32(0.5), np.float32(2.0))  # 0.354 · 2 = 0.71
+    assert not repeats(np.float32(0.5), np.float32(2.83))  # 0.354 · 2.83 > 1 − 1e-4
+    assert not repeats(np.float32(np.inf), np.float32(1.0))  # before the first pass
 
 
 def test_degenerate_groups():
