@@ -106,20 +106,13 @@ def hqq_passes(raw: np.ndarray, importance: torch.Tensor) -> dict[str, float]:
     iterations), int4 g128 as timed: those left out would repeat the last one exactly."""
     out = {}
     for sym in (True, False):
+        args = QuantArgs(bits=4, symmetric=sym, strategy="group", group_size=128)
         for imp in (None, importance.numpy()):
             passes = np.zeros(1, np.int64)
             scale, _, _ = search_kernels.search_hqq_16(
-                raw,
-                kernels.BF16,
-                128,
-                sym,
-                (-8, 7),
-                HQQ_ITERATIONS,
-                _HQQ_BETA,
-                _HQQ_KAPPA,
-                imp,
-                passes=passes,
-            )
+                raw, kernels.BF16, 128, sym, quantized_range(args), HQQ_ITERATIONS, _HQQ_BETA,
+                _HQQ_KAPPA, imp, passes=passes,
+            )  # fmt: skip
             name = f"hqq{'' if imp is None else ' weighted'} {'sym' if sym else 'asym'}"
             out[name] = round(float(passes[0]) / scale.size, 2)
     return out

@@ -357,10 +357,9 @@ _NONE = np.zeros(0, np.int64)
 @_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
 def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, weighted, scale, zero, xf, wf, wd, qb, rb):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
-    xf, wf, wd, qb, rb are buffers of g float32 / float32 ones / float64 ones / float32 /
-    float32 (`_group_buffers`);
-    passes[0] counts the passes hqq runs.
-    Returns the number of groups holding NaN or ±inf (left at RTN's parameters)."""
+    xf, wf, wd, qb, rb are the group buffers (`_group_buffers`); hqq adds the codes passes it
+    runs to passes[0]. Returns the number of groups holding NaN or ±inf (left at RTN's
+    parameters)."""
     rows, cols = raw.shape
     ngroups = scale.shape[1]
     fmin = np.float32(qmin)
@@ -399,8 +398,10 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
 def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
     """`_search`'s per-group buffers: the widened weights, the importance in float32 and
     float64 (ones: an unweighted search reads them as weights of 1), hqq's codes and residuals."""
-    f32, f64 = np.float32, np.float64
-    return np.empty(group, f32), np.ones(group, f32), np.ones(group, f64), np.empty(group, f32), np.empty(group, f32)  # fmt: skip
+    weights = np.empty(group, np.float32)
+    importance32, importance64 = np.ones(group, np.float32), np.ones(group, np.float64)
+    codes, residuals = np.empty(group, np.float32), np.empty(group, np.float32)
+    return weights, importance32, importance64, codes, residuals
 
 
 def _prepare(
@@ -448,8 +449,8 @@ def search_mse_16(
     path_t = np.array([t for _, t in coarse], np.int64)
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, path_i, path_t,
-        np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(1, np.int64), imp, weighted, scale, zero,
-        *_group_buffers(group),
+        np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(1, np.int64), imp, weighted,
+        scale, zero, *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 

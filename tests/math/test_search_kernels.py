@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from compressor.math import kernels, search_kernels
-from compressor.math.quant import QuantArgs
-from compressor.math.rounding import fused_search, reconstruction_error, search_qparams
+from compressor.math.quant import QuantArgs, quantized_range
+from compressor.math.rounding import (
+    _HQQ_BETA,
+    _HQQ_KAPPA,
+    HQQ_ITERATIONS,
+    fused_search,
+    reconstruction_error,
+    search_qparams,
+)
 
 KINDS = {torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}
 ARGS = [
@@ -77,17 +84,16 @@ def test_hqq_skips_only_work_that_changes_nothing(dtype, args, weighted):
     g = torch.Generator().manual_seed(11)
     importance = (torch.rand(x.shape[1], dtype=torch.float64, generator=g) ** 4).numpy()
     imp = importance if weighted else None
-    qrange = (-(1 << (args.bits - 1)), (1 << (args.bits - 1)) - 1)
     counted = {}
     found = {}
     for skip in (True, False):
         counted[skip] = np.zeros(1, np.int64)
         found[skip] = search_kernels.search_hqq_16(
-            raw, KINDS[dtype], args.group_size, args.symmetric, qrange, 15, 0.3, 1.3, imp,
-            skip_repeats=skip, passes=counted[skip],
+            raw, KINDS[dtype], args.group_size, args.symmetric, quantized_range(args),
+            HQQ_ITERATIONS, _HQQ_BETA, _HQQ_KAPPA, imp, skip_repeats=skip, passes=counted[skip],
         )  # fmt: skip
     ngroups = x.shape[0] * -(-x.shape[1] // args.group_size)
-    assert int(counted[False][0]) == 16 * ngroups  # RTN's pass and 15 iterations
+    assert int(counted[False][0]) == (1 + HQQ_ITERATIONS) * ngroups  # RTN's pass, the iterations
     assert int(counted[True][0]) < 0.8 * int(counted[False][0])
     np.testing.assert_array_equal(found[True][0], found[False][0])
     if not args.symmetric:
