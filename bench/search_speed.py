@@ -9,8 +9,9 @@ parameters (`kernels.quantize_pack_rtn_16`); `mse` / `hqq` the fused search
 (`rounding.fused_search`) plus the same kernel applying its parameters; "torch" rows the torch
 search (`rounding.search_qparams`, what ran before the fused searches, and what GPU workers run)
 plus that kernel. Rounds alternate the cases; the median per case is reported, with its ratio to
-rtn's in the same run. Also counts the codes passes per group the fused hqq runs (of 16: it
-leaves out those that would repeat the last one exactly). Writes bench/results/search-speed.json.
+rtn's in the same run. Also counts the passes per group the fused hqq runs: codes passes (of
+16: it leaves out those that would repeat the last one exactly) and targets passes (of 15: none
+where β shrinks no residual). Writes bench/results/search-speed.json.
 
 `--layout minmax`: our float-offset layout instead, int4 g64, which compress runs in torch
 (`rounding.quantize_rows`: parameters, codes and x̂) for rtn, mse and hqq (the hqq library's
@@ -101,20 +102,24 @@ def minmax_cases(x: torch.Tensor, importance: torch.Tensor) -> dict[str, Callabl
     return cases
 
 
-def hqq_passes(raw: np.ndarray, importance: torch.Tensor) -> dict[str, float]:
-    """Mean codes passes per group the fused hqq runs on the block (of 16: RTN's and 15
-    iterations), int4 g128 as timed: those left out would repeat the last one exactly."""
+def hqq_passes(raw: np.ndarray, importance: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Mean passes per group the fused hqq runs on the block, int4 g128 as timed: codes passes
+    (of 16: RTN's and 15 iterations; those left out would repeat the last one exactly) and
+    targets passes (of 15; left out where β shrinks no residual: the targets are the weights)."""
     out = {}
     for sym in (True, False):
         args = QuantArgs(bits=4, symmetric=sym, strategy="group", group_size=128)
         for imp in (None, importance.numpy()):
-            passes = np.zeros(1, np.int64)
+            passes = np.zeros(2, np.int64)
             scale, _, _ = search_kernels.search_hqq_16(
                 raw, kernels.BF16, 128, sym, quantized_range(args), HQQ_ITERATIONS, _HQQ_BETA,
                 _HQQ_KAPPA, imp, passes=passes,
             )  # fmt: skip
             name = f"hqq{'' if imp is None else ' weighted'} {'sym' if sym else 'asym'}"
-            out[name] = round(float(passes[0]) / scale.size, 2)
+            out[name] = {
+                "codes": round(float(passes[0]) / scale.size, 2),
+                "targets": round(float(passes[1]) / scale.size, 2),
+            }
     return out
 
 
@@ -142,7 +147,7 @@ def main() -> None:
     report: dict[str, object] = {"rounds": a.rounds, "rows": rows}
     if a.layout == "int":
         report["hqq_passes_per_group"] = hqq_passes(raw, importance)
-        print("hqq codes passes per group (of 16):", report["hqq_passes_per_group"])
+        print("hqq passes per group (codes of 16, targets of 15):", report["hqq_passes_per_group"])
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("| case | CPU ms per million weights | × rtn |\n| --- | ---: | ---: |")
     for r in rows:

@@ -13,6 +13,8 @@ there, in cache:
     hqq   the iteration of `rounding._hqq` (shrunk residual, weighted least squares fit of scale
           and offset, β annealed) on snapped iterates: each iterate is stored-format parameters,
           so one pass both measures it (the format's codes) and fits the next from those codes.
+          Where β shrinks no residual, the fit's targets are the weights themselves and their
+          sums come from the codes pass (no targets pass).
 
 x̂ is what the stored format reconstructs: `kernels._quantize_pack`'s codes (one float32
 division, rint, the finite code range) and its product narrowed once to the 16-bit dtype.
@@ -222,11 +224,12 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
 def _hqq_codes(xf, wf, n, s, z, glo, ghi, kind, qb, rb):
     """The codes half of an hqq pass at the stored parameters (s, z): their error Σ w·(x − x̂)²
     with the format's own codes, Σ w·q² and Σ w·q of the fit, the largest |residual| in code
-    units; each weight's code and residual kept in qb and rb for `_hqq_targets`. wf is all ones
-    when unweighted."""
+    units, and Σ w·q·x (the fit's Σ w·q·y when no residual is shrunk); each weight's code and
+    residual kept in qb and rb for `_hqq_targets`. wf is all ones when unweighted."""
     err = np.float32(0.0)
     sqq = np.float32(0.0)
     sq = np.float32(0.0)
+    sqx = np.float32(0.0)
     # the largest |residual| as bits: non-negative floats order as their bits do, and an integer
     # max vectorises where a float one does not (LLVM keeps its NaN semantics)
     amax = np.uint32(0)
@@ -242,7 +245,8 @@ def _hqq_codes(xf, wf, n, s, z, glo, ghi, kind, qb, rb):
         qw = q * wf[k]
         sqq += qw * q
         sq += qw
-    return err, sqq, sq, _u32_as_f32(amax)
+        sqx += qw * xf[k]
+    return err, sqq, sq, _u32_as_f32(amax), sqx
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
@@ -265,12 +269,14 @@ def _hqq_targets(xf, wf, n, s, beta, qb, rb):
 
 @_jit(inline="always")
 def _repeats(amax, beta):
-    """For an iterate that did not move (the same codes and residuals as the last pass, the
-    largest |r| = amax): whether β shrinks no residual (|r| − |r|^−½/β < 0 for every |r| ≤ amax;
-    then not at the last, smaller β either). Its targets are then the weights themselves in both
-    passes, so the sums, the error and the fit are the same: the pass would fit (s, z) again. The
-    margin (amax^1.5·β < 1 − 1e-4) keeps float32 rounding from shrinking the largest residual."""
-    return np.float64(amax) ** 1.5 * np.float64(beta) < 1.0 - 1e-4
+    """Whether β shrinks no residual of a pass whose largest |r| is amax (|r| − |r|^−½/β < 0 for
+    every |r| ≤ amax): then every target is its weight, so the fit's sums are the codes pass's
+    own (Σ w·q·x, Σ w·x), and for an iterate that did not move (the same codes and residuals as
+    the last pass; at the last, smaller β no residual was shrunk either) the pass would fit
+    (s, z) again. The margin (amax^1.5·β < 1 − 1e-4) keeps float32 rounding from shrinking the
+    largest residual; amax·√amax, not a power (a call to libm, run every iteration)."""
+    a = np.float64(amax)
+    return a * np.sqrt(a) * np.float64(beta) < 1.0 - 1e-4
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
@@ -279,13 +285,17 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
     (`rounding._hqq`): one pass per iterate measures it (`_hqq_codes`) and fits the next
     (`_hqq_targets`). With `skip`, an iterate equal to the last one keeps that pass's codes,
     error and code sums (they would come out the same) and only its targets are made again at
-    the new β; when β shrinks no residual either, nothing is (`_repeats`). Returns (RTN's
-    float32 error, the best error, its scale and zero point, the number of codes passes run)."""
+    the new β; when β shrinks no residual either, nothing is (`_repeats`). Where β shrinks no
+    residual, with or without `skip`, the targets are the weights and no targets pass runs.
+    Returns (RTN's float32 error, the best error, its scale and zero point, the number of codes
+    passes and of targets passes run)."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     nw = np.float32(0.0)  # Σ w
+    swx = np.float32(0.0)  # Σ w·x: the fit's Σ w·y when no residual is shrunk
     for k in range(n):
         nw += wf[k]
+        swx += wf[k] * xf[k]
     s, z = s0, z0
     e0 = np.float32(np.inf)
     best, bs, bz = e0, s0, z0
@@ -293,8 +303,9 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
     last_s = np.float32(np.nan)  # the parameters of the last codes pass, and its largest |r|
     last_z = z
     amax = np.float32(np.inf)
-    e = sqq = sq = np.float32(0.0)
+    e = sqq = sq = sqx = np.float32(0.0)
     passes = 0
+    targets = 0
     it = 0
     while it <= iterations:
         same = skip and s == last_s and z == last_z
@@ -305,7 +316,7 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
         zf = np.float32(z)
         if not same:  # the same codes as the last pass otherwise: its error, Σwq², Σwq hold
             glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
-            e, sqq, sq, amax = _hqq_codes(xf, wf, n, s, zf, glo, ghi, kind, qb, rb)
+            e, sqq, sq, amax, sqx = _hqq_codes(xf, wf, n, s, zf, glo, ghi, kind, qb, rb)
             last_s, last_z = s, z
             passes += 1
         if it == 0:
@@ -314,7 +325,11 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
             best, bs, bz = e, s, z
         if it == iterations:
             break
-        sqy, sy = _hqq_targets(xf, wf, n, s, beta, qb, rb)
+        if _repeats(amax, beta):  # no residual is shrunk: the targets are the weights
+            sqy, sy = sqx, swx
+        else:
+            sqy, sy = _hqq_targets(xf, wf, n, s, beta, qb, rb)
+            targets += 1
         beta *= np.float32(kappa)
         new_s = np.float64(s)
         new_o = -np.float64(zf) * np.float64(s)
@@ -342,7 +357,7 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
             zr = np.float32(0.0) if zr != zr else zr
             z = int(min(max(zr, fmin), fmax))
         it += 1
-    return e0, best, bs, bz, passes
+    return e0, best, bs, bz, passes, targets
 
 
 _MSE = 0
@@ -358,7 +373,7 @@ _NONE = np.zeros(0, np.int64)
 def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, weighted, scale, zero, xf, wf, wd, qb, rb):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
     xf, wf, wd, qb, rb are the group buffers (`_group_buffers`); hqq adds the codes passes it
-    runs to passes[0]. Returns the number of groups holding NaN or ±inf (left at RTN's
+    runs to passes[0], the targets passes to passes[1]. Returns the number of groups holding NaN or ±inf (left at RTN's
     parameters)."""
     rows, cols = raw.shape
     ngroups = scale.shape[1]
@@ -384,11 +399,12 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
                     factors, path_i, path_t, steps,
                 )  # fmt: skip
             else:
-                e0, best, bs, bz, run = _hqq_group(
+                e0, best, bs, bz, run, made = _hqq_group(
                     xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip,
                     qb, rb,
                 )  # fmt: skip
                 passes[0] += run
+                passes[1] += made
             _finish(
                 xf, wd, weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax, scale, zero, r, gi
             )
@@ -449,7 +465,7 @@ def search_mse_16(
     path_t = np.array([t for _, t in coarse], np.int64)
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, path_i, path_t,
-        np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(1, np.int64), imp, weighted,
+        np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(2, np.int64), imp, weighted,
         scale, zero, *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
@@ -472,18 +488,18 @@ def search_hqq_16(
     RTN's parameters, penalty `beta` growing by `kappa` per step. `skip_repeats` leaves out the
     work that would repeat the last pass exactly (`_hqq_group`: the same parameters either way,
     about half the codes passes on the bench's weights); False runs every pass, the reference
-    the skipping is tested against. `passes`, an int64 array of one, gets the codes passes run
-    added."""
+    the skipping is tested against. `passes`, an int64 array of two, gets the codes passes and
+    the targets passes run added."""
     imp, weighted, scale, zero = _prepare(raw, kind, group, importance)
-    if passes is not None and (passes.dtype != np.int64 or passes.shape != (1,)):
+    if passes is not None and (passes.dtype != np.int64 or passes.shape != (2,)):
         raise ValueError(
-            f"passes must be an int64 array of shape (1,), got {passes.dtype} {passes.shape}"
+            f"passes must be an int64 array of shape (2,), got {passes.dtype} {passes.shape}"
         )
     qmin, qmax = qrange
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1), _NONE,
         _NONE, _NONE, iterations, beta, kappa, skip_repeats,
-        np.zeros(1, np.int64) if passes is None else passes, imp, weighted, scale, zero,
+        np.zeros(2, np.int64) if passes is None else passes, imp, weighted, scale, zero,
         *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)

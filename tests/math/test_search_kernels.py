@@ -87,7 +87,7 @@ def test_hqq_skips_only_work_that_changes_nothing(dtype, args, weighted):
     counted = {}
     found = {}
     for skip in (True, False):
-        counted[skip] = np.zeros(1, np.int64)
+        counted[skip] = np.zeros(2, np.int64)
         found[skip] = search_kernels.search_hqq_16(
             raw, KINDS[dtype], args.group_size, args.symmetric, quantized_range(args),
             HQQ_ITERATIONS, _HQQ_BETA, _HQQ_KAPPA, imp, skip_repeats=skip, passes=counted[skip],
@@ -106,6 +106,33 @@ def test_repeats_only_where_no_residual_is_shrunk():
     assert repeats(np.float32(0.5), np.float32(2.0))  # 0.354 · 2 = 0.71
     assert not repeats(np.float32(0.5), np.float32(2.83))  # 0.354 · 2.83 > 1 − 1e-4
     assert not repeats(np.float32(np.inf), np.float32(1.0))  # before the first pass
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_targets_are_the_weights_where_no_residual_is_shrunk(weighted):
+    """Where `_repeats` holds, the targets pass's sums (Σ w·q·y, Σ w·y) are the codes pass's
+    Σ w·q·x and Σ w·x (to float32 summation order), which hqq then uses instead of a targets
+    pass; at a β that shrinks the largest residual they are not."""
+    xf = _weights(torch.bfloat16, rows=1, cols=128).float().numpy()[0]
+    wf = np.ones(128, np.float32)
+    if weighted:
+        wf = (np.random.default_rng(3).random(128) ** 4).astype(np.float32)
+    qmin, qmax = quantized_range(ARGS[0])
+    s0, z0 = kernels._rtn_params(float(xf.min()), float(xf.max()), kernels.BF16, True, qmin, qmax)
+    s = np.float32(s0 * 0.8)  # a clipping scale: the extremes' residuals exceed ½
+    qb, rb = np.empty(128, np.float32), np.empty(128, np.float32)
+    glo, ghi = np.float32(qmin), np.float32(qmax)
+    codes = search_kernels._hqq_codes(xf, wf, 128, s, np.float32(z0), glo, ghi, kernels.BF16, qb, rb)  # fmt: skip
+    amax, sqx = codes[3], codes[4]
+    assert amax > 0.5
+    swx = float(np.dot(wf.astype(np.float64), xf))
+    kept = np.float32(0.9 / amax**1.5)  # amax^1.5·β = 0.9: nothing shrunk
+    shrinking = np.float32(1.1 / amax**1.5)
+    assert search_kernels._repeats(amax, kept) and not search_kernels._repeats(amax, shrinking)
+    sqy, sy = search_kernels._hqq_targets(xf, wf, 128, s, kept, qb, rb)
+    np.testing.assert_allclose([sqy, sy], [sqx, swx], rtol=1e-5, atol=1e-6)
+    sqy, sy = search_kernels._hqq_targets(xf, wf, 128, s, shrinking, qb, rb)
+    assert abs(sqy - sqx) > 1e-4 * abs(sqx)
 
 
 def test_degenerate_groups():
