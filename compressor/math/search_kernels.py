@@ -98,19 +98,14 @@ def _error64(xf, wd, weighted, n, s, z, glo, ghi, kind):
 
 
 @_jit(inline="always")
-def _load_group(xr, kr, c0, n, kind, imp, weighted, xf, wf, wd):
-    """The group's weights widened into xf (its importance into wf and wd when weighted);
-    returns the group's (min, max). Each loop indexes a slice from 0, so the compiler sees
-    contiguous non-negative indices and vectorises it: with xr[c0 + k] it cannot rule out a
-    negative index (which numba wraps) and gathers element by element."""
+def _load_group(xr, kr, c0, n, kind, xf):
+    """The group's weights widened into xf; returns the group's (min, max). The loop indexes a
+    slice from 0, so the compiler sees contiguous non-negative indices and vectorises it: with
+    xr[c0 + k] it cannot rule out a negative index (which numba wraps) and gathers element by
+    element."""
     seg = xr[c0 : c0 + n]
     for k in range(n):
         xf[k] = _widen(seg[k], kind)
-    if weighted:
-        ws = imp[c0 : c0 + n]
-        for k in range(n):
-            wd[k] = ws[k]
-            wf[k] = np.float32(ws[k])
     return _range_of(kr[c0 : c0 + n], kind)
 
 
@@ -368,13 +363,14 @@ _NONE = np.zeros(0, np.int64)
 # Compiled without numba's runtime (`_nrt=False`): with it, every array view and every array
 # handed to an inlined helper takes and drops an atomic reference count, which numba's pruning
 # leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
-# the kernel cannot allocate, so the group buffers (xf, wf, wd) come from the caller.
+# the kernel cannot allocate, so the group buffers (xf, qb, rb) come from the caller.
 @_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, weighted, scale, zero, xf, wf, wd, qb, rb):  # fmt: skip
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
-    xf, wf, wd, qb, rb are the group buffers (`_group_buffers`); hqq adds the codes passes it
-    runs to passes[0], the targets passes to passes[1]. Returns the number of groups holding NaN or ±inf (left at RTN's
-    parameters)."""
+    imp and imp32 are the per-column importance in float64 and float32 (ones when unweighted),
+    which each group reads in place; xf, qb, rb are the group buffers (`_group_buffers`). hqq
+    adds the codes passes it runs to passes[0], the targets passes to passes[1]. Returns the
+    number of groups holding NaN or ±inf (left at RTN's parameters)."""
     rows, cols = raw.shape
     ngroups = scale.shape[1]
     fmin = np.float32(qmin)
@@ -384,7 +380,9 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
         for gi in range(ngroups):
             c0 = gi * g
             n = min(g, cols - c0)
-            lo, hi = _load_group(raw[r], keys[r], c0, n, kind, imp, weighted, xf, wf, wd)
+            lo, hi = _load_group(raw[r], keys[r], c0, n, kind, xf)
+            wf = imp32[c0 : c0 + n]
+            wd = imp[c0 : c0 + n]
             s0, z0 = _rtn_params(np.float64(lo), np.float64(hi), kind, symmetric, qmin, qmax)
             bs, bz = s0, z0
             e0 = np.float32(np.inf)
@@ -412,25 +410,21 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
 
 
 def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
-    """`_search`'s per-group buffers: the widened weights, the importance in float32 and
-    float64 (ones: an unweighted search reads them as weights of 1), hqq's codes and residuals."""
-    weights = np.empty(group, np.float32)
-    importance32, importance64 = np.ones(group, np.float32), np.ones(group, np.float64)
-    codes, residuals = np.empty(group, np.float32), np.empty(group, np.float32)
-    return weights, importance32, importance64, codes, residuals
+    """`_search`'s per-group buffers: the widened weights, hqq's codes and residuals."""
+    return np.empty(group, np.float32), np.empty(group, np.float32), np.empty(group, np.float32)
 
 
 def _prepare(
     raw: np.ndarray, kind: int, group: int, importance: np.ndarray | None
-) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray]:
-    """Checked arguments and the outputs: (importance or a placeholder, weighted, scale bits,
-    zero points)."""
+) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray, np.ndarray]:
+    """Checked arguments and the outputs: (the importance per column in float64 and float32,
+    ones when there is none; weighted, scale bits, zero points)."""
     _check_raw(raw, kind)
     rows, cols = raw.shape
     if group < 1:
         raise ValueError(f"group must be ≥ 1, got {group}")
     if importance is None:
-        imp = np.zeros(1, np.float64)
+        imp = np.ones(cols, np.float64)
     else:
         imp = np.ascontiguousarray(importance, dtype=np.float64).reshape(-1)
         if imp.shape != (cols,) or not np.isfinite(imp).all() or (imp < 0).any():
@@ -438,7 +432,7 @@ def _prepare(
     ngroups = -(-cols // group)
     scale = np.empty((rows, ngroups), np.uint16)
     zero = np.zeros((rows, ngroups), np.int8)
-    return imp, importance is not None, scale, zero
+    return imp, imp.astype(np.float32), importance is not None, scale, zero
 
 
 def search_mse_16(
@@ -457,7 +451,7 @@ def search_mse_16(
     uint16 (rows, ngroups), int8 zero points or None when symmetric, the number of groups holding
     NaN or ±inf: those keep RTN's parameters, their figures are meaningless and the caller
     refuses the block)."""
-    imp, weighted, scale, zero = _prepare(raw, kind, group, importance)
+    imp, imp32, weighted, scale, zero = _prepare(raw, kind, group, importance)
     qmin, qmax = qrange
     f = np.ascontiguousarray(factors, dtype=np.float64)
     coarse, steps = path
@@ -465,8 +459,8 @@ def search_mse_16(
     path_t = np.array([t for _, t in coarse], np.int64)
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, path_i, path_t,
-        np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(2, np.int64), imp, weighted,
-        scale, zero, *_group_buffers(group),
+        np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(2, np.int64), imp, imp32,
+        weighted, scale, zero, *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
@@ -490,7 +484,7 @@ def search_hqq_16(
     about half the codes passes on the bench's weights); False runs every pass, the reference
     the skipping is tested against. `passes`, an int64 array of two, gets the codes passes and
     the targets passes run added."""
-    imp, weighted, scale, zero = _prepare(raw, kind, group, importance)
+    imp, imp32, weighted, scale, zero = _prepare(raw, kind, group, importance)
     if passes is not None and (passes.dtype != np.int64 or passes.shape != (2,)):
         raise ValueError(
             f"passes must be an int64 array of shape (2,), got {passes.dtype} {passes.shape}"
@@ -499,8 +493,8 @@ def search_hqq_16(
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1), _NONE,
         _NONE, _NONE, iterations, beta, kappa, skip_repeats,
-        np.zeros(2, np.int64) if passes is None else passes, imp, weighted, scale, zero,
-        *_group_buffers(group),
+        np.zeros(2, np.int64) if passes is None else passes, imp, imp32, weighted, scale,
+        zero, *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
