@@ -186,21 +186,21 @@ def _bits16(v, kind):
 @_jit(inline="always")
 def _round_to(x, kind):
     """float64 → the nearest 16-bit value, rounded once (as `quant.round_to`): to float32 by
-    rounding to odd, which keeps what the second rounding to nearest even needs."""
+    rounding to odd, which keeps what the second rounding to nearest even needs. Selects, not
+    branches, so a loop over candidates vectorises (`search_kernels._coarse_candidates`)."""
     y = np.float32(x)
     back = np.float64(y)
-    if back != x:
-        bits = np.int32(_f32_as_u32(y))
-        if abs(back) > abs(x):
-            bits -= np.int32(1)
-        y = _u32_as_f32(np.uint32(bits | np.int32(1)))
-    return _narrow(y, kind)
+    bits = np.int32(_f32_as_u32(y))
+    bits = bits - np.int32(1) if abs(back) > abs(x) else bits
+    odd = _u32_as_f32(np.uint32(bits | np.int32(1)))
+    return _narrow(odd if back != x else y, kind)
 
 
 @_jit(inline="always")
 def _rtn_params(lo, hi, kind, symmetric, qmin, qmax):
     """Scale (a 16-bit value, as float32) and zero point of a group with range [lo, hi]:
-    `quant.qparams_from_range` for int schemes, in the same float64 steps."""
+    `quant.qparams_from_range` for int schemes, in the same float64 steps. Selects where the
+    value decides (a loop over candidates vectorises); `symmetric` is the caller's constant."""
     lo = min(lo, 0.0)
     hi = max(hi, 0.0)
     levels = np.float64(qmax - qmin)
@@ -208,14 +208,12 @@ def _rtn_params(lo, hi, kind, symmetric, qmin, qmax):
         s = _round_to(max(abs(lo), hi) / (levels / 2.0), kind)
     else:
         s = _round_to((hi - lo) / levels, kind)
-    if s == 0:
-        s = np.float32(1.0)
-    z = 0
-    if not symmetric:
-        zf = np.rint(qmin - lo / np.float64(s))
-        zf = min(max(zf, np.float64(qmin)), np.float64(qmax))
-        z = int(zf) if zf == zf else 0  # NaN (a non-finite group) is reported, not used
-    return s, z
+    s = np.float32(1.0) if s == 0 else s
+    if symmetric:
+        return s, 0
+    zf = np.rint(qmin - lo / np.float64(s))
+    zf = min(max(zf, np.float64(qmin)), np.float64(qmax))
+    return s, int(zf if zf == zf else 0.0)  # NaN (a non-finite group) is reported, not used
 
 
 # `quant.finite_limit`: the smallest magnitude that narrows to ±inf (max + half an ulp).

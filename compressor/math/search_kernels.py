@@ -40,6 +40,8 @@ from __future__ import annotations
 import numpy as np
 
 from compressor.math.kernels import (
+    _LIMIT_BF16,
+    _LIMIT_F16,
     BF16,
     F16,
     _bits16,
@@ -127,15 +129,13 @@ def _extremes(xf, wf, weighted, n, lo, hi):
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _clip_bound(lo, hi, w_lo, w_hi, s, z, glo, ghi, kind):
     """A lower bound of a candidate's error: what clipping the two extremes alone costs (no
-    code reconstructs above narrow((ghi − z)·s) or below narrow((glo − z)·s))."""
+    code reconstructs above narrow((ghi − z)·s) or below narrow((glo − z)·s)). Selects, not
+    branches, so `_coarse_candidates` vectorises."""
     top = _narrow((ghi - z) * s, kind)
     bottom = _narrow((glo - z) * s, kind)
-    bound = np.float32(0.0)
-    if hi > top:
-        bound += w_hi * (hi - top) * (hi - top)
-    if lo < bottom:
-        bound += w_lo * (bottom - lo) * (bottom - lo)
-    return bound
+    above = w_hi * (hi - top) * (hi - top) if hi > top else np.float32(0.0)
+    below = w_lo * (bottom - lo) * (bottom - lo) if lo < bottom else np.float32(0.0)
+    return above + below
 
 
 @_jit(inline="always")
@@ -168,38 +168,82 @@ def _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_candidate(lo, hi, i, t, factors, s0, z0, kind, symmetric, qmin, qmax):
-    """Grid point (factor index i, shift index t)'s parameters, as `rounding._mse_candidates`
-    makes them (i = 0 is RTN's)."""
-    if i == 0:
-        return s0, z0
-    fa = np.float32(factors[i])
+def _clipped_params(lo, hi, factor, cut_share, shift, kind, symmetric, qmin, qmax):
+    """The parameters of [lo, hi] shrunk by `factor` (symmetric: both ends scaled; asymmetric:
+    the range, which always holds 0, cut by `cut_share` = 1 − factor of its width, `shift` of
+    the cut taken from below: 0 keeps lo, ½ centred, 1 keeps hi), all float32, as
+    `rounding._mse_candidates` makes them."""
     if symmetric:
-        return _rtn_params(np.float64(lo * fa), np.float64(hi * fa), kind, True, qmin, qmax)
-    clo = min(lo, np.float32(0.0))  # the int asymmetric range always holds 0
+        return _rtn_params(np.float64(lo * factor), np.float64(hi * factor), kind, True, qmin, qmax)
+    clo = min(lo, np.float32(0.0))
     chi = max(hi, np.float32(0.0))
-    cut = (chi - clo) * np.float32(1.0 - factors[i])
-    shift = np.float32(0.5) * np.float32(t)  # 0 keep lo, ½ centred, 1 keep hi
+    cut = (chi - clo) * cut_share
     c_lo = clo + cut * shift
     c_hi = chi - cut * (np.float32(1.0) - shift)
     return _rtn_params(np.float64(c_lo), np.float64(c_hi), kind, False, qmin, qmax)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps):  # fmt: skip
+def _mse_candidate(lo, hi, i, t, factors, s0, z0, kind, symmetric, qmin, qmax):
+    """Grid point (factor index i, shift index t)'s parameters (i = 0 is RTN's)."""
+    if i == 0:
+        return s0, z0
+    return _clipped_params(
+        lo, hi, np.float32(factors[i]), np.float32(1.0 - factors[i]),
+        np.float32(0.5) * np.float32(t), kind, symmetric, qmin, qmax,
+    )  # fmt: skip
+
+
+@_jit(inline="always")
+def _every_code_finite(s0, kind, qmin, qmax):
+    """Whether every mse candidate of a group with RTN's scale s0 keeps all its codes finite
+    (`_finite_codes`' first case): a candidate's range lies within RTN's (factors ≤ 1), so its
+    scale is at most s0 (to float32 rounding; the margin is 2×)."""
+    limit = _LIMIT_F16 if kind == F16 else _LIMIT_BF16
+    return np.float64(s0) * 2.0 * (np.float64(qmax - qmin) + 1.0) < limit
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _coarse_candidates(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb):
+    """Every coarse candidate's scale, zero point and clipping bound into cs, cz, cb, for a
+    group whose every candidate keeps every code finite (the caller's check): one loop with no
+    branch on the values, which LLVM vectorises across candidates (8 lanes; `coarse` is padded
+    to a multiple of 8). Made one by one, each candidate's float64 steps were a third of the
+    asymmetric walk's time; the walk then reads them."""
+    fmin = np.float32(qmin)
+    fmax = np.float32(qmax)
+    for k in range(coarse.shape[1]):
+        s, z = _clipped_params(lo, hi, coarse[0, k], coarse[1, k], coarse[2, k], kind, symmetric, qmin, qmax)  # fmt: skip
+        cs[k] = s
+        cz[k] = z
+        cb[k] = _clip_bound(lo, hi, w_lo, w_hi, s, np.float32(z), fmin, fmax, kind)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, coarse, cs, cz, cb):  # fmt: skip
     """mse's best candidate of one group (RTN's (s0, z0) with error `best` to beat), walking the
-    grid as `rounding._mse` does: the coarse points (path_i, path_t), then ∓ each of `steps` in
-    factor index around the best so far, at its shift."""
+    grid as `rounding._mse` does: the coarse points (path_i, path_t; their factor, cut share and
+    shift in `coarse`), then ∓ each of `steps` in factor index around the best so far, at its
+    shift. The coarse candidates are made first, all at once (`_coarse_candidates`), unless a
+    code could overflow (a group near the 16-bit limit: then one by one, with their range)."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     bs, bz = s0, z0
     w_hi, w_lo = _extremes(xf, wf, weighted, n, lo, hi)
     at_i = 0
     at_t = 0 if symmetric else 1
+    batched = _every_code_finite(s0, kind, qmin, qmax)
+    if batched:
+        _coarse_candidates(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb)
     for k in range(path_i.shape[0]):
-        s, z = _mse_candidate(lo, hi, path_i[k], path_t[k], factors, s0, z0, kind, symmetric, qmin, qmax)  # fmt: skip
-        if s != bs or z != bz:
-            e, _, _ = _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz)  # fmt: skip
+        if batched:
+            s, z, bound, glo, ghi = cs[k], cz[k], cb[k], fmin, fmax
+        else:
+            s, z = _mse_candidate(lo, hi, path_i[k], path_t[k], factors, s0, z0, kind, symmetric, qmin, qmax)  # fmt: skip
+            glo, ghi = _finite_codes(s, np.float32(z), kind, fmin, fmax)
+            bound = _clip_bound(lo, hi, w_lo, w_hi, s, np.float32(z), glo, ghi, kind)
+        if (s != bs or z != bz) and bound < best:
+            e = _error32(xf, wf, weighted, n, s, np.float32(z), glo, ghi, kind)
             if e < best:
                 best, bs, bz, at_i, at_t = e, s, z, path_i[k], path_t[k]
     top = factors.shape[0] - 1
@@ -365,10 +409,11 @@ _NONE = np.zeros(0, np.int64)
 # leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
 # the kernel cannot allocate, so the group buffers (xf, qb, rb) come from the caller.
 @_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb):  # fmt: skip
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb, coarse, cs, cz, cb):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
     imp and imp32 are the per-column importance in float64 and float32 (ones when unweighted),
-    which each group reads in place; xf, qb, rb are the group buffers (`_group_buffers`). hqq
+    which each group reads in place; xf, qb, rb are the group buffers (`_group_buffers`); coarse,
+    cs, cz, cb mse's coarse candidates and their buffers (`_coarse_path`). hqq
     adds the codes passes it runs to passes[0], the targets passes to passes[1]. Returns the
     number of groups holding NaN or ±inf (left at RTN's parameters)."""
     rows, cols = raw.shape
@@ -394,7 +439,7 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
                 e0 = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind)
                 best, bs, bz = _mse_group(
                     xf, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax,
-                    factors, path_i, path_t, steps,
+                    factors, path_i, path_t, steps, coarse, cs, cz, cb,
                 )  # fmt: skip
             else:
                 e0, best, bs, bz, run, made = _hqq_group(
@@ -412,6 +457,29 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
 def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
     """`_search`'s per-group buffers: the widened weights, hqq's codes and residuals."""
     return np.empty(group, np.float32), np.empty(group, np.float32), np.empty(group, np.float32)
+
+
+_LANES = 8  # `_coarse_candidates` runs 8 candidates per vector
+
+
+def _coarse_path(factors: np.ndarray, coarse: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
+    """mse's coarse candidates as `_coarse_candidates` reads them, float32 (3, m): each one's
+    factor, cut share (1 − factor) and shift (½·shift index), padded with copies of the last to
+    m, a multiple of `_LANES` (a remainder would run one lane at a time), and the buffers for
+    their scales, zero points and clipping bounds."""
+    if any(i < 1 or i >= len(factors) for i, _ in coarse):
+        raise ValueError(f"coarse candidates index factors 1 to {len(factors) - 1}: {coarse}")
+    padded = list(coarse) + coarse[-1:] * (-len(coarse) % _LANES)
+    table = np.array(
+        [
+            [np.float32(factors[i]) for i, _ in padded],
+            [np.float32(1.0 - factors[i]) for i, _ in padded],
+            [np.float32(0.5) * np.float32(t) for _, t in padded],
+        ],
+        np.float32,
+    ).reshape(3, len(padded))
+    m = len(padded)
+    return table, np.empty(m, np.float32), np.empty(m, np.int64), np.empty(m, np.float32)
 
 
 def _prepare(
@@ -454,13 +522,15 @@ def search_mse_16(
     imp, imp32, weighted, scale, zero = _prepare(raw, kind, group, importance)
     qmin, qmax = qrange
     f = np.ascontiguousarray(factors, dtype=np.float64)
+    if f.ndim != 1 or not f.size or f[0] != 1.0 or not ((f > 0) & (f <= 1)).all():
+        raise ValueError(f"factors must be 1.0 then shrink factors in (0, 1], got {f}")
     coarse, steps = path
     path_i = np.array([i for i, _ in coarse], np.int64)
     path_t = np.array([t for _, t in coarse], np.int64)
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, path_i, path_t,
         np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(2, np.int64), imp, imp32,
-        weighted, scale, zero, *_group_buffers(group),
+        weighted, scale, zero, *_group_buffers(group), *_coarse_path(f, coarse),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
@@ -494,7 +564,7 @@ def search_hqq_16(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1), _NONE,
         _NONE, _NONE, iterations, beta, kappa, skip_repeats,
         np.zeros(2, np.int64) if passes is None else passes, imp, imp32, weighted, scale,
-        zero, *_group_buffers(group),
+        zero, *_group_buffers(group), *_coarse_path(np.ones(1), []),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 

@@ -14,7 +14,10 @@ from compressor.math.rounding import (
     _HQQ_BETA,
     _HQQ_KAPPA,
     HQQ_ITERATIONS,
+    MSE_GRID,
+    _shrink_factors,
     fused_search,
+    mse_path,
     reconstruction_error,
     search_qparams,
 )
@@ -133,6 +136,67 @@ def test_targets_are_the_weights_where_no_residual_is_shrunk(weighted):
     np.testing.assert_allclose([sqy, sy], [sqx, swx], rtol=1e-5, atol=1e-6)
     sqy, sy = search_kernels._hqq_targets(xf, wf, 128, s, shrinking, qb, rb)
     assert abs(sqy - sqx) > 1e-4 * abs(sqx)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_coarse_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
+    """`_coarse_candidates` (one vectorised loop) gives each coarse candidate the scale, zero
+    point and clipping bound that `_mse_candidate`, `_finite_codes` and `_clip_bound` give it one
+    at a time, and every code of each is finite, as `_every_code_finite` promises."""
+    kind = KINDS[dtype]
+    args = QuantArgs(bits=4, symmetric=symmetric, strategy="group", group_size=64)
+    qmin, qmax = quantized_range(args)
+    fmin, fmax = np.float32(qmin), np.float32(qmax)
+    factors = np.array(_shrink_factors(MSE_GRID))
+    coarse, _ = mse_path(MSE_GRID, 1 if symmetric else 3)
+    table, cs, cz, cb = search_kernels._coarse_path(factors, coarse)
+    assert table.shape[1] % 8 == 0 and table.shape[1] >= len(coarse)
+    x = _weights(dtype, rows=24, cols=64).float().numpy()
+    x[3] = np.abs(x[3])  # a group above 0 and one below: the asymmetric range always holds 0
+    x[4] = -np.abs(x[4])
+    rng = np.random.default_rng(5)
+    for row in x:
+        lo, hi = np.float32(row.min()), np.float32(row.max())
+        w_lo, w_hi = np.float32(rng.random()), np.float32(rng.random())
+        s0, z0 = kernels._rtn_params(float(lo), float(hi), kind, symmetric, qmin, qmax)
+        assert search_kernels._every_code_finite(s0, kind, qmin, qmax)
+        search_kernels._coarse_candidates(
+            lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cz, cb
+        )
+        for k, (i, t) in enumerate(coarse):
+            s, z = search_kernels._mse_candidate(
+                lo, hi, i, t, factors, s0, z0, kind, symmetric, qmin, qmax
+            )
+            glo, ghi = kernels._finite_codes(s, np.float32(z), kind, fmin, fmax)
+            bound = search_kernels._clip_bound(lo, hi, w_lo, w_hi, s, np.float32(z), glo, ghi, kind)
+            assert (cs[k], cz[k], cb[k]) == (s, z, bound) and (glo, ghi) == (fmin, fmax)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_near_the_16_bit_limit_makes_its_candidates_one_by_one(symmetric):
+    """float16 groups reaching 65504 (the largest float16): RTN's scale is too large for
+    `_every_code_finite` to promise finite codes for every candidate, so those groups make them
+    one by one with their code range (`_finite_codes`); the fused search still finds what the
+    torch search finds, and stays within RTN's error."""
+    args = QuantArgs(bits=4, symmetric=symmetric, strategy="group", group_size=64)
+    qmin, qmax = quantized_range(args)
+    x = _weights(torch.float32, rows=16, cols=128)
+    x = (x / x.abs().amax(dim=1, keepdim=True) * 65504).to(torch.float16)
+    x[8:] = x[8:] / 1024  # and ordinary groups beside them
+    groups = x.float().view(32, 64)
+    near = 0
+    for lo, hi in zip(groups.amin(1).tolist(), groups.amax(1).tolist(), strict=True):
+        s0, _ = kernels._rtn_params(lo, hi, kernels.F16, symmetric, qmin, qmax)
+        near += not search_kernels._every_code_finite(s0, kernels.F16, qmin, qmax)
+    assert 8 <= near < 32
+    scale, zero = _fused(x, args, "mse", None)
+    ts, tz = search_qparams(x, args, torch.float16, "mse")
+    rs, rz = search_qparams(x, args, torch.float16, "rtn")
+    fused_e = reconstruction_error(x, scale, zero, args, None)
+    assert bool((fused_e <= reconstruction_error(x, rs, rz, args, None)).all())
+    torch_e = reconstruction_error(x, ts, tz, args, None)
+    assert float(fused_e.sum()) == pytest.approx(float(torch_e.sum()), rel=1e-5)
 
 
 def test_degenerate_groups():
