@@ -154,20 +154,6 @@ def _finish(xf, wd, weighted, n, kind, s0, z0, e0, bs, bz, e1, fmin, fmax, scale
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz):
-    """(best error, scale, zero) after measuring candidate (s, z) against the best so far,
-    unless clipping the extremes alone already costs as much."""
-    zf = np.float32(z)
-    glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
-    if _clip_bound(lo, hi, w_lo, w_hi, s, zf, glo, ghi, kind) >= best:
-        return best, bs, bz
-    e = _error32(xf, wf, weighted, n, s, zf, glo, ghi, kind)
-    if e < best:
-        return e, s, z
-    return best, bs, bz
-
-
-@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _clipped_params(lo, hi, factor, cut_share, shift, kind, symmetric, qmin, qmax):
     """The parameters of [lo, hi] shrunk by `factor` (symmetric: both ends scaled; asymmetric:
     the range, which always holds 0, cut by `cut_share` = 1 − factor of its width, `shift` of
@@ -192,6 +178,16 @@ def _mse_candidate(lo, hi, i, t, factors, s0, z0, kind, symmetric, qmin, qmax):
         lo, hi, np.float32(factors[i]), np.float32(1.0 - factors[i]),
         np.float32(0.5) * np.float32(t), kind, symmetric, qmin, qmax,
     )  # fmt: skip
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _one_candidate(lo, hi, i, t, factors, s0, z0, kind, symmetric, qmin, qmax, w_lo, w_hi):
+    """Grid point (i, t)'s scale, zero point, clipping bound and code range, made alone: for a
+    group where a candidate's codes could overflow (`_every_code_finite` false)."""
+    s, z = _mse_candidate(lo, hi, i, t, factors, s0, z0, kind, symmetric, qmin, qmax)
+    glo, ghi = _finite_codes(s, np.float32(z), kind, np.float32(qmin), np.float32(qmax))
+    bound = _clip_bound(lo, hi, w_lo, w_hi, s, np.float32(z), glo, ghi, kind)
+    return s, z, bound, glo, ghi
 
 
 @_jit(inline="always")
@@ -220,12 +216,14 @@ def _coarse_candidates(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, 
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, coarse, cs, cz, cb):  # fmt: skip
+def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, coarse, cs, cz, cb, near):  # fmt: skip
     """mse's best candidate of one group (RTN's (s0, z0) with error `best` to beat), walking the
     grid as `rounding._mse` does: the coarse points (path_i, path_t; their factor, cut share and
     shift in `coarse`), then ∓ each of `steps` in factor index around the best so far, at its
-    shift. The coarse candidates are made first, all at once (`_coarse_candidates`), unless a
-    code could overflow (a group near the 16-bit limit: then one by one, with their range)."""
+    shift. The coarse candidates are made first, all at once (`_coarse_candidates`), and so are,
+    after them, all the steps can reach (the factors within Σ steps of the coarse best, `near`),
+    unless a code could overflow (a group near the 16-bit limit: then one by one, with their
+    code range)."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     bs, bz = s0, z0
@@ -239,21 +237,34 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
         if batched:
             s, z, bound, glo, ghi = cs[k], cz[k], cb[k], fmin, fmax
         else:
-            s, z = _mse_candidate(lo, hi, path_i[k], path_t[k], factors, s0, z0, kind, symmetric, qmin, qmax)  # fmt: skip
-            glo, ghi = _finite_codes(s, np.float32(z), kind, fmin, fmax)
-            bound = _clip_bound(lo, hi, w_lo, w_hi, s, np.float32(z), glo, ghi, kind)
+            s, z, bound, glo, ghi = _one_candidate(lo, hi, path_i[k], path_t[k], factors, s0, z0, kind, symmetric, qmin, qmax, w_lo, w_hi)  # fmt: skip
         if (s != bs or z != bz) and bound < best:
             e = _error32(xf, wf, weighted, n, s, np.float32(z), glo, ghi, kind)
             if e < best:
                 best, bs, bz, at_i, at_t = e, s, z, path_i[k], path_t[k]
     top = factors.shape[0] - 1
+    reach = 0
+    for step in steps:
+        reach += step
+    a0 = at_i
+    if batched:  # every factor the steps can reach from a0, at a0's shift, all at once
+        for o in range(near.shape[1]):
+            f = factors[min(max(a0 + o - reach, 0), top)]
+            near[0, o] = np.float32(f)
+            near[1, o] = np.float32(1.0 - f)
+            near[2, o] = np.float32(0.5) * np.float32(at_t)
+        _coarse_candidates(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, near, cs, cz, cb)
     for step in steps:
         centre = at_i
         for d in (-step, step):
             i = min(max(centre + d, 0), top)
-            s, z = _mse_candidate(lo, hi, i, at_t, factors, s0, z0, kind, symmetric, qmin, qmax)
-            if s != bs or z != bz:
-                e, _, _ = _offer(xf, wf, weighted, n, lo, hi, w_lo, w_hi, s, z, kind, fmin, fmax, best, bs, bz)  # fmt: skip
+            if batched:
+                o = centre + d - a0 + reach
+                s, z, bound, glo, ghi = cs[o], cz[o], cb[o], fmin, fmax
+            else:
+                s, z, bound, glo, ghi = _one_candidate(lo, hi, i, at_t, factors, s0, z0, kind, symmetric, qmin, qmax, w_lo, w_hi)  # fmt: skip
+            if (s != bs or z != bz) and bound < best:
+                e = _error32(xf, wf, weighted, n, s, np.float32(z), glo, ghi, kind)
                 if e < best:
                     best, bs, bz, at_i = e, s, z, i
     return best, bs, bz
@@ -409,11 +420,11 @@ _NONE = np.zeros(0, np.int64)
 # leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
 # the kernel cannot allocate, so the group buffers (xf, qb, rb) come from the caller.
 @_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb, coarse, cs, cz, cb):  # fmt: skip
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb, coarse, cs, cz, cb, near):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
     imp and imp32 are the per-column importance in float64 and float32 (ones when unweighted),
     which each group reads in place; xf, qb, rb are the group buffers (`_group_buffers`); coarse,
-    cs, cz, cb mse's coarse candidates and their buffers (`_coarse_path`). hqq
+    cs, cz, cb, near mse's tables and buffers (`_walk_buffers`). hqq
     adds the codes passes it runs to passes[0], the targets passes to passes[1]. Returns the
     number of groups holding NaN or ±inf (left at RTN's parameters)."""
     rows, cols = raw.shape
@@ -439,7 +450,7 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
                 e0 = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind)
                 best, bs, bz = _mse_group(
                     xf, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax,
-                    factors, path_i, path_t, steps, coarse, cs, cz, cb,
+                    factors, path_i, path_t, steps, coarse, cs, cz, cb, near,
                 )  # fmt: skip
             else:
                 e0, best, bs, bz, run, made = _hqq_group(
@@ -462,11 +473,15 @@ def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
 _LANES = 8  # `_coarse_candidates` runs 8 candidates per vector
 
 
-def _coarse_path(factors: np.ndarray, coarse: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
-    """mse's coarse candidates as `_coarse_candidates` reads them, float32 (3, m): each one's
-    factor, cut share (1 − factor) and shift (½·shift index), padded with copies of the last to
-    m, a multiple of `_LANES` (a remainder would run one lane at a time), and the buffers for
-    their scales, zero points and clipping bounds."""
+def _walk_buffers(
+    factors: np.ndarray, coarse: list[tuple[int, int]], steps: tuple[int, ...]
+) -> tuple[np.ndarray, ...]:
+    """mse's tables and buffers for `_mse_group`, float32 tables of (factor, cut share
+    1 − factor, shift ½·t) per candidate as `_coarse_candidates` reads them, each padded to a
+    multiple of `_LANES` (a remainder would run one lane at a time): the coarse candidates'
+    (3, m), copies of the last as padding; the steps' (3, m') filled per group (every factor
+    within Σ steps of the coarse best); and the buffers for the scales, zero points and
+    clipping bounds of either."""
     if any(i < 1 or i >= len(factors) for i, _ in coarse):
         raise ValueError(f"coarse candidates index factors 1 to {len(factors) - 1}: {coarse}")
     padded = list(coarse) + coarse[-1:] * (-len(coarse) % _LANES)
@@ -478,8 +493,9 @@ def _coarse_path(factors: np.ndarray, coarse: list[tuple[int, int]]) -> tuple[np
         ],
         np.float32,
     ).reshape(3, len(padded))
-    m = len(padded)
-    return table, np.empty(m, np.float32), np.empty(m, np.int64), np.empty(m, np.float32)
+    near = np.empty((3, -(-(2 * sum(steps) + 1) // _LANES) * _LANES), np.float32)
+    m = max(table.shape[1], near.shape[1])
+    return table, np.empty(m, np.float32), np.empty(m, np.int64), np.empty(m, np.float32), near
 
 
 def _prepare(
@@ -530,7 +546,7 @@ def search_mse_16(
     nonfinite = _search(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, path_i, path_t,
         np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(2, np.int64), imp, imp32,
-        weighted, scale, zero, *_group_buffers(group), *_coarse_path(f, coarse),
+        weighted, scale, zero, *_group_buffers(group), *_walk_buffers(f, coarse, steps),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
@@ -564,7 +580,7 @@ def search_hqq_16(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1), _NONE,
         _NONE, _NONE, iterations, beta, kappa, skip_repeats,
         np.zeros(2, np.int64) if passes is None else passes, imp, imp32, weighted, scale,
-        zero, *_group_buffers(group), *_coarse_path(np.ones(1), []),
+        zero, *_group_buffers(group), *_walk_buffers(np.ones(1), [], ()),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 

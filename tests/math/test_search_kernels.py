@@ -150,7 +150,7 @@ def test_coarse_candidates_made_at_once_equal_those_made_one_by_one(dtype, symme
     fmin, fmax = np.float32(qmin), np.float32(qmax)
     factors = np.array(_shrink_factors(MSE_GRID))
     coarse, _ = mse_path(MSE_GRID, 1 if symmetric else 3)
-    table, cs, cz, cb = search_kernels._coarse_path(factors, coarse)
+    table, cs, cz, cb, _ = search_kernels._walk_buffers(factors, coarse, (2, 1))
     assert table.shape[1] % 8 == 0 and table.shape[1] >= len(coarse)
     x = _weights(dtype, rows=24, cols=64).float().numpy()
     x[3] = np.abs(x[3])  # a group above 0 and one below: the asymmetric range always holds 0
@@ -171,6 +171,14 @@ def test_coarse_candidates_made_at_once_equal_those_made_one_by_one(dtype, symme
             glo, ghi = kernels._finite_codes(s, np.float32(z), kind, fmin, fmax)
             bound = search_kernels._clip_bound(lo, hi, w_lo, w_hi, s, np.float32(z), glo, ghi, kind)
             assert (cs[k], cz[k], cb[k]) == (s, z, bound) and (glo, ghi) == (fmin, fmax)
+        # the steps' table can reach factor index 0 (factor 1, no cut): RTN's own parameters
+        # at every shift, as `_mse_candidate` gives them for i = 0
+        rtn = np.zeros((3, 8), np.float32)
+        rtn[0], rtn[2] = 1.0, np.float32(0.5) * np.arange(8, dtype=np.float32) % 1.5
+        search_kernels._coarse_candidates(
+            lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, rtn, cs, cz, cb
+        )
+        assert (cs[:8] == s0).all() and (cz[:8] == z0).all()
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
