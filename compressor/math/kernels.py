@@ -187,7 +187,7 @@ def _bits16(v, kind):
 def _round_to(x, kind):
     """float64 → the nearest 16-bit value, rounded once (as `quant.round_to`): to float32 by
     rounding to odd, which keeps what the second rounding to nearest even needs. Selects, not
-    branches, so a loop over candidates vectorises (`search_kernels._coarse_candidates`)."""
+    branches, so a loop over candidates vectorises (`search_kernels._candidates_at_once`)."""
     y = np.float32(x)
     back = np.float64(y)
     bits = np.int32(_f32_as_u32(y))

@@ -130,7 +130,7 @@ def _extremes(xf, wf, weighted, n, lo, hi):
 def _clip_bound(lo, hi, w_lo, w_hi, s, z, glo, ghi, kind):
     """A lower bound of a candidate's error: what clipping the two extremes alone costs (no
     code reconstructs above narrow((ghi − z)·s) or below narrow((glo − z)·s)). Selects, not
-    branches, so `_coarse_candidates` vectorises."""
+    branches, so `_candidates_at_once` vectorises."""
     top = _narrow((ghi - z) * s, kind)
     bottom = _narrow((glo - z) * s, kind)
     above = w_hi * (hi - top) * (hi - top) if hi > top else np.float32(0.0)
@@ -200,16 +200,16 @@ def _every_code_finite(s0, kind, qmin, qmax):
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _coarse_candidates(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb):
-    """Every coarse candidate's scale, zero point and clipping bound into cs, cz, cb, for a
-    group whose every candidate keeps every code finite (the caller's check): one loop with no
-    branch on the values, which LLVM vectorises across candidates (8 lanes; `coarse` is padded
-    to a multiple of 8). Made one by one, each candidate's float64 steps were a third of the
-    asymmetric walk's time; the walk then reads them."""
+def _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cz, cb):
+    """The scale, zero point and clipping bound of every candidate in `table` (rows: factor,
+    cut share, shift; `_clipped_params`) into cs, cz, cb, for a group whose every candidate
+    keeps every code finite (the caller's check): one loop with no branch on the values, which
+    LLVM vectorises across candidates (8 lanes; tables are padded to a multiple of 8). Made one
+    by one, each candidate's float64 steps were a third of the asymmetric walk's time."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
-    for k in range(coarse.shape[1]):
-        s, z = _clipped_params(lo, hi, coarse[0, k], coarse[1, k], coarse[2, k], kind, symmetric, qmin, qmax)  # fmt: skip
+    for k in range(table.shape[1]):
+        s, z = _clipped_params(lo, hi, table[0, k], table[1, k], table[2, k], kind, symmetric, qmin, qmax)  # fmt: skip
         cs[k] = s
         cz[k] = z
         cb[k] = _clip_bound(lo, hi, w_lo, w_hi, s, np.float32(z), fmin, fmax, kind)
@@ -220,7 +220,7 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
     """mse's best candidate of one group (RTN's (s0, z0) with error `best` to beat), walking the
     grid as `rounding._mse` does: the coarse points (path_i, path_t; their factor, cut share and
     shift in `coarse`), then ∓ each of `steps` in factor index around the best so far, at its
-    shift. The coarse candidates are made first, all at once (`_coarse_candidates`), and so are,
+    shift. The coarse candidates are made first, all at once (`_candidates_at_once`), and so are,
     after them, all the steps can reach (the factors within Σ steps of the coarse best, `near`),
     unless a code could overflow (a group near the 16-bit limit: then one by one, with their
     code range)."""
@@ -232,7 +232,7 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
     at_t = 0 if symmetric else 1
     batched = _every_code_finite(s0, kind, qmin, qmax)
     if batched:
-        _coarse_candidates(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb)
+        _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb)
     for k in range(path_i.shape[0]):
         if batched:
             s, z, bound, glo, ghi = cs[k], cz[k], cb[k], fmin, fmax
@@ -253,7 +253,7 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
             near[0, o] = np.float32(f)
             near[1, o] = np.float32(1.0 - f)
             near[2, o] = np.float32(0.5) * np.float32(at_t)
-        _coarse_candidates(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, near, cs, cz, cb)
+        _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, near, cs, cz, cb)
     for step in steps:
         centre = at_i
         for d in (-step, step):
@@ -423,10 +423,10 @@ _NONE = np.zeros(0, np.int64)
 def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb, coarse, cs, cz, cb, near):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
     imp and imp32 are the per-column importance in float64 and float32 (ones when unweighted),
-    which each group reads in place; xf, qb, rb are the group buffers (`_group_buffers`); coarse,
-    cs, cz, cb, near mse's tables and buffers (`_walk_buffers`). hqq
-    adds the codes passes it runs to passes[0], the targets passes to passes[1]. Returns the
-    number of groups holding NaN or ±inf (left at RTN's parameters)."""
+    which each group reads in place; xf, qb, rb are the group buffers (`_group_buffers`);
+    coarse, cs, cz, cb, near mse's tables and buffers (`_walk_buffers`). hqq adds the codes
+    passes it runs to passes[0], the targets passes to passes[1]. Returns the number of groups
+    holding NaN or ±inf (left at RTN's parameters)."""
     rows, cols = raw.shape
     ngroups = scale.shape[1]
     fmin = np.float32(qmin)
@@ -470,14 +470,14 @@ def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
     return np.empty(group, np.float32), np.empty(group, np.float32), np.empty(group, np.float32)
 
 
-_LANES = 8  # `_coarse_candidates` runs 8 candidates per vector
+_LANES = 8  # `_candidates_at_once` runs 8 candidates per vector
 
 
 def _walk_buffers(
     factors: np.ndarray, coarse: list[tuple[int, int]], steps: tuple[int, ...]
 ) -> tuple[np.ndarray, ...]:
     """mse's tables and buffers for `_mse_group`, float32 tables of (factor, cut share
-    1 − factor, shift ½·t) per candidate as `_coarse_candidates` reads them, each padded to a
+    1 − factor, shift ½·t) per candidate as `_candidates_at_once` reads them, each padded to a
     multiple of `_LANES` (a remainder would run one lane at a time): the coarse candidates'
     (3, m), copies of the last as padding; the steps' (3, m') filled per group (every factor
     within Σ steps of the coarse best); and the buffers for the scales, zero points and

@@ -140,8 +140,8 @@ def test_targets_are_the_weights_where_no_residual_is_shrunk(weighted):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_coarse_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
-    """`_coarse_candidates` (one vectorised loop) gives each coarse candidate the scale, zero
+def test_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
+    """`_candidates_at_once` (one vectorised loop) gives each coarse candidate the scale, zero
     point and clipping bound that `_mse_candidate`, `_finite_codes` and `_clip_bound` give it one
     at a time, and every code of each is finite, as `_every_code_finite` promises."""
     kind = KINDS[dtype]
@@ -161,7 +161,7 @@ def test_coarse_candidates_made_at_once_equal_those_made_one_by_one(dtype, symme
         w_lo, w_hi = np.float32(rng.random()), np.float32(rng.random())
         s0, z0 = kernels._rtn_params(float(lo), float(hi), kind, symmetric, qmin, qmax)
         assert search_kernels._every_code_finite(s0, kind, qmin, qmax)
-        search_kernels._coarse_candidates(
+        search_kernels._candidates_at_once(
             lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cz, cb
         )
         for k, (i, t) in enumerate(coarse):
@@ -175,7 +175,7 @@ def test_coarse_candidates_made_at_once_equal_those_made_one_by_one(dtype, symme
         # at every shift, as `_mse_candidate` gives them for i = 0
         rtn = np.zeros((3, 8), np.float32)
         rtn[0], rtn[2] = 1.0, np.float32(0.5) * np.arange(8, dtype=np.float32) % 1.5
-        search_kernels._coarse_candidates(
+        search_kernels._candidates_at_once(
             lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, rtn, cs, cz, cb
         )
         assert (cs[:8] == s0).all() and (cz[:8] == z0).all()
