@@ -32,7 +32,8 @@ most max(2, 1 %) of the groups differ; the total error agrees to 1e-5 relative).
 Speed: each error sum is one straight loop that LLVM vectorises; a per-element branch or an
 early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. The
 search runs without numba's runtime (see `_search`): its reference counts were half the time of
-a search with an empty walk.
+a search with an empty walk. mse makes its candidates' parameters 8 at a time, vectorised across
+candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time.
 """
 
 from __future__ import annotations

@@ -186,18 +186,37 @@ def test_mse_near_the_16_bit_limit_makes_its_candidates_one_by_one(symmetric):
     """float16 groups reaching 65504 (the largest float16): RTN's scale is too large for
     `_every_code_finite` to promise finite codes for every candidate, so those groups make them
     one by one with their code range (`_finite_codes`); the fused search still finds what the
-    torch search finds, and stays within RTN's error."""
+    torch search finds, and stays within RTN's error. Groups just under the promise's bound
+    (~1/4 of the limit) are batched: there every candidate, at every factor and shift, keeps
+    the whole code range, which is what the batch assumes."""
     args = QuantArgs(bits=4, symmetric=symmetric, strategy="group", group_size=64)
     qmin, qmax = quantized_range(args)
-    x = _weights(torch.float32, rows=16, cols=128)
-    x = (x / x.abs().amax(dim=1, keepdim=True) * 65504).to(torch.float16)
-    x[8:] = x[8:] / 1024  # and ordinary groups beside them
-    groups = x.float().view(32, 64)
-    near = 0
-    for lo, hi in zip(groups.amin(1).tolist(), groups.amax(1).tolist(), strict=True):
-        s0, _ = kernels._rtn_params(lo, hi, kernels.F16, symmetric, qmin, qmax)
-        near += not search_kernels._every_code_finite(s0, kernels.F16, qmin, qmax)
-    assert 8 <= near < 32
+    g = _weights(torch.float32, rows=16, cols=128).view(32, 64)  # its groups, each |x| ≤ 1
+    g = g / g.abs().amax(dim=1, keepdim=True)
+    g[:16] *= 65504  # at the limit
+    g[16:24] *= 15300  # just under `_every_code_finite`'s bound
+    g[24:] *= 64  # ordinary groups beside them
+    x = g.view(16, 128).to(torch.float16)
+    factors = np.array(_shrink_factors(MSE_GRID))
+    every = [(i, t) for i in range(1, MSE_GRID) for t in range(1 if symmetric else 3)]
+    table, cs, cz, cb, _ = search_kernels._walk_buffers(factors, every, ())
+    fmin, fmax = np.float32(qmin), np.float32(qmax)
+    near = batched_near = 0
+    for r, row in enumerate(x.float().view(32, 64)):
+        lo, hi = np.float32(row.min()), np.float32(row.max())
+        s0, _ = kernels._rtn_params(float(lo), float(hi), kernels.F16, symmetric, qmin, qmax)
+        if not search_kernels._every_code_finite(s0, kernels.F16, qmin, qmax):
+            near += 1
+            continue
+        batched_near += 16 <= r < 24
+        search_kernels._candidates_at_once(
+            lo, hi, np.float32(1), np.float32(1), kernels.F16, symmetric, qmin, qmax, table, cs,
+            cz, cb,
+        )  # fmt: skip
+        for k in range(len(every)):
+            codes = kernels._finite_codes(cs[k], np.float32(cz[k]), kernels.F16, fmin, fmax)
+            assert codes == (fmin, fmax)
+    assert near == 16 and batched_near == 8
     scale, zero = _fused(x, args, "mse", None)
     ts, tz = search_qparams(x, args, torch.float16, "mse")
     rs, rz = search_qparams(x, args, torch.float16, "rtn")
