@@ -114,6 +114,23 @@ def _f16_to_f32(typingctx, x):
 
 
 @intrinsic
+def _fmuladd(typingctx, a, b, c):
+    """float32 a·b + c, one fused multiply-add where the CPU has one (LLVM's `fmuladd`). numba
+    inlines helpers into the kernel and compiles them with the kernel's flags, so an `fma`
+    can't be asked for per helper; this call carries its own (`reassoc` keeps a loop summing
+    it a vectorisable reduction) and leaves every other product of the kernel rounded alone."""
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic(
+            "llvm.fmuladd", [f32], ir.FunctionType(f32, [f32] * 3)
+        )
+        return builder.call(fn, args, fastmath=("reassoc", "contract"))
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
 def _f32_to_f16(typingctx, x):
     def codegen(context, builder, signature, args):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))

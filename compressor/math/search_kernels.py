@@ -34,6 +34,10 @@ early exit inside it (tried) kept it scalar and 4-5× slower than summing the wh
 search runs without numba's runtime (see `_search`): its reference counts were half the time of
 a search with an empty walk. mse makes its candidates' parameters 8 at a time, vectorised across
 candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time.
+The loops are bound by the number of instructions per weight, so each is kept short: the sums
+are fused multiply-adds (`kernels._fmuladd`), codes are clamped relative to the zero point, the
+16-bit kind is a constant inside each loop, and hqq's targets pass sums the shrunk residuals
+rather than making each target.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from compressor.math.kernels import (
     _check_raw,
     _f32_as_u32,
     _finite_codes,
+    _fmuladd,
     _jit,
     _narrow,
     _range_of,
@@ -70,20 +75,31 @@ _TIE = np.float32(2.0**-22)  # per weight summed: the gap must exceed n·2^-22 (
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _error32(xf, wf, weighted, n, s, z, glo, ghi, kind):
-    """Σ w·(x − x̂)² of one group in float32 for parameters (s, z). One straight loop per case,
-    so LLVM vectorises it (8 lanes): an early exit inside the loop, or the weighting decided per
-    element, kept it scalar and 4-5× slower than the whole sum."""
+    """Σ w·(x − x̂)² of one group in float32 for parameters (s, z): `_error32_of` with the
+    16-bit kind a constant, so the loop holds no test of it."""
+    if kind == BF16:
+        return _error32_of(xf, wf, weighted, n, s, glo - z, ghi - z, BF16)
+    return _error32_of(xf, wf, weighted, n, s, glo - z, ghi - z, F16)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _error32_of(xf, wf, weighted, n, s, mlo, mhi, kind):
+    """The error with the codes taken relative to the zero point: m = q − z =
+    clamp(rint(x/s), glo − z, ghi − z), exactly the stored code's (small integers), one add and
+    one subtract fewer per weight. One straight loop per case, so LLVM vectorises it (8 lanes):
+    an early exit inside the loop, or the weighting decided per element, kept it scalar and
+    4-5× slower than the whole sum."""
     acc = np.float32(0.0)
     if weighted:
         for k in range(n):
-            y = min(max(np.rint(xf[k] / s) + z, glo), ghi)
-            d = _narrow((y - z) * s, kind) - xf[k]
-            acc += d * d * wf[k]
+            m = min(max(np.rint(xf[k] / s), mlo), mhi)
+            d = _narrow(m * s, kind) - xf[k]
+            acc = _fmuladd(d * d, wf[k], acc)
     else:
         for k in range(n):
-            y = min(max(np.rint(xf[k] / s) + z, glo), ghi)
-            d = _narrow((y - z) * s, kind) - xf[k]
-            acc += d * d
+            m = min(max(np.rint(xf[k] / s), mlo), mhi)
+            d = _narrow(m * s, kind) - xf[k]
+            acc = _fmuladd(d, d, acc)
     return acc
 
 
@@ -276,7 +292,16 @@ def _hqq_codes(xf, wf, n, s, z, glo, ghi, kind, qb, rb):
     """The codes half of an hqq pass at the stored parameters (s, z): their error Σ w·(x − x̂)²
     with the format's own codes, Σ w·q² and Σ w·q of the fit, the largest |residual| in code
     units, and Σ w·q·x (the fit's Σ w·q·y when no residual is shrunk); each weight's code and
-    residual kept in qb and rb for `_hqq_targets`. wf is all ones when unweighted."""
+    residual kept in qb and rb for `_hqq_targets`. wf is all ones when unweighted. The kind is
+    made a constant for the loop (`_hqq_codes_of`)."""
+    if kind == BF16:
+        return _hqq_codes_of(xf, wf, n, s, z, glo - z, ghi - z, BF16, qb, rb)
+    return _hqq_codes_of(xf, wf, n, s, z, glo - z, ghi - z, F16, qb, rb)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, qb, rb):
+    """`_hqq_codes`' loop, codes relative to the zero point as in `_error32_of`."""
     err = np.float32(0.0)
     sqq = np.float32(0.0)
     sq = np.float32(0.0)
@@ -286,36 +311,41 @@ def _hqq_codes(xf, wf, n, s, z, glo, ghi, kind, qb, rb):
     amax = np.uint32(0)
     for k in range(n):
         t = xf[k] / s
-        q = min(max(np.rint(t) + z, glo), ghi)  # the stored code
-        d = _narrow((q - z) * s, kind) - xf[k]
-        err += d * d * wf[k]
+        m = min(max(np.rint(t), mlo), mhi)
+        q = m + z  # the stored code
+        d = _narrow(m * s, kind) - xf[k]
+        err = _fmuladd(d * d, wf[k], err)
         res = t + z - q  # code units
         qb[k] = q
         rb[k] = res
         amax = max(amax, _f32_as_u32(abs(res)))
         qw = q * wf[k]
-        sqq += qw * q
+        sqq = _fmuladd(qw, q, sqq)
         sq += qw
-        sqx += qw * xf[k]
+        sqx = _fmuladd(qw, xf[k], sqx)
     return err, sqq, sq, _u32_as_f32(amax), sqx
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_targets(xf, wf, n, s, beta, qb, rb):
-    """The targets half: each weight's target x − shrink(r, β)·s from the residual r kept by
-    `_hqq_codes`, and the fit's Σ w·q·y and Σ w·y. shrink_p(r, β), p = ½:
-    sign(r)·max(|r| − |r|^(−½)/β, 0)."""
-    sqy = np.float32(0.0)
-    sy = np.float32(0.0)
+def _hqq_targets(wf, n, beta, qb, rb):
+    """The targets half: Σ w·q·e and Σ w·e of the shrunk residuals e = shrink(r, β) kept by
+    `_hqq_codes`; the fit's sums of its targets y = x − e·s follow from them (Σ w·q·y =
+    Σ w·q·x − s·Σ w·q·e, Σ w·y = Σ w·x − s·Σ w·e), one load, a multiply and a subtract per
+    weight fewer than making each target. shrink_p(r, β), p = ½: sign(r)·max(|r| − |r|^(−½)/β, 0);
+    r = 0 gives 0 − ∞, so 0, as torch's clamp of |r| to 1e-8 does. The sign is set as a bit
+    (an or), not a select."""
+    sqe = np.float32(0.0)
+    se = np.float32(0.0)
     inv_beta = np.float32(1.0) / beta
     for k in range(n):
         res = rb[k]
         a = abs(res)
-        shrunk = max(a - inv_beta / np.sqrt(max(a, np.float32(1e-8))), np.float32(0.0))
-        target = xf[k] - (shrunk if res >= 0 else -shrunk) * s
-        sqy += qb[k] * wf[k] * target
-        sy += target * wf[k]
-    return sqy, sy
+        shrunk = max(a - inv_beta / np.sqrt(a), np.float32(0.0))
+        e = _u32_as_f32(_f32_as_u32(shrunk) | (_f32_as_u32(res) & np.uint32(0x80000000)))
+        we = wf[k] * e
+        sqe = _fmuladd(qb[k], we, sqe)
+        se += we
+    return sqe, se
 
 
 @_jit(inline="always")
@@ -343,7 +373,7 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     nw = np.float32(0.0)  # Σ w
-    swx = np.float32(0.0)  # Σ w·x: the fit's Σ w·y when no residual is shrunk
+    swx = np.float32(0.0)  # Σ w·x: the fit takes Σ w·y = Σ w·x − s·Σ w·e
     for k in range(n):
         nw += wf[k]
         swx += wf[k] * xf[k]
@@ -377,22 +407,24 @@ def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0
         if it == iterations:
             break
         if _repeats(amax, beta):  # no residual is shrunk: the targets are the weights
-            sqy, sy = sqx, swx
+            sqe = se = np.float32(0.0)
         else:
-            sqy, sy = _hqq_targets(xf, wf, n, s, beta, qb, rb)
+            sqe, se = _hqq_targets(wf, n, beta, qb, rb)
             targets += 1
         beta *= np.float32(kappa)
         new_s = np.float64(s)
         new_o = -np.float64(zf) * np.float64(s)
         # weighted least squares of the targets on the codes, solved in float64 from the
         # float32 sums (its determinant Σw·Σwq² − (Σwq)² cancels): s, and the offset o
-        a_qq, a_qy = np.float64(sqq), np.float64(sqy)
+        a_qq = np.float64(sqq)
+        a_qy = np.float64(sqx) - np.float64(s) * np.float64(sqe)
         if symmetric:
             fit = a_qy / a_qq
             if a_qq > 0 and fit > 0 and np.isfinite(fit):
                 new_s = fit
         else:
-            a_w, a_q, a_y = np.float64(nw), np.float64(sq), np.float64(sy)
+            a_w, a_q = np.float64(nw), np.float64(sq)
+            a_y = np.float64(swx) - np.float64(s) * np.float64(se)
             det = a_w * a_qq - a_q * a_q
             fit = (a_w * a_qy - a_q * a_y) / det
             off = (a_y - fit * a_q) / a_w

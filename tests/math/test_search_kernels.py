@@ -113,9 +113,10 @@ def test_repeats_only_where_no_residual_is_shrunk():
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_targets_are_the_weights_where_no_residual_is_shrunk(weighted):
-    """Where `_repeats` holds, the targets pass's sums (Σ w·q·y, Σ w·y) are the codes pass's
-    Σ w·q·x and Σ w·x (to float32 summation order), which hqq then uses instead of a targets
-    pass; at a β that shrinks the largest residual they are not."""
+    """The targets pass returns Σ w·q·e and Σ w·e of the shrunk residuals e (the fit's target
+    sums are Σ w·q·x − s·Σ w·q·e and Σ w·x − s·Σ w·e), as float64 math on the residuals it was
+    given makes them. Where `_repeats` holds every e is 0, so the targets are the weights and
+    hqq leaves the pass out; at a β that shrinks the largest residual they are not 0."""
     xf = _weights(torch.bfloat16, rows=1, cols=128).float().numpy()[0]
     wf = np.ones(128, np.float32)
     if weighted:
@@ -126,16 +127,25 @@ def test_targets_are_the_weights_where_no_residual_is_shrunk(weighted):
     qb, rb = np.empty(128, np.float32), np.empty(128, np.float32)
     glo, ghi = np.float32(qmin), np.float32(qmax)
     codes = search_kernels._hqq_codes(xf, wf, 128, s, np.float32(z0), glo, ghi, kernels.BF16, qb, rb)  # fmt: skip
-    amax, sqx = codes[3], codes[4]
+    amax = codes[3]
     assert amax > 0.5
-    swx = float(np.dot(wf.astype(np.float64), xf))
     kept = np.float32(0.9 / amax**1.5)  # amax^1.5·β = 0.9: nothing shrunk
     shrinking = np.float32(1.1 / amax**1.5)
     assert search_kernels._repeats(amax, kept) and not search_kernels._repeats(amax, shrinking)
-    sqy, sy = search_kernels._hqq_targets(xf, wf, 128, s, kept, qb, rb)
-    np.testing.assert_allclose([sqy, sy], [sqx, swx], rtol=1e-5, atol=1e-6)
-    sqy, sy = search_kernels._hqq_targets(xf, wf, 128, s, shrinking, qb, rb)
-    assert abs(sqy - sqx) > 1e-4 * abs(sqx)
+    assert search_kernels._hqq_targets(wf, 128, kept, qb, rb) == (0.0, 0.0)
+
+    r, q, w = rb.astype(np.float64), qb.astype(np.float64), wf.astype(np.float64)
+    a = np.abs(r)
+    with np.errstate(divide="ignore"):  # |r| = 0 gives 0 − ∞, so e = 0, as in the kernel
+        e = np.sign(r) * np.maximum(a - 1.0 / (float(shrinking) * np.sqrt(a)), 0.0)
+    assert np.count_nonzero(e) > 0
+    sqe, se = search_kernels._hqq_targets(wf, 128, shrinking, qb, rb)
+    np.testing.assert_allclose([sqe, se], [np.sum(w * q * e), np.sum(w * e)], rtol=1e-5, atol=1e-7)
+    # the fit's sums from them equal those of the targets themselves
+    y = xf.astype(np.float64) - e * float(s)
+    sqx, swx = np.sum(w * q * xf), np.sum(w * xf)
+    np.testing.assert_allclose(sqx - float(s) * sqe, np.sum(w * q * y), rtol=1e-5)
+    np.testing.assert_allclose(swx - float(s) * se, np.sum(w * y), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
