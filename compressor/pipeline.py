@@ -9,6 +9,7 @@ over chunks through an `Executor`: a dask.distributed cluster, or this process w
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -340,8 +341,10 @@ class Pipeline:
     def start_workers(self, executor: Executor) -> None:
         """Start-up work in every worker before the first stage: imports and, when chunks take
         the fused kernels, loading them (compiling them, the first time on a machine)."""
-        if any(compress_stage.takes_fused_kernels(t) for t in self.plan.staged):
-            executor.run_everywhere(compress_stage.warm_up)
+        fused = [t for t in self.plan.staged if compress_stage.takes_fused_kernels(t)]
+        if fused:  # the searches' kernels only where a tensor searches its scales
+            searches = any(t.rounding != "rtn" for t in fused)
+            executor.run_everywhere(functools.partial(compress_stage.warm_up, searches=searches))
 
     # -- stages -------------------------------------------------------------------------------
     def make_plan(self) -> Plan:

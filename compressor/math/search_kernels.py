@@ -36,11 +36,18 @@ a search with an empty walk. mse makes its candidates' parameters 8 at a time, v
 candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time.
 The loops are bound by the number of instructions per weight, so each is kept short: the sums
 are fused multiply-adds (`kernels._fmuladd`), codes are clamped relative to the zero point, the
-16-bit kind is a constant inside each loop, and hqq's targets pass sums the shrunk residuals
-rather than making each target.
+16-bit kind is a constant inside each loop (and in hqq's loops the symmetry: no zero point and
+no Σ w·q when symmetric), hqq's targets pass sums the shrunk residuals rather than making each
+target, and its bound on the largest residual comes from the group's two extremes
+(`_largest_residual`), not from a max over every weight. Between its passes an hqq iteration is
+a chain of dependent scalar steps (the sums' reductions, the float64 fit, the snap to the
+format): on a fast core that chain is most of its time, so hqq iterates two groups at once
+(`_hqq_pair`), each filling the other's waits.
 """
 
 from __future__ import annotations
+
+from collections import namedtuple
 
 import numpy as np
 
@@ -288,52 +295,92 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_codes(xf, wf, n, s, z, glo, ghi, kind, qb, rb):
+def _hqq_codes(xf, wf, symmetric, n, s, z, glo, ghi, kind, qb, rb):
     """The codes half of an hqq pass at the stored parameters (s, z): their error Σ w·(x − x̂)²
-    with the format's own codes, Σ w·q² and Σ w·q of the fit, the largest |residual| in code
-    units, and Σ w·q·x (the fit's Σ w·q·y when no residual is shrunk); each weight's code and
-    residual kept in qb and rb for `_hqq_targets`. wf is all ones when unweighted. The kind is
-    made a constant for the loop (`_hqq_codes_of`)."""
+    with the format's own codes, Σ w·q² and Σ w·q of the fit (Σ w·q only asymmetric: 0
+    otherwise), and Σ w·q·x (the fit's Σ w·q·y when no residual is shrunk); each weight's code
+    and residual kept in qb and rb for `_hqq_targets`. wf is all ones when unweighted. The kind
+    and the symmetry are made constants for the loop (`_hqq_codes_of`), so it holds only what
+    the case needs."""
     if kind == BF16:
-        return _hqq_codes_of(xf, wf, n, s, z, glo - z, ghi - z, BF16, qb, rb)
-    return _hqq_codes_of(xf, wf, n, s, z, glo - z, ghi - z, F16, qb, rb)
+        return _hqq_codes_as(xf, wf, symmetric, n, s, z, glo - z, ghi - z, BF16, qb, rb)
+    return _hqq_codes_as(xf, wf, symmetric, n, s, z, glo - z, ghi - z, F16, qb, rb)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, qb, rb):
-    """`_hqq_codes`' loop, codes relative to the zero point as in `_error32_of`."""
+def _hqq_codes_as(xf, wf, symmetric, n, s, z, mlo, mhi, kind, qb, rb):
+    """`_hqq_codes` with the symmetry made a constant. (Making the weighting one too gained 0-5 %
+    more and added ~20 s to the kernels' first compile.)"""
+    if symmetric:
+        return _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, True, qb, rb)
+    return _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, False, qb, rb)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb):
+    """`_hqq_codes`' loop, codes relative to the zero point as in `_error32_of` (symmetric: the
+    zero point is 0, so the code is m and the residual t − m)."""
     err = np.float32(0.0)
     sqq = np.float32(0.0)
     sq = np.float32(0.0)
     sqx = np.float32(0.0)
-    # the largest |residual| as bits: non-negative floats order as their bits do, and an integer
-    # max vectorises where a float one does not (LLVM keeps its NaN semantics)
-    amax = np.uint32(0)
     for k in range(n):
         t = xf[k] / s
         m = min(max(np.rint(t), mlo), mhi)
-        q = m + z  # the stored code
         d = _narrow(m * s, kind) - xf[k]
-        err = _fmuladd(d * d, wf[k], err)
-        res = t + z - q  # code units
+        if symmetric:
+            q = m
+            res = t - m
+        else:
+            q = m + z  # the stored code
+            res = t + z - q  # code units
         qb[k] = q
         rb[k] = res
-        amax = max(amax, _f32_as_u32(abs(res)))
+        err = _fmuladd(d * d, wf[k], err)
         qw = q * wf[k]
         sqq = _fmuladd(qw, q, sqq)
-        sq += qw
+        if not symmetric:
+            sq += qw
         sqx = _fmuladd(qw, xf[k], sqx)
-    return err, sqq, sq, _u32_as_f32(amax), sqx
+    return err, sqq, sq, sqx
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_targets(wf, n, beta, qb, rb):
-    """The targets half: Σ w·q·e and Σ w·e of the shrunk residuals e = shrink(r, β) kept by
-    `_hqq_codes`; the fit's sums of its targets y = x − e·s follow from them (Σ w·q·y =
-    Σ w·q·x − s·Σ w·q·e, Σ w·y = Σ w·x − s·Σ w·e), one load, a multiply and a subtract per
-    weight fewer than making each target. shrink_p(r, β), p = ½: sign(r)·max(|r| − |r|^(−½)/β, 0);
-    r = 0 gives 0 − ∞, so 0, as torch's clamp of |r| to 1e-8 does. The sign is set as a bit
-    (an or), not a select."""
+def _largest_residual(lo, hi, s, z, glo, ghi):
+    """An upper bound of the largest |residual| (code units) of the codes pass at (s, z) on a
+    group with range [lo, hi], from its two extremes alone: a weight whose code is not clipped
+    has |r| ≤ ½ (its rounding's own distance); a clipped one's residual grows toward the end of
+    the range it lies beyond, so the extremes' are the largest, here with a slack of a few
+    float32 roundings of t + z (the loop may add in another order). Two scalar divisions
+    instead of an |r| and a max per weight in the codes loop; `_repeats` only needs a bound (a
+    larger one leaves out less work, never more)."""
+    a = np.float32(0.5)
+    for v in (lo, hi):
+        t = v / s
+        q = min(max(np.rint(t), glo - z), ghi - z) + z
+        r = abs(t + z - q)
+        if r > a:
+            a = r + np.float32(2.0**-20) * (abs(t) + abs(z) + np.float32(1.0))
+    return a
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_targets(wf, symmetric, n, beta, qb, rb):
+    """The targets half: Σ w·q·e and Σ w·e (asymmetric only: 0 otherwise) of the shrunk
+    residuals e = shrink(r, β) kept by `_hqq_codes`; the fit's sums of its targets y = x − e·s
+    follow from them (Σ w·q·y = Σ w·q·x − s·Σ w·q·e, Σ w·y = Σ w·x − s·Σ w·e), one load, a
+    multiply and a subtract per weight fewer than making each target. The symmetry is a
+    constant in the loop."""
+    if symmetric:
+        return _hqq_targets_of(wf, n, beta, qb, rb, True)
+    return _hqq_targets_of(wf, n, beta, qb, rb, False)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_targets_of(wf, n, beta, qb, rb, symmetric):
+    """`_hqq_targets`' loop. shrink_p(r, β), p = ½: sign(r)·max(|r| − |r|^(−½)/β, 0); r = 0
+    gives 0 − ∞, so 0, as torch's clamp of |r| to 1e-8 does. The sign is set as a bit (an or),
+    not a select."""
     sqe = np.float32(0.0)
     se = np.float32(0.0)
     inv_beta = np.float32(1.0) / beta
@@ -344,108 +391,189 @@ def _hqq_targets(wf, n, beta, qb, rb):
         e = _u32_as_f32(_f32_as_u32(shrunk) | (_f32_as_u32(res) & np.uint32(0x80000000)))
         we = wf[k] * e
         sqe = _fmuladd(qb[k], we, sqe)
-        se += we
+        if not symmetric:
+            se += we
     return sqe, se
 
 
 @_jit(inline="always")
 def _repeats(amax, beta):
-    """Whether β shrinks no residual of a pass whose largest |r| is amax (|r| − |r|^−½/β < 0 for
-    every |r| ≤ amax): then every target is its weight, so the fit's sums are the codes pass's
-    own (Σ w·q·x, Σ w·x), and for an iterate that did not move (the same codes and residuals as
-    the last pass; at the last, smaller β no residual was shrunk either) the pass would fit
-    (s, z) again. The margin (amax^1.5·β < 1 − 1e-4) keeps float32 rounding from shrinking the
-    largest residual; amax·√amax, not a power (a call to libm, run every iteration)."""
+    """Whether β shrinks no residual of a pass whose largest |r| is at most amax
+    (|r| − |r|^−½/β < 0 for every |r| ≤ amax): then every target is its weight, so the fit's
+    sums are the codes pass's own (Σ w·q·x, Σ w·x), and for an iterate that did not move (the
+    same codes and residuals as the last pass; at the last, smaller β no residual was shrunk
+    either) the pass would fit (s, z) again. The margin (amax^1.5·β < 1 − 1e-4) keeps float32
+    rounding from shrinking the largest residual; amax·√amax, not a power (a call to libm, run
+    every iteration)."""
     a = np.float64(amax)
     return a * np.sqrt(a) * np.float64(beta) < 1.0 - 1e-4
 
 
+# One group's hqq between iterations: the iteration `it`, the iterate (s, z) and β; the last
+# codes pass's parameters, its bound on |r| and its sums; RTN's error, the best error and its
+# parameters; the passes run; Σ w and Σ w·x.
+HqqState = namedtuple(
+    "HqqState",
+    "it s z beta last_s last_z amax e sqq sq sqx e0 best bs bz passes targets nw swx",
+)
+
+
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_group(xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip, qb, rb):  # fmt: skip
-    """hqq on one group from RTN's (s0, z0), every iterate snapped to the format before the next
-    (`rounding._hqq`): one pass per iterate measures it (`_hqq_codes`) and fits the next
-    (`_hqq_targets`). With `skip`, an iterate equal to the last one keeps that pass's codes,
-    error and code sums (they would come out the same) and only its targets are made again at
-    the new β; when β shrinks no residual either, nothing is (`_repeats`). Where β shrinks no
-    residual, with or without `skip`, the targets are the weights and no targets pass runs.
-    Returns (RTN's float32 error, the best error, its scale and zero point, the number of codes
-    passes and of targets passes run)."""
-    fmin = np.float32(qmin)
-    fmax = np.float32(qmax)
-    nw = np.float32(0.0)  # Σ w
-    swx = np.float32(0.0)  # Σ w·x: the fit takes Σ w·y = Σ w·x − s·Σ w·e
+def _hqq_start(xf, wf, n, s0, z0, beta0):
+    """The state before hqq's first pass on a group, from RTN's (s0, z0)."""
+    nw = np.float32(0.0)
+    swx = np.float32(0.0)
     for k in range(n):
         nw += wf[k]
         swx += wf[k] * xf[k]
-    s, z = s0, z0
-    e0 = np.float32(np.inf)
-    best, bs, bz = e0, s0, z0
-    beta = np.float32(beta0)
-    last_s = np.float32(np.nan)  # the parameters of the last codes pass, and its largest |r|
-    last_z = z
-    amax = np.float32(np.inf)
-    e = sqq = sq = sqx = np.float32(0.0)
-    passes = 0
-    targets = 0
-    it = 0
-    while it <= iterations:
-        same = skip and s == last_s and z == last_z
-        if same and (it == iterations or _repeats(amax, beta)):
-            beta *= np.float32(kappa)  # as after a pass; the fit would give (s, z) again
-            it += 1
-            continue
-        zf = np.float32(z)
-        if not same:  # the same codes as the last pass otherwise: its error, Σwq², Σwq hold
-            glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
-            e, sqq, sq, amax, sqx = _hqq_codes(xf, wf, n, s, zf, glo, ghi, kind, qb, rb)
-            last_s, last_z = s, z
-            passes += 1
-        if it == 0:
-            e0, best = e, e
-        elif e < best:
-            best, bs, bz = e, s, z
-        if it == iterations:
-            break
-        if _repeats(amax, beta):  # no residual is shrunk: the targets are the weights
-            sqe = se = np.float32(0.0)
-        else:
-            sqe, se = _hqq_targets(wf, n, beta, qb, rb)
-            targets += 1
-        beta *= np.float32(kappa)
-        new_s = np.float64(s)
-        new_o = -np.float64(zf) * np.float64(s)
-        # weighted least squares of the targets on the codes, solved in float64 from the
-        # float32 sums (its determinant Σw·Σwq² − (Σwq)² cancels): s, and the offset o
-        a_qq = np.float64(sqq)
-        a_qy = np.float64(sqx) - np.float64(s) * np.float64(sqe)
-        if symmetric:
-            fit = a_qy / a_qq
-            if a_qq > 0 and fit > 0 and np.isfinite(fit):
-                new_s = fit
-        else:
-            a_w, a_q = np.float64(nw), np.float64(sq)
-            a_y = np.float64(swx) - np.float64(s) * np.float64(se)
-            det = a_w * a_qq - a_q * a_q
-            fit = (a_w * a_qy - a_q * a_y) / det
-            off = (a_y - fit * a_q) / a_w
-            if det > 0 and fit > 0 and np.isfinite(fit) and np.isfinite(off):
-                new_s = fit
-                new_o = off
-        # snap to the format: the scale narrowed to 16 bits, an integer zero point
-        s = _round_to(new_s, kind)
-        if s == 0:
-            s = np.float32(1.0)
-        if not symmetric:
-            zr = np.rint(-new_o / np.float64(s))
-            zr = np.float32(0.0) if zr != zr else zr
-            z = int(min(max(zr, fmin), fmax))
-        it += 1
-    return e0, best, bs, bz, passes, targets
+    inf = np.float32(np.inf)
+    nil = np.float32(0.0)
+    return HqqState(
+        np.int64(0), s0, z0, np.float32(beta0), np.float32(np.nan), z0, inf, nil, nil, nil, nil,
+        inf, inf, s0, z0, np.int64(0), np.int64(0), nw, swx,
+    )  # fmt: skip
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_step(xf, wf, lo, hi, n, kind, symmetric, fmin, fmax, iterations, kappa, skip, qb, rb, st):  # fmt: skip
+    """One iteration of hqq on one group (`rounding._hqq`, every iterate snapped to the format
+    before the next): a codes pass measures the iterate (`_hqq_codes`), a targets pass
+    (`_hqq_targets`) and the weighted least squares fit of scale and offset make the next. With
+    `skip`, an iterate equal to the last one keeps that pass's codes, error and code sums (they
+    would come out the same) and only its targets are made again at the new β; when β shrinks no
+    residual either, nothing is (`_repeats`). Where β shrinks no residual, with or without
+    `skip`, the targets are the weights and no targets pass runs. Returns the next state; the
+    group is done when its `it` passes `iterations`."""
+    it, s, z, beta = st.it, st.s, st.z, st.beta
+    last_s, last_z, amax = st.last_s, st.last_z, st.amax
+    e, sqq, sq, sqx = st.e, st.sqq, st.sq, st.sqx
+    e0, best, bs, bz, passes, targets = st.e0, st.best, st.bs, st.bz, st.passes, st.targets
+    same = skip and s == last_s and z == last_z
+    if same and (it == iterations or _repeats(amax, beta)):
+        beta *= np.float32(kappa)  # as after a pass; the fit would give (s, z) again
+        return HqqState(it + 1, s, z, beta, last_s, last_z, amax, e, sqq, sq, sqx, e0, best, bs, bz, passes, targets, st.nw, st.swx)  # fmt: skip
+    zf = np.float32(z)
+    if not same:  # the same codes as the last pass otherwise: its error, Σwq², Σwq hold
+        glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
+        e, sqq, sq, sqx = _hqq_codes(xf, wf, symmetric, n, s, zf, glo, ghi, kind, qb, rb)
+        amax = _largest_residual(lo, hi, s, zf, glo, ghi)
+        last_s, last_z = s, z
+        passes += 1
+    if it == 0:
+        e0, best = e, e
+    elif e < best:
+        best, bs, bz = e, s, z
+    if it == iterations:
+        return HqqState(it + 1, s, z, beta, last_s, last_z, amax, e, sqq, sq, sqx, e0, best, bs, bz, passes, targets, st.nw, st.swx)  # fmt: skip
+    if _repeats(amax, beta):  # no residual is shrunk: the targets are the weights
+        sqe = se = np.float32(0.0)
+    else:
+        sqe, se = _hqq_targets(wf, symmetric, n, beta, qb, rb)
+        targets += 1
+    beta *= np.float32(kappa)
+    new_s = np.float64(s)
+    new_o = -np.float64(zf) * np.float64(s)
+    # weighted least squares of the targets on the codes, solved in float64 from the
+    # float32 sums (its determinant Σw·Σwq² − (Σwq)² cancels): s, and the offset o
+    a_qq = np.float64(sqq)
+    a_qy = np.float64(sqx) - np.float64(s) * np.float64(sqe)
+    if symmetric:
+        fit = a_qy / a_qq
+        if a_qq > 0 and fit > 0 and np.isfinite(fit):
+            new_s = fit
+    else:
+        a_w, a_q = np.float64(st.nw), np.float64(sq)
+        a_y = np.float64(st.swx) - np.float64(s) * np.float64(se)
+        det = a_w * a_qq - a_q * a_q
+        fit = (a_w * a_qy - a_q * a_y) / det
+        off = (a_y - fit * a_q) / a_w
+        if det > 0 and fit > 0 and np.isfinite(fit) and np.isfinite(off):
+            new_s = fit
+            new_o = off
+    # snap to the format: the scale narrowed to 16 bits, an integer zero point
+    s = _round_to(new_s, kind)
+    if s == 0:
+        s = np.float32(1.0)
+    if not symmetric:
+        zr = np.rint(-new_o / np.float64(s))
+        zr = np.float32(0.0) if zr != zr else zr
+        z = int(min(max(zr, fmin), fmax))
+    return HqqState(it + 1, s, z, beta, last_s, last_z, amax, e, sqq, sq, sqx, e0, best, bs, bz, passes, targets, st.nw, st.swx)  # fmt: skip
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_pair(a, b, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip):
+    """hqq on two groups at once, an iteration of each in turn: each group's iterations are a
+    chain (a pass's sums, the fit, the next pass), mostly latency, and the other group's
+    independent chain fills it (15-25 % less time than one group after the other, measured;
+    four at once were slower, and one step's code picked by index for both was slower still:
+    docs/benchmarks.md). a and b are (weights, importance, min, max, size, RTN's scale
+    and zero point, whether to search it, codes and residual buffers); a group not searched
+    keeps its start state (RTN's parameters, errors ∞). Returns both final states."""
+    xa, wa, la, ha, na, sa, za, run_a, qa, ra = a
+    xb, wb, lb, hb, nb, sb, zb, run_b, qb, rb = b
+    fmin = np.float32(qmin)
+    fmax = np.float32(qmax)
+    st_a = _hqq_start(xa, wa, na, sa, za, beta0)
+    st_b = _hqq_start(xb, wb, nb, sb, zb, beta0)
+    done_a = not run_a
+    done_b = not run_b
+    while not (done_a and done_b):
+        if not done_a:
+            st_a = _hqq_step(xa, wa, la, ha, na, kind, symmetric, fmin, fmax, iterations, kappa, skip, qa, ra, st_a)  # fmt: skip
+            done_a = st_a.it > iterations
+        if not done_b:
+            st_b = _hqq_step(xb, wb, lb, hb, nb, kind, symmetric, fmin, fmax, iterations, kappa, skip, qb, rb, st_b)  # fmt: skip
+            done_b = st_b.it > iterations
+    return st_a, st_b
 
 
 _MSE = 0
 _HQQ = 1
 _NONE = np.zeros(0, np.int64)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_group_at(raw, keys, j, total, ngroups, g, kind, symmetric, qmin, qmax, imp32, xf, qb, rb):
+    """Group j of the block (row-major; j past the end: group total − 1 again, not searched)
+    loaded into xf, as `_hqq_pair` takes it, with its row, index and column."""
+    cols = raw.shape[1]
+    present = j < total
+    j = j if present else total - 1
+    r, gi = j // ngroups, j % ngroups
+    c0 = gi * g
+    n = min(g, cols - c0)
+    lo, hi = _load_group(raw[r], keys[r], c0, n, kind, xf)
+    s0, z0 = _rtn_params(np.float64(lo), np.float64(hi), kind, symmetric, qmin, qmax)
+    finite = np.isfinite(lo) and np.isfinite(hi)
+    run = present and finite
+    group = (xf, imp32[c0 : c0 + n], lo, hi, n, s0, z0, run, qb, rb)
+    return group, present and not finite, r, gi, c0, n
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb):  # fmt: skip
+    """`_search` for hqq: the block's groups two at a time (`_hqq_pair`), in row-major order;
+    xf, qb, rb hold two groups (`_group_buffers`)."""
+    ngroups = scale.shape[1]
+    total = raw.shape[0] * ngroups
+    fmin = np.float32(qmin)
+    fmax = np.float32(qmax)
+    xa, xb = xf[:g], xf[g : 2 * g]
+    qa, qb2 = qb[:g], qb[g : 2 * g]
+    ra, rb2 = rb[:g], rb[g : 2 * g]
+    nonfinite = 0
+    for j in range(0, total, 2):
+        a, bad_a, r_a, gi_a, c_a, n_a = _hqq_group_at(raw, keys, j, total, ngroups, g, kind, symmetric, qmin, qmax, imp32, xa, qa, ra)  # fmt: skip
+        b, bad_b, r_b, gi_b, c_b, n_b = _hqq_group_at(raw, keys, j + 1, total, ngroups, g, kind, symmetric, qmin, qmax, imp32, xb, qb2, rb2)  # fmt: skip
+        nonfinite += int(bad_a) + int(bad_b)
+        st_a, st_b = _hqq_pair(a, b, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip)  # fmt: skip
+        passes[0] += st_a.passes + st_b.passes
+        passes[1] += st_a.targets + st_b.targets
+        _finish(xa, imp[c_a : c_a + n_a], weighted, n_a, kind, a[5], a[6], st_a.e0, st_a.bs, st_a.bz, st_a.best, fmin, fmax, scale, zero, r_a, gi_a)  # fmt: skip
+        if j + 1 < total:
+            _finish(xb, imp[c_b : c_b + n_b], weighted, n_b, kind, b[5], b[6], st_b.e0, st_b.bs, st_b.bz, st_b.best, fmin, fmax, scale, zero, r_b, gi_b)  # fmt: skip
+    return nonfinite
 
 
 # Compiled without numba's runtime (`_nrt=False`): with it, every array view and every array
@@ -460,6 +588,8 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
     coarse, cs, cz, cb, near mse's tables and buffers (`_walk_buffers`). hqq adds the codes
     passes it runs to passes[0], the targets passes to passes[1]. Returns the number of groups
     holding NaN or ±inf (left at RTN's parameters)."""
+    if mode == _HQQ:
+        return _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb)  # fmt: skip
     rows, cols = raw.shape
     ngroups = scale.shape[1]
     fmin = np.float32(qmin)
@@ -471,36 +601,30 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
             n = min(g, cols - c0)
             lo, hi = _load_group(raw[r], keys[r], c0, n, kind, xf)
             wf = imp32[c0 : c0 + n]
-            wd = imp[c0 : c0 + n]
             s0, z0 = _rtn_params(np.float64(lo), np.float64(hi), kind, symmetric, qmin, qmax)
             bs, bz = s0, z0
             e0 = np.float32(np.inf)
             best = e0
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 nonfinite += 1
-            elif mode == _MSE:
+            else:
                 glo, ghi = _finite_codes(s0, np.float32(z0), kind, fmin, fmax)
                 e0 = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind)
                 best, bs, bz = _mse_group(
                     xf, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax,
                     factors, path_i, path_t, steps, coarse, cs, cz, cb, near,
                 )  # fmt: skip
-            else:
-                e0, best, bs, bz, run, made = _hqq_group(
-                    xf, wf, n, s0, z0, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip,
-                    qb, rb,
-                )  # fmt: skip
-                passes[0] += run
-                passes[1] += made
             _finish(
-                xf, wd, weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax, scale, zero, r, gi
-            )
+                xf, imp[c0 : c0 + n], weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax,
+                scale, zero, r, gi,
+            )  # fmt: skip
     return nonfinite
 
 
 def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
-    """`_search`'s per-group buffers: the widened weights, hqq's codes and residuals."""
-    return np.empty(group, np.float32), np.empty(group, np.float32), np.empty(group, np.float32)
+    """`_search`'s group buffers: the widened weights, hqq's codes and residuals, each room for
+    two groups (hqq runs two at a time; mse uses the first)."""
+    return tuple(np.empty(2 * group, np.float32) for _ in range(3))
 
 
 _LANES = 8  # `_candidates_at_once` runs 8 candidates per vector
@@ -599,7 +723,7 @@ def search_hqq_16(
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """hqq's parameters for a block, as `search_mse_16` returns them: `iterations` steps from
     RTN's parameters, penalty `beta` growing by `kappa` per step. `skip_repeats` leaves out the
-    work that would repeat the last pass exactly (`_hqq_group`: the same parameters either way,
+    work that would repeat the last pass exactly (`_hqq_step`: the same parameters either way,
     about half the codes passes on the bench's weights); False runs every pass, the reference
     the skipping is tested against. `passes`, an int64 array of two, gets the codes passes and
     the targets passes run added."""

@@ -171,12 +171,14 @@ def fused_kind(x: torch.Tensor, args: QuantArgs, fixed: _Fixed) -> int | None:
     return kind
 
 
-def warm_up() -> None:
+def warm_up(searches: bool = True) -> None:
     """Load (or compile, the first time on a machine) the fused kernels in this process, so the
-    cost shows as start-up, not inside the first chunks of the stage."""
+    cost shows as start-up, not inside the first chunks of the stage; the mse/hqq searches
+    (the larger compile, ~1 min on 2 cores) only with `searches`."""
     if device().type == "cpu":
         kernels.warm_up()
-        search_kernels.warm_up()
+        if searches:
+            search_kernels.warm_up()
 
 
 def quantize_rows_packed(

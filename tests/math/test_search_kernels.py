@@ -126,26 +126,109 @@ def test_targets_are_the_weights_where_no_residual_is_shrunk(weighted):
     s = np.float32(s0 * 0.8)  # a clipping scale: the extremes' residuals exceed ½
     qb, rb = np.empty(128, np.float32), np.empty(128, np.float32)
     glo, ghi = np.float32(qmin), np.float32(qmax)
-    codes = search_kernels._hqq_codes(xf, wf, 128, s, np.float32(z0), glo, ghi, kernels.BF16, qb, rb)  # fmt: skip
-    amax = codes[3]
-    assert amax > 0.5
+    z = np.float32(z0)
+    search_kernels._hqq_codes(xf, wf, True, 128, s, z, glo, ghi, kernels.BF16, qb, rb)
+    lo, hi = np.float32(xf.min()), np.float32(xf.max())
+    amax = search_kernels._largest_residual(lo, hi, s, z, glo, ghi)
+    assert float(np.abs(rb).max()) > 0.5 and amax == pytest.approx(
+        float(np.abs(rb).max()), rel=1e-4
+    )
     kept = np.float32(0.9 / amax**1.5)  # amax^1.5·β = 0.9: nothing shrunk
     shrinking = np.float32(1.1 / amax**1.5)
     assert search_kernels._repeats(amax, kept) and not search_kernels._repeats(amax, shrinking)
-    assert search_kernels._hqq_targets(wf, 128, kept, qb, rb) == (0.0, 0.0)
+    targets = search_kernels._hqq_targets
+    assert targets(wf, True, 128, kept, qb, rb) == (0.0, 0.0)
+    assert targets(wf, False, 128, kept, qb, rb) == (0.0, 0.0)
 
     r, q, w = rb.astype(np.float64), qb.astype(np.float64), wf.astype(np.float64)
     a = np.abs(r)
     with np.errstate(divide="ignore"):  # |r| = 0 gives 0 − ∞, so e = 0, as in the kernel
         e = np.sign(r) * np.maximum(a - 1.0 / (float(shrinking) * np.sqrt(a)), 0.0)
     assert np.count_nonzero(e) > 0
-    sqe, se = search_kernels._hqq_targets(wf, 128, shrinking, qb, rb)
+    sqe, se = targets(wf, False, 128, shrinking, qb, rb)
     np.testing.assert_allclose([sqe, se], [np.sum(w * q * e), np.sum(w * e)], rtol=1e-5, atol=1e-7)
+    assert targets(wf, True, 128, shrinking, qb, rb) == (sqe, 0.0)  # Σ w·e: asymmetric
     # the fit's sums from them equal those of the targets themselves
     y = xf.astype(np.float64) - e * float(s)
     sqx, swx = np.sum(w * q * xf), np.sum(w * xf)
     np.testing.assert_allclose(sqx - float(s) * sqe, np.sum(w * q * y), rtol=1e-5)
     np.testing.assert_allclose(swx - float(s) * se, np.sum(w * y), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", [kernels.BF16, kernels.F16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_codes_pass_sums_and_residual_bound(kind, symmetric, weighted):
+    """Each variant of the codes loop (16-bit kind and symmetry made constants), weighted or not
+    (all ones), gives the format's codes, residuals and sums as float64 math on the same codes does, and
+    `_largest_residual`, from the group's extremes alone, bounds every |residual| (equal to the
+    largest where a weight is clipped, ½ where none is): scales from RTN's (nothing clipped) to
+    a third of it (many clipped), zero points across the code range."""
+    dtype = torch.bfloat16 if kind == kernels.BF16 else torch.float16
+    x = _weights(dtype, rows=12, cols=128).float().numpy()
+    rng = np.random.default_rng(4)
+    qmin, qmax = (-8, 7) if symmetric else (0, 15)
+    glo, ghi = np.float32(qmin), np.float32(qmax)
+    qb, rb = np.empty(128, np.float32), np.empty(128, np.float32)
+    for xf in x:
+        wf = (rng.random(128) ** 4).astype(np.float32) if weighted else np.ones(128, np.float32)
+        lo, hi = np.float32(xf.min()), np.float32(xf.max())
+        s0, z0 = kernels._rtn_params(float(lo), float(hi), kind, symmetric, qmin, qmax)
+        for f in (1.0, 0.9, 0.6, 0.33):
+            s = np.float32(kernels._round_to(float(s0) * f, kind))
+            for z in [z0] if symmetric else [z0, qmin + 3, qmax - 2]:
+                zf = np.float32(z)
+                err, sqq, sq, sqx = search_kernels._hqq_codes(
+                    xf, wf, symmetric, 128, s, zf, glo, ghi, kind, qb, rb
+                )
+                t = xf / s  # float32, as the format's codes
+                q = np.clip(np.rint(t), qmin - z, qmax - z) + z
+                np.testing.assert_array_equal(qb, q)
+                xhat = torch.from_numpy((q - z) * s).to(dtype).double().numpy()
+                w, q64 = wf.astype(np.float64), q.astype(np.float64)
+                want = [
+                    np.sum(w * (xhat - xf) ** 2),
+                    np.sum(w * q64 * q64),
+                    0.0 if symmetric else np.sum(w * q64),
+                    np.sum(w * q64 * xf),
+                ]
+                np.testing.assert_allclose([err, sqq, sq, sqx], want, rtol=2e-5, atol=1e-12)
+                largest = float(np.abs(rb).max())
+                bound = search_kernels._largest_residual(lo, hi, s, zf, glo, ghi)
+                clipped = bool(((t + z > qmax + 0.5) | (t + z < qmin - 0.5)).any())
+                if clipped:  # the largest, with a slack of 2^-20·(|t| + |z| + 1) at most
+                    slack = 2.0**-19 * (float(np.abs(t).max()) + abs(z) + 1)
+                    assert largest < bound <= largest + slack
+                else:
+                    assert bound == 0.5 >= largest
+
+
+def test_hqq_pairs_of_groups_search_each_as_alone():
+    """hqq runs a block's groups two at a time (`_hqq_pair`): every group gets the parameters it
+    gets searched alone, whatever its partner (the next group in row-major order, across rows,
+    a non-finite one, or none after an odd count's last)."""
+    args = QuantArgs(bits=4, symmetric=False, strategy="group", group_size=64)
+    qrange = quantized_range(args)
+    x = _weights(torch.bfloat16, rows=5, cols=192)  # 15 groups: pairs cross rows, one alone
+    x[1, 70] = float("nan")  # group 4, the first of a pair
+    x[3, 0] = float("inf")  # group 9, the second of one
+    raw = x.contiguous().view(torch.int16).numpy().view(np.uint16)
+    imp = (np.random.default_rng(6).random(192) ** 4).astype(np.float64)
+    for w in (None, imp):
+        scale, zero, bad = search_kernels.search_hqq_16(
+            raw, kernels.BF16, 64, False, qrange, HQQ_ITERATIONS, _HQQ_BETA, _HQQ_KAPPA, w
+        )
+        assert bad == 2 and zero is not None
+        for r in range(5):
+            for gi in range(3):
+                one = np.ascontiguousarray(raw[r : r + 1, 64 * gi : 64 * (gi + 1)])
+                part = None if w is None else w[64 * gi : 64 * (gi + 1)]
+                s1, z1, _ = search_kernels.search_hqq_16(
+                    one, kernels.BF16, 64, False, qrange, HQQ_ITERATIONS, _HQQ_BETA, _HQQ_KAPPA,
+                    part,
+                )  # fmt: skip
+                assert z1 is not None
+                assert (scale[r, gi], zero[r, gi]) == (s1[0, 0], z1[0, 0]), (r, gi)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
