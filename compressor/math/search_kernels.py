@@ -536,7 +536,8 @@ _NONE = np.zeros(0, np.int64)
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _hqq_group_at(raw, keys, j, total, ngroups, g, kind, symmetric, qmin, qmax, imp32, xf, qb, rb):
     """Group j of the block (row-major; j past the end: group total − 1 again, not searched)
-    loaded into xf, as `_hqq_pair` takes it, with its row, index and column."""
+    loaded into xf, as `_hqq_pair` takes it, with its row, index, column, size and RTN's
+    scale and zero point."""
     cols = raw.shape[1]
     present = j < total
     j = j if present else total - 1
@@ -548,7 +549,7 @@ def _hqq_group_at(raw, keys, j, total, ngroups, g, kind, symmetric, qmin, qmax, 
     finite = np.isfinite(lo) and np.isfinite(hi)
     run = present and finite
     group = (xf, imp32[c0 : c0 + n], lo, hi, n, s0, z0, run, qb, rb)
-    return group, present and not finite, r, gi, c0, n
+    return group, present and not finite, r, gi, c0, n, s0, z0
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
@@ -564,15 +565,15 @@ def _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, ka
     ra, rb2 = rb[:g], rb[g : 2 * g]
     nonfinite = 0
     for j in range(0, total, 2):
-        a, bad_a, r_a, gi_a, c_a, n_a = _hqq_group_at(raw, keys, j, total, ngroups, g, kind, symmetric, qmin, qmax, imp32, xa, qa, ra)  # fmt: skip
-        b, bad_b, r_b, gi_b, c_b, n_b = _hqq_group_at(raw, keys, j + 1, total, ngroups, g, kind, symmetric, qmin, qmax, imp32, xb, qb2, rb2)  # fmt: skip
+        a, bad_a, r_a, gi_a, c_a, n_a, s0_a, z0_a = _hqq_group_at(raw, keys, j, total, ngroups, g, kind, symmetric, qmin, qmax, imp32, xa, qa, ra)  # fmt: skip
+        b, bad_b, r_b, gi_b, c_b, n_b, s0_b, z0_b = _hqq_group_at(raw, keys, j + 1, total, ngroups, g, kind, symmetric, qmin, qmax, imp32, xb, qb2, rb2)  # fmt: skip
         nonfinite += int(bad_a) + int(bad_b)
         st_a, st_b = _hqq_pair(a, b, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip)  # fmt: skip
         passes[0] += st_a.passes + st_b.passes
         passes[1] += st_a.targets + st_b.targets
-        _finish(xa, imp[c_a : c_a + n_a], weighted, n_a, kind, a[5], a[6], st_a.e0, st_a.bs, st_a.bz, st_a.best, fmin, fmax, scale, zero, r_a, gi_a)  # fmt: skip
+        _finish(xa, imp[c_a : c_a + n_a], weighted, n_a, kind, s0_a, z0_a, st_a.e0, st_a.bs, st_a.bz, st_a.best, fmin, fmax, scale, zero, r_a, gi_a)  # fmt: skip
         if j + 1 < total:
-            _finish(xb, imp[c_b : c_b + n_b], weighted, n_b, kind, b[5], b[6], st_b.e0, st_b.bs, st_b.bz, st_b.best, fmin, fmax, scale, zero, r_b, gi_b)  # fmt: skip
+            _finish(xb, imp[c_b : c_b + n_b], weighted, n_b, kind, s0_b, z0_b, st_b.e0, st_b.bs, st_b.bz, st_b.best, fmin, fmax, scale, zero, r_b, gi_b)  # fmt: skip
     return nonfinite
 
 
