@@ -341,9 +341,10 @@ class Pipeline:
     def start_workers(self, executor: Executor) -> None:
         """Start-up work in every worker before the first stage: imports and, when chunks take
         the fused kernels, loading them (compiling them, the first time on a machine)."""
-        fused = [t for t in self.plan.staged if compress_stage.takes_fused_kernels(t)]
-        if fused:  # the searches' kernels only where a tensor searches its scales
-            searches = any(t.rounding != "rtn" for t in fused)
+        staged = self.plan.staged
+        if any(compress_stage.takes_fused_kernels(t) for t in staged):
+            # the searches' kernels (the larger compile) only where a tensor searches its scales
+            searches = any(compress_stage.takes_search_kernels(t) for t in staged)
             executor.run_everywhere(functools.partial(compress_stage.warm_up, searches=searches))
 
     # -- stages -------------------------------------------------------------------------------

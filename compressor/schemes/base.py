@@ -238,6 +238,11 @@ class Scheme(ABC):
         the GIL (so the embedded cluster can run threads)."""
         return False
 
+    def takes_search_kernels(self, args: Args, dtype: str, rounding: str) -> bool:
+        """Whether those chunks also search their scales on fused CPU kernels (a compile of its
+        own, the larger one: workers load it only where a tensor of the plan needs it)."""
+        return False
+
     @abstractmethod
     def encode_chunk(self, out: RowSink, args: Args, chunk: ChunkInput) -> ErrorStats:
         """Encode one row block into `out`; return its error against `chunk.x`."""

@@ -479,6 +479,9 @@ class IntScheme(Scheme):
             and rounding in ("rtn", "mse", "hqq")
         )
 
+    def takes_search_kernels(self, args: Args, dtype: str, rounding: str) -> bool:
+        return rounding in ("mse", "hqq") and self.takes_fused_kernels(args, dtype, rounding)
+
     def encode_chunk(self, out: RowSink, args: Args, chunk: ChunkInput) -> ErrorStats:
         assert isinstance(args, QuantArgs)
         fixed = _Params(chunk.scale, chunk.zero)

@@ -55,6 +55,7 @@ __all__ = [
     "quantize_block",
     "quantize_rows_packed",
     "takes_fused_kernels",
+    "takes_search_kernels",
     "warm_up",
 ]
 
@@ -115,6 +116,17 @@ def takes_fused_kernels(t: TensorPlan) -> bool:
         and t.args is not None
         and t.prune is None
         and scheme.takes_fused_kernels(t.args, t.dtype, t.rounding)
+    )
+
+
+def takes_search_kernels(t: TensorPlan) -> bool:
+    """Whether chunks of `t` search their scales on the fused CPU kernels (mse, hqq)."""
+    scheme = t.scheme
+    return (
+        takes_fused_kernels(t)
+        and scheme is not None
+        and t.args is not None
+        and scheme.takes_search_kernels(t.args, t.dtype, t.rounding)
     )
 
 
