@@ -451,30 +451,40 @@ def _hqq_step(xf, wf, lo, hi, n, kind, symmetric, fmin, fmax, iterations, kappa,
     same = skip and s == last_s and z == last_z
     if same and (it == iterations or _repeats(amax, beta)):
         beta *= np.float32(kappa)  # as after a pass; the fit would give (s, z) again
-        return HqqState(it + 1, s, z, beta, last_s, last_z, amax, e, sqq, sq, sqx, e0, best, bs, bz, passes, targets, st.nw, st.swx)  # fmt: skip
-    zf = np.float32(z)
-    if not same:  # the same codes as the last pass otherwise: its error, Σwq², Σwq hold
-        glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
-        e, sqq, sq, sqx = _hqq_codes(xf, wf, symmetric, n, s, zf, glo, ghi, kind, qb, rb)
-        amax = _largest_residual(lo, hi, s, zf, glo, ghi)
-        last_s, last_z = s, z
-        passes += 1
-    if it == 0:
-        e0, best = e, e
-    elif e < best:
-        best, bs, bz = e, s, z
-    if it == iterations:
-        return HqqState(it + 1, s, z, beta, last_s, last_z, amax, e, sqq, sq, sqx, e0, best, bs, bz, passes, targets, st.nw, st.swx)  # fmt: skip
-    if _repeats(amax, beta):  # no residual is shrunk: the targets are the weights
-        sqe = se = np.float32(0.0)
     else:
-        sqe, se = _hqq_targets(wf, symmetric, n, beta, qb, rb)
-        targets += 1
-    beta *= np.float32(kappa)
+        zf = np.float32(z)
+        if not same:  # the same codes as the last pass otherwise: its error, Σwq², Σwq hold
+            glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
+            e, sqq, sq, sqx = _hqq_codes(xf, wf, symmetric, n, s, zf, glo, ghi, kind, qb, rb)
+            amax = _largest_residual(lo, hi, s, zf, glo, ghi)
+            last_s, last_z = s, z
+            passes += 1
+        if it == 0:
+            e0, best = e, e
+        elif e < best:
+            best, bs, bz = e, s, z
+        if it < iterations:  # the last iterate is measured, not fitted
+            if _repeats(amax, beta):  # no residual is shrunk: the targets are the weights
+                sqe = se = np.float32(0.0)
+            else:
+                sqe, se = _hqq_targets(wf, symmetric, n, beta, qb, rb)
+                targets += 1
+            beta *= np.float32(kappa)
+            s, z = _hqq_fit(
+                s, zf, sqq, sq, sqx, sqe, se, st.nw, st.swx, kind, symmetric, fmin, fmax
+            )
+    return HqqState(it + 1, s, z, beta, last_s, last_z, amax, e, sqq, sq, sqx, e0, best, bs, bz, passes, targets, st.nw, st.swx)  # fmt: skip
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_fit(s, zf, sqq, sq, sqx, sqe, se, nw, swx, kind, symmetric, fmin, fmax):
+    """The next iterate from a pass at (s, zf): the weighted least squares of the targets on
+    the codes, solved in float64 from the float32 sums (its determinant Σw·Σwq² − (Σwq)²
+    cancels) for the scale and the offset o, then snapped to the format (the scale narrowed to
+    16 bits, an integer zero point). Keeps (s, zf)'s scale or offset where the fit is not a
+    positive finite scale."""
     new_s = np.float64(s)
     new_o = -np.float64(zf) * np.float64(s)
-    # weighted least squares of the targets on the codes, solved in float64 from the
-    # float32 sums (its determinant Σw·Σwq² − (Σwq)² cancels): s, and the offset o
     a_qq = np.float64(sqq)
     a_qy = np.float64(sqx) - np.float64(s) * np.float64(sqe)
     if symmetric:
@@ -482,23 +492,23 @@ def _hqq_step(xf, wf, lo, hi, n, kind, symmetric, fmin, fmax, iterations, kappa,
         if a_qq > 0 and fit > 0 and np.isfinite(fit):
             new_s = fit
     else:
-        a_w, a_q = np.float64(st.nw), np.float64(sq)
-        a_y = np.float64(st.swx) - np.float64(s) * np.float64(se)
+        a_w, a_q = np.float64(nw), np.float64(sq)
+        a_y = np.float64(swx) - np.float64(s) * np.float64(se)
         det = a_w * a_qq - a_q * a_q
         fit = (a_w * a_qy - a_q * a_y) / det
         off = (a_y - fit * a_q) / a_w
         if det > 0 and fit > 0 and np.isfinite(fit) and np.isfinite(off):
             new_s = fit
             new_o = off
-    # snap to the format: the scale narrowed to 16 bits, an integer zero point
     s = _round_to(new_s, kind)
     if s == 0:
         s = np.float32(1.0)
+    z = 0
     if not symmetric:
         zr = np.rint(-new_o / np.float64(s))
         zr = np.float32(0.0) if zr != zr else zr
         z = int(min(max(zr, fmin), fmax))
-    return HqqState(it + 1, s, z, beta, last_s, last_z, amax, e, sqq, sq, sqx, e0, best, bs, bz, passes, targets, st.nw, st.swx)  # fmt: skip
+    return s, z
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
