@@ -171,7 +171,7 @@ def fused_kind(x: torch.Tensor, args: QuantArgs, fixed: _Fixed) -> int | None:
     return kind
 
 
-def warm_up(searches: bool = True) -> None:
+def warm_up(*, searches: bool) -> None:
     """Load (or compile, the first time on a machine) the fused kernels in this process, so the
     cost shows as start-up, not inside the first chunks of the stage; the mse/hqq searches
     (the larger compile, ~1 min on 2 cores) only with `searches`."""
