@@ -160,10 +160,10 @@ def test_targets_are_the_weights_where_no_residual_is_shrunk(weighted):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_codes_pass_sums_and_residual_bound(kind, symmetric, weighted):
     """Each variant of the codes loop (16-bit kind and symmetry made constants), weighted or not
-    (all ones), gives the format's codes, residuals and sums as float64 math on the same codes does, and
-    `_largest_residual`, from the group's extremes alone, bounds every |residual| (equal to the
-    largest where a weight is clipped, ½ where none is): scales from RTN's (nothing clipped) to
-    a third of it (many clipped), zero points across the code range."""
+    (all ones), gives the format's codes, residuals and sums as float64 math on the same codes
+    does, and `_largest_residual`, from the group's extremes alone, bounds every |residual|
+    (equal to the largest where a weight is clipped, ½ where none is): scales from RTN's
+    (nothing clipped) to a third of it (many clipped), zero points across the code range."""
     dtype = torch.bfloat16 if kind == kernels.BF16 else torch.float16
     x = _weights(dtype, rows=12, cols=128).float().numpy()
     rng = np.random.default_rng(4)
