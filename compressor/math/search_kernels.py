@@ -64,7 +64,7 @@ from compressor.math.kernels import (
     _jit,
     _narrow,
     _range_of,
-    _round_to,
+    _round_to_scalar,
     _rtn_params,
     _u32_as_f32,
     _widen,
@@ -480,9 +480,9 @@ def _hqq_step(xf, wf, lo, hi, n, kind, symmetric, fmin, fmax, iterations, kappa,
 def _hqq_fit(s, zf, sqq, sq, sqx, sqe, se, nw, swx, kind, symmetric, fmin, fmax):
     """The next iterate from a pass at (s, zf): the weighted least squares of the targets on
     the codes, solved in float64 from the float32 sums (its determinant Σw·Σwq² − (Σwq)²
-    cancels) for the scale and the offset o, then snapped to the format (the scale narrowed to
-    16 bits, an integer zero point). Keeps (s, zf)'s scale or offset where the fit is not a
-    positive finite scale."""
+    cancels) for the scale and the offset o, then snapped to the format (the scale rounded once
+    to 16 bits, `_round_to_scalar`; an integer zero point). Keeps (s, zf)'s scale or offset
+    where the fit is not a positive finite scale."""
     new_s = np.float64(s)
     new_o = -np.float64(zf) * np.float64(s)
     a_qq = np.float64(sqq)
@@ -500,7 +500,7 @@ def _hqq_fit(s, zf, sqq, sq, sqx, sqe, se, nw, swx, kind, symmetric, fmin, fmax)
         if det > 0 and fit > 0 and np.isfinite(fit) and np.isfinite(off):
             new_s = fit
             new_o = off
-    s = _round_to(new_s, kind)
+    s = _round_to_scalar(new_s, kind)
     if s == 0:
         s = np.float32(1.0)
     z = 0

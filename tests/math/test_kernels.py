@@ -241,3 +241,44 @@ def test_kernels_compile_where_no_cache_can_be_written():
 
         numba.njit(cache=True)(namespace["double"])
     assert _jit()(namespace["double"])(21) == 42
+
+
+def _round_to_cases(seed: int) -> np.ndarray:
+    """float64 values for the 16-bit roundings: random bit patterns over exponents from far below
+    float16's range to beyond bfloat16's, both signs; every bfloat16 tie (the midpoint of two
+    neighbours, exact in float64) and its float64 neighbours, at the ends of bfloat16's normal
+    range and around a power of two; zeros, infinities and NaN."""
+    rng = np.random.default_rng(seed)
+    exp = rng.integers(1023 - 160, 1023 + 140, 3000, dtype=np.int64)
+    bits = (exp << 52) | rng.integers(0, 1 << 52, 3000, dtype=np.int64)
+    bits |= rng.integers(0, 2, 3000, dtype=np.int64) << 63
+    tied = []
+    for v in (2.0**-126, 2.0**-125, 1.0, 0.75, 3.0e-3, 2.0**127 * 1.5, 2.0**-127):
+        lo = torch.tensor(v, dtype=torch.bfloat16)
+        for up in (0, 1):  # an even and an odd last bit below the tie
+            lo = (lo.view(torch.int16) + up).view(torch.bfloat16)
+            hi = (lo.view(torch.int16) + 1).view(torch.bfloat16)
+            mid = (lo.double() + hi.double()) / 2
+            for m in (
+                mid,
+                torch.nextafter(mid, torch.tensor(0.0, dtype=torch.float64)),
+                torch.nextafter(mid, torch.tensor(math.inf, dtype=torch.float64)),
+            ):
+                tied += [float(m), -float(m)]
+    specials = [0.0, -0.0, math.inf, -math.inf, math.nan, 2.0**128, 2.0**127, 2.0**-149, 1e300]
+    return np.concatenate([bits.view(np.float64), np.array(tied + specials)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_to_scalar_rounds_once_as_quant_round_to(dtype):
+    """hqq's fit rounds its scale with `_round_to_scalar` (a shortcut in the float64 bits for
+    bfloat16): every value, ties and range ends included, comes out as `quant.round_to`."""
+    from compressor.math.kernels import _round_to_scalar
+    from compressor.math.quant import round_to
+
+    x = _round_to_cases(0)
+    want = round_to(torch.from_numpy(x), dtype).float().numpy()
+    got = np.array([_round_to_scalar(float(v), KINDS[dtype]) for v in x], np.float32)
+    nan = np.isnan(want)  # NaN stays NaN (its payload is not a scale's concern)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
