@@ -70,7 +70,12 @@ def _jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     """`numba.njit(nogil=True)` with the on-disk cache where there is a writable place for it
     (beside this file, NUMBA_CACHE_DIR or the user's cache directory). numba refuses to define
     a cached function when there is none (read-only install, no home); then every process
-    compiles the kernels itself (~3 s) instead of failing to import."""
+    compiles the kernels itself (~3 s) instead of failing to import.
+
+    numba keys a cached function on its own source file's stamp only, not on the helpers it
+    inlines from other modules: after editing a helper here that `search_kernels` inlines
+    (`_narrow`, `_round_to_scalar`, `_rtn_params`, …), touch search_kernels.py or delete its
+    `__pycache__/*.nbi` files, or its cached kernels keep the old helper."""
 
     def decorate(fn: Callable[..., Any]) -> Any:
         try:
