@@ -1,6 +1,6 @@
 """Parallel or sequential calibration, and how GPTQ chooses group scales: measured in-process.
 
-    python -m bench.calibration_modes SmolLM2-135M-Instruct 32 rtn,gptq,gptq-mse,seq-gptq,seq-gptq-mse,mse,mse-w,hqq,hqq-w
+    python -m bench.calibration_modes SmolLM2-135M-Instruct 32 rtn,gptq,gptq-mse,gptq-act,gptq-act-rtn,seq-gptq,seq-gptq-mse,mse,mse-w,hqq,hqq-w
 
 For each variant the model's linear weights are replaced by their int4 (sym, g128, g64 where 128
 does not divide) fake-quantized copies, layer by layer as the calibration stage walks the model
@@ -11,7 +11,10 @@ Prejudice). Variants:
     rtn, mse, hqq        data-free rounding (`math.rounding`)
     mse-w, hqq-w         the same searches weighted by diag(XᵀX) (what --calibration adds)
     gptq                 GPTQ with min-max group parameters (the paper's, llm-compressor's default)
-    gptq-mse             GPTQ with the weighted mse group search (ours: `math.gptq`'s default)
+    gptq-mse             GPTQ with the weighted mse group search, columns in their order
+    gptq-act             the same in static act-order (ours: `math.gptq`'s default)
+    gptq-act-rtn         static act-order with min-max group parameters (llm-compressor's
+                         default GPTQ)
     seq-<variant>        "sequential": each layer's XᵀX from the outputs of the already
                          quantized layers before it; otherwise "parallel" (the original model's
                          activations, what the calibration stage computes)
@@ -38,7 +41,7 @@ def main() -> None:
     from compressor.calibration.samples import load_samples
     from compressor.evaluation.models import cache_root
     from compressor.evaluation.perplexity import perplexity, tokenize_text
-    from compressor.math.gptq import gptq_rows, inverse_hessian_factor
+    from compressor.math.gptq import act_order, gptq_rows, inverse_hessian_factor
     from compressor.math.quant import QuantArgs
     from compressor.math.rounding import quantize_rows
 
@@ -73,9 +76,10 @@ def main() -> None:
             return quantize_rows(w, args, variant)[3]
         if variant in ("mse-w", "hqq-w"):
             return quantize_rows(w, args, variant[:3], importance=torch.diagonal(h))[3]  # type: ignore[arg-type]
-        u, dead = inverse_hessian_factor(h)
-        mode = "mse" if variant == "gptq-mse" else "rtn"
-        return gptq_rows(w, u, dead, args, mode, torch.diagonal(h))[3]  # type: ignore[arg-type]
+        order = act_order(h) if variant.startswith("gptq-act") else None
+        u, dead = inverse_hessian_factor(h, order=order)
+        mode = "mse" if variant in ("gptq-mse", "gptq-act") else "rtn"
+        return gptq_rows(w, u, dead, args, mode, torch.diagonal(h), order)[3]  # type: ignore[arg-type]
 
     for variant in variants:
         sequential = variant.startswith("seq-")

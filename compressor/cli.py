@@ -125,6 +125,14 @@ def compress(
     calibration_seq_len: Annotated[
         int | None, typer.Option(help="Tokens per calibration window (default 512).")
     ] = None,
+    act_order: Annotated[
+        bool | None,
+        typer.Option(
+            "--act-order/--no-act-order",
+            help="GPTQ: quantize the columns by decreasing activation energy, every group's "
+            "parameters chosen first (static act-order; same output format). Default on.",
+        ),
+    ] = None,
     target_bits: Annotated[
         float | None,
         typer.Option(help="Automatic budget: average stored bits per target weight, e.g. 4.25."),
@@ -239,7 +247,11 @@ def compress(
         if value is not None
     }
     if calibration is not None:
-        given = {"samples": calibration_samples, "seq_len": calibration_seq_len}
+        given = {
+            "samples": calibration_samples,
+            "seq_len": calibration_seq_len,
+            "act_order": act_order,
+        }
         options["calibration"] = {
             "path": str(calibration),
             **{k: v for k, v in given.items() if v is not None},  # CalibrationConfig's defaults

@@ -579,6 +579,12 @@ class CalibrationConfig(_Frozen):
     dampening: float = Field(
         0.01, gt=0, le=1, description="GPTQ: λ added to diag(XᵀX), as a fraction of its mean."
     )
+    act_order: bool = Field(
+        True,
+        description="GPTQ: quantize the columns by decreasing diag(XᵀX), every group's "
+        "parameters chosen first from the original weights (static act-order: the output "
+        "format is unchanged, no g_idx).",
+    )
 
 
 class RunConfig(_Frozen):

@@ -389,6 +389,7 @@ class Pipeline:
                 self.progress,
                 self._gptq_dampening(),
                 hessians=self._reads_hessians(),
+                act_order=self._gptq_act_order(),
             )
             self.plan_, self.calibration = calibrate_stage.with_input_norms(
                 self.plan, self.calibration
@@ -410,6 +411,11 @@ class Pipeline:
         cal = self.config.calibration
         uses = any(r.rounding == "gptq" for r in self.config.recipe.quantization)
         return cal.dampening if cal is not None and uses else None
+
+    def _gptq_act_order(self) -> bool:
+        """Whether GPTQ's staged factors are of H in static act-order."""
+        cal = self.config.calibration
+        return cal is not None and cal.act_order and self._gptq_dampening() is not None
 
     def stats(self, executor: Executor) -> None:
         """Second-look statistics: exact pruning thresholds, each candidate's error under an

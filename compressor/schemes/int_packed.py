@@ -148,7 +148,9 @@ def quantize_block(
         if hessian is None:
             raise ValueError("rounding gptq needs the input's Hessian (calibration)")
         u, dead = hessian.factor()
-        q, scale, zero, x_hat = gptq_rows(x.cpu(), u, dead, args, importance=hessian.diagonal())
+        q, scale, zero, x_hat = gptq_rows(
+            x.cpu(), u, dead, args, importance=hessian.diagonal(), order=hessian.order()
+        )
         q, scale, x_hat = q.to(x.device), scale.to(x.device), x_hat.to(x.device)
         zero = None if zero is None else zero.to(x.device)
     else:

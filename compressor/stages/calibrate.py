@@ -41,7 +41,7 @@ from compressor.errors import ConfigError
 from compressor.formats import dtypes, storage
 from compressor.formats.safetensors_io import read_tensor
 from compressor.formats.staging import Staging
-from compressor.math.gptq import inverse_hessian_factor
+from compressor.math.gptq import act_order, inverse_hessian_factor
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 
@@ -76,6 +76,7 @@ class Statistic:
     factor: str | None = None  # GPTQ's staged Cholesky factor U of (H + λI)⁻¹, when asked for
     absmax: float = 0.0
     norms: str | None = None  # the staged ‖x_j‖ = sqrt(diag XᵀX), (cols,) F32, with XᵀX
+    ordered: bool = False  # the factor is of H in static act-order (`gptq.act_order`)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class LayerSum:
     shards: int
     dampening: float | None = None  # also stage GPTQ's factor, with this λ
     hessians: bool = True
+    act_order: bool = False  # that factor of H with rows and columns in `gptq.act_order`
 
 
 @contextlib.contextmanager
@@ -271,11 +273,14 @@ def sum_layer(job: LayerSum) -> dict[str, dict]:
         staging.write_rows(_norms(job.layer, k), 0, norms)
         entry["norms"] = _norms(job.layer, k)
         if job.dampening is not None:  # once per input here, not once per worker in compress
+            h = torch.from_numpy(stored)
+            order = act_order(h) if job.act_order else None
             with one_thread():  # the same bits whichever worker computes it
-                u, _ = inverse_hessian_factor(torch.from_numpy(stored), job.dampening)
+                u, _ = inverse_hessian_factor(h, job.dampening, order)
             staging.create(_factor(job.layer, k), (cols, cols), "F32", cols)
             staging.write_rows(_factor(job.layer, k), 0, u.numpy())
             entry["factor"] = _factor(job.layer, k)
+            entry["ordered"] = job.act_order
     staging.mark_done(SUM_STAGE, f"l{job.layer:04d}", 0, result)
     return result
 
@@ -289,9 +294,11 @@ def calibrate(
     progress: Progress | None = None,
     dampening: float | None = None,
     hessians: bool = True,
+    act_order: bool = False,
 ) -> Calibration:
     """Stage the samples, run the shards, add their sums; the statistic of every target (and,
-    with `dampening`, GPTQ's factor of every input; without `hessians`, max |x| alone)."""
+    with `dampening`, GPTQ's factor of every input, of H in static act-order with `act_order`;
+    without `hessians`, max |x| alone)."""
     n, seq_len = samples.tokens.shape
     staging.create(TOKENS, (n, seq_len), "I64", n)
     staging.write_rows(TOKENS, 0, samples.tokens)
@@ -304,7 +311,7 @@ def calibrate(
     layers = executor.map(calibrate_shard, shards, STAGE, progress)[0]
     sums = executor.map(
         sum_layer,
-        [LayerSum(staging, i, len(shards), dampening, hessians) for i in range(layers)],
+        [LayerSum(staging, i, len(shards), dampening, hessians, act_order) for i in range(layers)],
         SUM_STAGE,
         progress,
     )
@@ -312,7 +319,13 @@ def calibrate(
     for per_layer in sums:
         for module, s in per_layer.items():
             stats[f"{module}.weight"] = Statistic(
-                s["path"], s["tokens"], s["cols"], s.get("factor"), s["absmax"], s.get("norms")
+                s["path"],
+                s["tokens"],
+                s["cols"],
+                s.get("factor"),
+                s["absmax"],
+                s.get("norms"),
+                bool(s.get("ordered", False)),
             )
     notes = [samples.note] if samples.note else []
     missing = [t.name for t in plan.staged if t.args is not None and t.name not in stats]

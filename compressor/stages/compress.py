@@ -215,7 +215,9 @@ def _hessian(job: CompressJob) -> InputHessian | None:
     if job.statistic is None:
         return None
     return InputHessian(
-        load_hessian(job.staging, job.statistic), load_factor(job.staging, job.statistic)
+        load_hessian(job.staging, job.statistic),
+        load_factor(job.staging, job.statistic),
+        job.statistic.ordered,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.math.gptq import InputHessian, gptq_rows, inverse_hessian_factor
+from compressor.math.gptq import InputHessian, act_order, gptq_rows, inverse_hessian_factor
 from compressor.math.quant import QuantArgs, dequantize, quantize, quantized_range
 from compressor.math.rounding import quantize_rows
 
@@ -30,28 +30,38 @@ def _output_error(x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor) -> floa
     return float(torch.einsum("ij,jk,ik->", d, h, d))
 
 
-def _textbook_gptq(x: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+def _textbook_gptq(
+    x: torch.Tensor, h: torch.Tensor, args: QuantArgs, order: list[int] | None = None
+) -> torch.Tensor:
     """GPTQ written directly from the paper in float64: one column at a time, the full
     remaining update after each column (no lazy blocks), min-max parameters per group taken
-    when the group starts. Returns the codes."""
+    when the group starts. With `order` (static act-order, as llm-compressor describes it): the
+    columns walked in that order through the factor of H permuted alike, every group's min-max
+    parameters taken first from the original weights. Returns the codes in column order."""
     rows, cols = x.shape
     g = args.group_size if args.strategy == "group" else cols
-    hd = h.clone()
-    hd += 0.01 * torch.diagonal(h).mean() * torch.eye(cols, dtype=torch.float64)
+    walk = list(range(cols)) if order is None else order
+    hp = h[walk][:, walk]
+    hd = hp + 0.01 * torch.diagonal(h).mean() * torch.eye(cols, dtype=torch.float64)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
-    w = x.to(torch.float64).clone()
+    w = x.to(torch.float64)[:, walk].clone()
     col_args = QuantArgs(args.bits, "int", args.symmetric, "channel")
     codes = torch.empty(rows, cols, dtype=torch.int16)
     from compressor.math.quant import qparams_from_range
 
+    def minmax(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = block.to(x.dtype)
+        return qparams_from_range(b.amin(1, keepdim=True), b.amax(1, keepdim=True), col_args, x.dtype)  # fmt: skip
+
+    fixed = [minmax(x[:, c : c + g]) for c in range(0, cols, g)]
     for j in range(cols):
-        if j % g == 0:
-            grp = w[:, j : j + g].to(x.dtype)
-            s, z = qparams_from_range(
-                grp.amin(1, keepdim=True), grp.amax(1, keepdim=True), col_args, x.dtype
-            )
+        c = walk[j]
+        if order is not None:
+            s, z = fixed[c // g]
+        elif j % g == 0:
+            s, z = minmax(w[:, j : j + g])
         q = quantize(w[:, j : j + 1].float(), s, z, col_args)
-        codes[:, j : j + 1] = q
+        codes[:, c : c + 1] = q
         wq = dequantize(q, s, z, col_args, x.dtype).to(torch.float64)[:, 0]
         err = (w[:, j] - wq) / u[j, j]
         w[:, j:] -= err[:, None] * u[j, j:][None, :]
@@ -76,6 +86,51 @@ def test_codes_match_the_textbook_algorithm(args: QuantArgs) -> None:
     q, *_ = gptq_rows(x, u, dead, args, "rtn")
     reference = _textbook_gptq(x, h, args)
     assert (q != reference).float().mean().item() < 0.002
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: a.describe())
+def test_act_order_matches_the_textbook_algorithm(args: QuantArgs) -> None:
+    """Static act-order: columns by decreasing diag H through the permuted factor, parameters
+    fixed first; codes back in column order, as the float64 textbook walk makes them."""
+    x, h = _weights(48, 256), _hessian(256, seed=4)
+    order = act_order(h)
+    assert torch.equal(order, torch.argsort(torch.diagonal(h), descending=True))
+    assert order.tolist() != list(range(256))  # the walk is not the natural order here
+    u, dead = inverse_hessian_factor(h, order=order)
+    q, *_ = gptq_rows(x, u, dead, args, "rtn", order=order)
+    reference = _textbook_gptq(x, h, args, order.tolist())
+    assert (q != reference).float().mean().item() < 0.002
+    # and not the natural order's codes: the order changes the result
+    assert (q != _textbook_gptq(x, h, args)).float().mean().item() > 0.05
+
+
+def test_act_order_puts_dead_inputs_last_and_keeps_ties_in_column_order() -> None:
+    h = torch.diag(torch.tensor([2.0, 0.0, 5.0, 2.0, 0.0, 7.0], dtype=torch.float64))
+    assert act_order(h).tolist() == [5, 2, 0, 3, 1, 4]
+    u, dead = inverse_hessian_factor(h, order=act_order(h))
+    assert dead.tolist() == [False, False, False, False, True, True]
+    assert torch.isfinite(u).all()
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: a.describe())
+def test_act_order_lowers_the_output_error_of_inputs_with_uneven_scales(args: QuantArgs) -> None:
+    """The reason for it: with correlated inputs of uneven second moment (e^N(0,1) here; real
+    activations have outlier channels), rounding the strongest first leaves their error to the
+    weaker columns after them: 0.58-0.76 of the natural order's output error on these."""
+    cols = 256
+    g = torch.Generator().manual_seed(5)
+    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64) * 0.3 + torch.eye(cols)
+    inputs = torch.randn(4096, cols, generator=g, dtype=torch.float64) @ mix
+    inputs *= torch.exp(torch.randn(cols, generator=g, dtype=torch.float64))
+    h = inputs.T @ inputs
+    x = _weights(64, cols)
+    u, dead = inverse_hessian_factor(h)
+    natural = gptq_rows(x, u, dead, args, "mse", torch.diagonal(h))[3]
+    order = act_order(h)
+    u, dead = inverse_hessian_factor(h, order=order)
+    q, scale, zero, ordered = gptq_rows(x, u, dead, args, "mse", torch.diagonal(h), order)
+    assert torch.equal(ordered, dequantize(q, scale, zero, args, x.dtype))
+    assert _output_error(x, ordered, h) < 0.85 * _output_error(x, natural, h)
 
 
 @pytest.mark.parametrize("args", ARGS, ids=lambda a: a.describe())
@@ -151,6 +206,21 @@ def test_input_hessian_uses_the_staged_factor() -> None:
     computed = InputHessian(h).factor()
     assert torch.equal(computed[0], u) and torch.equal(computed[1], dead)
     assert torch.equal(staged.diagonal(), torch.diagonal(h).to(torch.float64))
+
+
+def test_input_hessian_in_act_order_factors_the_permuted_matrix() -> None:
+    h = _hessian(64, seed=6).to(torch.float32)
+    h[3, :] = 0
+    h[:, 3] = 0
+    order = act_order(h)
+    u, dead = inverse_hessian_factor(h, order=order)
+    ordered = InputHessian(h, ordered=True)
+    assert torch.equal(ordered.order(), order)
+    assert torch.equal(ordered.factor()[0], u) and torch.equal(ordered.factor()[1], dead)
+    assert dead.tolist() == [j == 63 for j in range(64)]  # the dead input walks last
+    staged = InputHessian(h, u, ordered=True)
+    assert staged.factor()[0] is u and torch.equal(staged.factor()[1], dead)
+    assert InputHessian(h).order() is None
 
 
 def test_refuses_what_it_cannot_write() -> None:

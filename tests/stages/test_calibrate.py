@@ -30,6 +30,19 @@ def _config(src: Path, dest: Path, tokens: Path | None, **options):  # type: ign
     return build_config(str(src), str(dest), calibration=calibration, **{"workers": 0, **options})
 
 
+def _calibrated(config):  # type: ignore[no-untyped-def]
+    """A pipeline planned, ingested and calibrated serially, in this process."""
+    from compressor.stages.executor import SerialExecutor
+
+    pipe = Pipeline(config)
+    pipe.make_plan()
+    executor = SerialExecutor()
+    pipe.ingest(executor)
+    pipe.calibrate(executor)
+    assert pipe.calibration is not None
+    return pipe
+
+
 def _full_forward_hessians(src: Path, tokens: np.ndarray) -> dict[str, torch.Tensor]:
     """One window at a time: no batch effects."""
     return full_forward_hessians(src, [row[None] for row in torch.from_numpy(tokens)])[0]
@@ -40,13 +53,7 @@ def test_staged_statistics_equal_the_full_models(
     token_file: Path,
     tmp_path: Path,
 ) -> None:
-    pipe = Pipeline(_config(tiny_llama, tmp_path / "out", token_file, rounding="gptq"))
-    pipe.make_plan()
-    from compressor.stages.executor import SerialExecutor
-
-    executor = SerialExecutor()
-    pipe.ingest(executor)
-    pipe.calibrate(executor)
+    pipe = _calibrated(_config(tiny_llama, tmp_path / "out", token_file, rounding="gptq"))
     cal = pipe.calibration
     assert cal is not None and cal.samples == 20 and cal.seq_len == 32
     expected = _full_forward_hessians(tiny_llama, np.load(token_file))
@@ -59,6 +66,29 @@ def test_staged_statistics_equal_the_full_models(
     # q/k/v read one staged array
     q, k = (cal.stats[f"model.layers.1.self_attn.{p}_proj.weight"].path for p in "qk")
     assert q == k
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_factor_is_staged_in_act_order_unless_turned_off(
+    tiny_llama: Path, token_file: Path, tmp_path: Path, act_order: bool
+) -> None:
+    """The calibration stage stages each input's factor of H in static act-order (the
+    default) or in column order, and says which: compress walks the columns to match."""
+    from compressor.math.gptq import act_order as order_of
+    from compressor.math.gptq import inverse_hessian_factor
+
+    calibration = {"path": str(token_file), "samples": 20, "seq_len": 32, "act_order": act_order}
+    config = build_config(
+        str(tiny_llama), str(tmp_path / "out"), calibration=calibration, workers=0, rounding="gptq"
+    )
+    pipe = _calibrated(config)
+    for name, stat in pipe.calibration.stats.items():
+        assert stat.ordered is act_order, name
+        h = calibrate_stage.load_hessian(pipe.staging, stat)
+        u = calibrate_stage.load_factor(pipe.staging, stat)
+        with calibrate_stage.one_thread():
+            expected, _ = inverse_hessian_factor(h, 0.01, order_of(h) if act_order else None)
+        assert u is not None and torch.equal(u, expected), name
 
 
 def test_gptq_bytes_do_not_depend_on_the_workers_and_ct_reads_them(
@@ -79,10 +109,18 @@ def test_gptq_bytes_do_not_depend_on_the_workers_and_ct_reads_them(
     mine = load_dir(decompress_checkpoint(serial, tmp_path / "mine"))
     for name, t in ours.items():
         assert torch.equal(t.to(mine[name].dtype), mine[name]), name
-    # and it is not RTN's output
+    # and it is not RTN's output, nor GPTQ's in column order
     rtn = tmp_path / "rtn"
     compress_checkpoint(_config(tiny_llama, rtn, None))
     assert tree_digest(rtn, "*.safetensors") != a
+    natural = tmp_path / "natural"
+    calibration = {"path": str(token_file), "samples": 20, "seq_len": 32, "act_order": False}
+    compress_checkpoint(
+        build_config(
+            str(tiny_llama), str(natural), calibration=calibration, workers=0, rounding="gptq"
+        )
+    )
+    assert tree_digest(natural, "*.safetensors") != a
 
 
 def test_weighted_rounding_uses_the_statistics(
@@ -192,12 +230,8 @@ def test_budget_with_calibration_measures_the_output_error(
     config = _config(
         tiny_llama, tmp_path / "out", token_file, rounding="gptq", budget={"target_bits": 4.5}
     )
-    pipe = Pipeline(config)
-    pipe.make_plan()
+    pipe = _calibrated(config)
     executor = SerialExecutor()
-    pipe.ingest(executor)
-    pipe.calibrate(executor)
-    assert pipe.calibration is not None
     cands = [QuantArgs(4, group_size=64), QuantArgs(8, strategy="channel")]
     got = candidate_errors(pipe.plan, pipe.staging, cands, executor, None, pipe.calibration)
     name = "model.layers.2.mlp.down_proj.weight"
