@@ -12,13 +12,14 @@ This minimises the layer's output error ‖(x − x̂)X‖² greedily, one colum
 Rows never interact, so a row block with the layer's H is an independent job: chunks stay
 independent, exactly like the data-free paths (the property `stages.compress` relies on).
 
-Parameters. Groups (strategy group) get their scale/zero when the loop reaches their first
-column, from the *updated* weights of the group (the error already pushed into it counts), by
+Parameters. In column order, groups (strategy group) get their scale/zero when the loop reaches
+their first column, from the *updated* weights of the group (the error already pushed into it
+counts); in act-order (below), before the loop, from the original weights. Either way by
 `rounding.search_qparams` with the group's diag(H) as importance (`mode` mse, the default: a
 clipping search that minimises Σ_j H_jj (w_j − ŵ_j)² over the group), or from the group's min and
 max (`mode` rtn, what the GPTQ paper and llm-compressor's default observer do). Measured on
-SmolLM2-135M (int4, 32 × 512 calibration tokens, bench/calibration_modes.py): the weighted
-search takes GPTQ from +36.9 % to +13.2 % ΔPPL; clipping a group's range trades the error of
+SmolLM2-135M (int4, 32 × 512 calibration tokens, bench/calibration_modes.py, column order): the
+weighted search takes GPTQ from +36.9 % to +13.2 % ΔPPL; clipping a group's range trades the error of
 its few largest weights for a finer step on the rest, and GPTQ then compensates the clipped
 weights' error. The block of lazily updated columns is a multiple of the group
 size, so a group's weights are complete when its parameters are chosen. The channel strategy
