@@ -121,6 +121,15 @@ def test_gptq_bytes_do_not_depend_on_the_workers_and_ct_reads_them(
         )
     )
     assert tree_digest(natural, "*.safetensors") != a
+    # the CLI's --no-act-order is that option
+    from tests.reliability._util import compress_args, run_cli
+
+    options = ["--method", "gptq", "--calibration", str(token_file), "--no-act-order"]
+    options += ["--calibration-samples", "20", "--calibration-seq-len", "32", "--workers", "0"]
+    cli = tmp_path / "cli"
+    done = run_cli(compress_args(tiny_llama, cli, *options))
+    assert done.returncode == 0, done.stderr
+    assert tree_digest(cli, "*.safetensors") == tree_digest(natural, "*.safetensors")
 
 
 def test_weighted_rounding_uses_the_statistics(
