@@ -41,7 +41,7 @@ def main() -> None:
     from compressor.calibration.samples import load_samples
     from compressor.evaluation.models import cache_root
     from compressor.evaluation.perplexity import perplexity, tokenize_text
-    from compressor.math.gptq import act_order, gptq_rows, inverse_hessian_factor
+    from compressor.math.gptq import activation_order, gptq_rows, inverse_hessian_factor
     from compressor.math.quant import QuantArgs
     from compressor.math.rounding import quantize_rows
 
@@ -76,7 +76,7 @@ def main() -> None:
             return quantize_rows(w, args, variant)[3]
         if variant in ("mse-w", "hqq-w"):
             return quantize_rows(w, args, variant[:3], importance=torch.diagonal(h))[3]  # type: ignore[arg-type]
-        order = act_order(h) if variant.startswith("gptq-act") else None
+        order = activation_order(h) if variant.startswith("gptq-act") else None
         u, dead = inverse_hessian_factor(h, order=order)
         mode = "mse" if variant in ("gptq-mse", "gptq-act") else "rtn"
         return gptq_rows(w, u, dead, args, mode, torch.diagonal(h), order)[3]  # type: ignore[arg-type]

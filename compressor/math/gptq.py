@@ -53,12 +53,13 @@ from compressor.math.quant import (
     compute_dtype,
     dequantize,
     finite_code_bounds,
+    group_ranges,
     qparams_from_range,
     quantized_range,
 )
 from compressor.math.rounding import RoundingMode, search_qparams
 
-__all__ = ["DAMPENING", "InputHessian", "act_order", "gptq_rows", "inverse_hessian_factor"]
+__all__ = ["DAMPENING", "InputHessian", "activation_order", "gptq_rows", "inverse_hessian_factor"]
 
 DAMPENING = 0.01  # λ as a fraction of mean(diag H), the GPTQ paper's and llm-compressor's default
 _BLOCK = 128  # columns updated lazily together (GPTQ's "lazy batch"), a multiple of the group
@@ -80,8 +81,8 @@ class InputHessian:
         return torch.diagonal(self.hessian).to(torch.float64).clamp_min(0.0)
 
     def order(self) -> torch.Tensor | None:
-        """The order GPTQ walks the columns in: `act_order` when ordered, else None (natural)."""
-        return act_order(self.hessian) if self.ordered else None
+        """The order GPTQ walks the columns in: `activation_order` if ordered, else None."""
+        return activation_order(self.hessian) if self.ordered else None
 
     def factor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, dead) of H in `order()`, as `inverse_hessian_factor` returns them."""
@@ -92,7 +93,7 @@ class InputHessian:
         return self.staged_factor, (diag if order is None else diag[order]) == 0
 
 
-def act_order(h: torch.Tensor) -> torch.Tensor:
+def activation_order(h: torch.Tensor) -> torch.Tensor:
     """Static act-order's column order: by decreasing diag H, ties in column order (a stable
     sort, so the same H always gives the same order, on every worker); columns no token reached
     (diag 0) come last."""
@@ -167,20 +168,14 @@ def gptq_rows(
     ngroups = cols // g
     column_args = QuantArgs(args.bits, "int", args.symmetric, "channel")
     qmin, qmax = quantized_range(args)
-    scale = torch.empty((rows, ngroups), dtype=x.dtype)
-    zero = None if args.symmetric else torch.empty((rows, ngroups), dtype=torch.int8)
     static = order is not None or args.strategy == "channel"
     fixed: list[_Column] = []
     if static:  # every group's parameters first, from the original weights
-        for grp in range(ngroups):
-            c0 = grp * g
-            imp = None if importance is None else importance[c0 : c0 + g]
-            s, z = _params(x[:, c0 : c0 + g], column_args, x.dtype, mode, imp)
-            scale[:, grp : grp + 1] = s
-            if zero is not None:
-                assert z is not None
-                zero[:, grp : grp + 1] = z
+        scale, zero = _params(x, args, x.dtype, mode, importance)
         fixed = _columns_of(scale, zero, column_args, work)
+    else:  # filled as the walk reaches each group
+        scale = torch.empty((rows, ngroups), dtype=x.dtype)
+        zero = None if args.symmetric else torch.empty((rows, ngroups), dtype=torch.int8)
     # Transposed working copy: a column of the weights is a contiguous row here, and the
     # error feedback a rank-1 update of contiguous rows (torch.addr_, no temporaries).
     wt = (x.T if order is None else x.T.index_select(0, order)).to(work).contiguous()
@@ -270,9 +265,7 @@ def _params(
     mode: RoundingMode,
     importance: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One (rows, 1) parameter set for the block `x` (one group or whole rows)."""
+    """The (rows, ngroups) parameters of the block `x` under `args`."""
     if mode == "rtn":
-        lo = x.amin(dim=1, keepdim=True)
-        hi = x.amax(dim=1, keepdim=True)
-        return qparams_from_range(lo, hi, args, dtype)
+        return qparams_from_range(*group_ranges(x, args), args, dtype)
     return search_qparams(x, args, dtype, mode, importance)

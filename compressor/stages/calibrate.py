@@ -41,7 +41,7 @@ from compressor.errors import ConfigError
 from compressor.formats import dtypes, storage
 from compressor.formats.safetensors_io import read_tensor
 from compressor.formats.staging import Staging
-from compressor.math.gptq import act_order, inverse_hessian_factor
+from compressor.math.gptq import activation_order, inverse_hessian_factor
 from compressor.stages.executor import Executor, Progress
 from compressor.stages.plan import Plan, TensorPlan
 
@@ -76,7 +76,7 @@ class Statistic:
     factor: str | None = None  # GPTQ's staged Cholesky factor U of (H + λI)⁻¹, when asked for
     absmax: float = 0.0
     norms: str | None = None  # the staged ‖x_j‖ = sqrt(diag XᵀX), (cols,) F32, with XᵀX
-    ordered: bool = False  # the factor is of H in static act-order (`gptq.act_order`)
+    ordered: bool = False  # the factor is of H in static act-order (`gptq.activation_order`)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class LayerSum:
     shards: int
     dampening: float | None = None  # also stage GPTQ's factor, with this λ
     hessians: bool = True
-    act_order: bool = False  # that factor of H with rows and columns in `gptq.act_order`
+    act_order: bool = False  # that factor of H with rows and columns in `gptq.activation_order`
 
 
 @contextlib.contextmanager
@@ -274,7 +274,7 @@ def sum_layer(job: LayerSum) -> dict[str, dict]:
         entry["norms"] = _norms(job.layer, k)
         if job.dampening is not None:  # once per input here, not once per worker in compress
             h = torch.from_numpy(stored)
-            order = act_order(h) if job.act_order else None
+            order = activation_order(h) if job.act_order else None
             with one_thread():  # the same bits whichever worker computes it
                 u, _ = inverse_hessian_factor(h, job.dampening, order)
             staging.create(_factor(job.layer, k), (cols, cols), "F32", cols)

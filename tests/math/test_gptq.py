@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.math.gptq import InputHessian, act_order, gptq_rows, inverse_hessian_factor
+from compressor.math.gptq import InputHessian, activation_order, gptq_rows, inverse_hessian_factor
 from compressor.math.quant import QuantArgs, dequantize, quantize, quantized_range
 from compressor.math.rounding import quantize_rows
 
@@ -93,7 +93,7 @@ def test_act_order_matches_the_textbook_algorithm(args: QuantArgs) -> None:
     """Static act-order: columns by decreasing diag H through the permuted factor, parameters
     fixed first; codes back in column order, as the float64 textbook walk makes them."""
     x, h = _weights(48, 256), _hessian(256, seed=4)
-    order = act_order(h)
+    order = activation_order(h)
     assert torch.equal(order, torch.argsort(torch.diagonal(h), descending=True))
     assert order.tolist() != list(range(256))  # the walk is not the natural order here
     u, dead = inverse_hessian_factor(h, order=order)
@@ -106,8 +106,8 @@ def test_act_order_matches_the_textbook_algorithm(args: QuantArgs) -> None:
 
 def test_act_order_puts_dead_inputs_last_and_keeps_ties_in_column_order() -> None:
     h = torch.diag(torch.tensor([2.0, 0.0, 5.0, 2.0, 0.0, 7.0], dtype=torch.float64))
-    assert act_order(h).tolist() == [5, 2, 0, 3, 1, 4]
-    u, dead = inverse_hessian_factor(h, order=act_order(h))
+    assert activation_order(h).tolist() == [5, 2, 0, 3, 1, 4]
+    u, dead = inverse_hessian_factor(h, order=activation_order(h))
     assert dead.tolist() == [False, False, False, False, True, True]
     assert torch.isfinite(u).all()
 
@@ -126,7 +126,7 @@ def test_act_order_lowers_the_output_error_of_inputs_with_uneven_scales(args: Qu
     x = _weights(64, cols)
     u, dead = inverse_hessian_factor(h)
     natural = gptq_rows(x, u, dead, args, "mse", torch.diagonal(h))[3]
-    order = act_order(h)
+    order = activation_order(h)
     u, dead = inverse_hessian_factor(h, order=order)
     q, scale, zero, ordered = gptq_rows(x, u, dead, args, "mse", torch.diagonal(h), order)
     assert torch.equal(ordered, dequantize(q, scale, zero, args, x.dtype))
@@ -212,7 +212,7 @@ def test_input_hessian_in_act_order_factors_the_permuted_matrix() -> None:
     h = _hessian(64, seed=6).to(torch.float32)
     h[3, :] = 0
     h[:, 3] = 0
-    order = act_order(h)
+    order = activation_order(h)
     u, dead = inverse_hessian_factor(h, order=order)
     ordered = InputHessian(h, ordered=True)
     assert torch.equal(ordered.order(), order)

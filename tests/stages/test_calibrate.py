@@ -25,8 +25,11 @@ from tests.conftest import ct_decompress, full_forward_hessians, load_dir, tree_
 pytest.importorskip("transformers")
 
 
-def _config(src: Path, dest: Path, tokens: Path | None, **options):  # type: ignore[no-untyped-def]
-    calibration = {"path": str(tokens), "samples": 20, "seq_len": 32} if tokens else None
+def _config(  # type: ignore[no-untyped-def]
+    src: Path, dest: Path, tokens: Path | None, act_order: bool = True, **options
+):
+    given = {"path": str(tokens), "samples": 20, "seq_len": 32, "act_order": act_order}
+    calibration = given if tokens else None
     return build_config(str(src), str(dest), calibration=calibration, **{"workers": 0, **options})
 
 
@@ -74,20 +77,18 @@ def test_gptq_factor_is_staged_in_act_order_unless_turned_off(
 ) -> None:
     """The calibration stage stages each input's factor of H in static act-order (the
     default) or in column order, and says which: compress walks the columns to match."""
-    from compressor.math.gptq import act_order as order_of
-    from compressor.math.gptq import inverse_hessian_factor
+    from compressor.math.gptq import activation_order, inverse_hessian_factor
 
-    calibration = {"path": str(token_file), "samples": 20, "seq_len": 32, "act_order": act_order}
-    config = build_config(
-        str(tiny_llama), str(tmp_path / "out"), calibration=calibration, workers=0, rounding="gptq"
-    )
+    config = _config(tiny_llama, tmp_path / "out", token_file, act_order, rounding="gptq")
     pipe = _calibrated(config)
     for name, stat in pipe.calibration.stats.items():
         assert stat.ordered is act_order, name
         h = calibrate_stage.load_hessian(pipe.staging, stat)
         u = calibrate_stage.load_factor(pipe.staging, stat)
         with calibrate_stage.one_thread():
-            expected, _ = inverse_hessian_factor(h, 0.01, order_of(h) if act_order else None)
+            expected, _ = inverse_hessian_factor(
+                h, 0.01, activation_order(h) if act_order else None
+            )
         assert u is not None and torch.equal(u, expected), name
 
 
@@ -114,12 +115,7 @@ def test_gptq_bytes_do_not_depend_on_the_workers_and_ct_reads_them(
     compress_checkpoint(_config(tiny_llama, rtn, None))
     assert tree_digest(rtn, "*.safetensors") != a
     natural = tmp_path / "natural"
-    calibration = {"path": str(token_file), "samples": 20, "seq_len": 32, "act_order": False}
-    compress_checkpoint(
-        build_config(
-            str(tiny_llama), str(natural), calibration=calibration, workers=0, rounding="gptq"
-        )
-    )
+    compress_checkpoint(_config(tiny_llama, natural, token_file, False, rounding="gptq"))
     assert tree_digest(natural, "*.safetensors") != a
     # the CLI's --no-act-order is that option
     from tests.reliability._util import compress_args, run_cli
