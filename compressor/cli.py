@@ -262,6 +262,14 @@ def compress(
         options["max_shard_mb"] = max_shard_mb
     previous_sigterm = _stop_on_sigterm()
     try:
+        if calibration is None:
+            _no_calibration_options(
+                {
+                    "--calibration-samples": calibration_samples,
+                    "--calibration-seq-len": calibration_seq_len,
+                    "--act-order/--no-act-order": act_order,
+                }
+            )
         config = build_config(
             str(source),
             str(destination),
@@ -647,6 +655,18 @@ def _check_serve_options(cron: str | None, config: dict[str, Any] | None) -> Non
             raise ConfigError(
                 f"invalid default run: {where}", hint="see `compressor serve --help`"
             ) from None
+
+
+def _no_calibration_options(given: dict[str, object]) -> None:
+    """Refuse options that shape a calibration when there is none (they would do nothing)."""
+    from compressor.errors import ConfigError
+
+    stray = [flag for flag, value in given.items() if value is not None]
+    if stray:
+        raise ConfigError(
+            f"{', '.join(stray)} without --calibration FILE: no calibration run to shape",
+            hint="add --calibration FILE (a text file or a .npy of token ids), or drop them",
+        )
 
 
 @app.command()

@@ -753,6 +753,13 @@ class RunConfig(_Frozen):
                 "--calibration FILE (a text file or a .npy of token ids), or --activations FILE "
                 "(one F32 vector of input norms per module)"
             )
+        # Only the non-default is refused: the run form sends every field, at its default.
+        natural = self.calibration is not None and not self.calibration.act_order
+        if natural and "gptq" not in roundings:
+            raise ValueError(
+                "calibration act_order false (--no-act-order) sets the order GPTQ walks the "
+                "columns in, and no rule uses rounding gptq: add --method gptq, or drop it"
+            )
         if (
             self.calibration is not None
             and self.recipe.budget is None

@@ -52,6 +52,23 @@ CASES = [
             "{garbage}/notes.bin",
         ],
     ),
+    (
+        "compress-calibration-options-uncalibrated",
+        ["compress", "{existing}", "{out}", "--method", "gptq", "--no-act-order"],
+    ),
+    (
+        "compress-no-act-order-without-gptq",
+        [
+            "compress",
+            "{existing}",
+            "{out}",
+            "--rounding",
+            "hqq",
+            "--calibration",
+            "{garbage}/notes.bin",
+            "--no-act-order",
+        ],
+    ),
     ("inspect-missing", ["inspect", "{missing}"]),
     ("inspect-garbage-dir", ["inspect", "{garbage}"]),
     ("inspect-truncated", ["inspect", "{truncated}"]),
@@ -140,6 +157,15 @@ def test_usage_errors_point_at_help(results: dict[str, subprocess.CompletedProce
     assert "'--workers'" in assert_one_message(done)
     assert "compress --help" in done.stderr
     assert "No such command 'squash'" in assert_one_message(results["unknown-command"])
+
+
+def test_calibration_options_that_would_do_nothing_are_refused_by_name(
+    results: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
+    line = assert_one_message(results["compress-calibration-options-uncalibrated"])
+    assert "--act-order/--no-act-order" in line and "without --calibration FILE" in line
+    line = assert_one_message(results["compress-no-act-order-without-gptq"])
+    assert "--no-act-order" in line and "rounding gptq" in line
 
 
 # An exception nothing expects, raised inside a command: `inspect` calls a function that fails.
