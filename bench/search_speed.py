@@ -10,8 +10,8 @@ parameters (`kernels.quantize_pack_rtn_16`); `mse` / `hqq` the fused search
 search (`rounding.search_qparams`, what ran before the fused searches, and what GPU workers run)
 plus that kernel. Rounds alternate the cases; the median per case is reported, with its ratio to
 rtn's in the same run. Also counts the passes per group the fused hqq runs: codes passes (of
-16: it leaves out those that would repeat the last one exactly) and targets passes (of 15: none
-where β shrinks no residual). Writes bench/results/search-speed.json.
+1 + `HQQ_ITERATIONS`: it leaves out those that would repeat the last one exactly) and targets
+passes (of `HQQ_ITERATIONS`: none where β shrinks no residual). Writes bench/results/search-speed.json.
 
 `--layout minmax`: our float-offset layout instead, int4 g64, which compress runs in torch
 (`rounding.quantize_rows`: parameters, codes and x̂) for rtn, mse and hqq (the hqq library's
@@ -104,8 +104,9 @@ def minmax_cases(x: torch.Tensor, importance: torch.Tensor) -> dict[str, Callabl
 
 def hqq_passes(raw: np.ndarray, importance: torch.Tensor) -> dict[str, dict[str, float]]:
     """Mean passes per group the fused hqq runs on the block, int4 g128 as timed: codes passes
-    (of 16: RTN's and 15 iterations; those left out would repeat the last one exactly) and
-    targets passes (of 15; left out where β shrinks no residual: the targets are the weights)."""
+    (of 1 + `HQQ_ITERATIONS`: RTN's and the iterations'; those left out would repeat the last one
+    exactly) and targets passes (of `HQQ_ITERATIONS`; left out where β shrinks no residual: the
+    targets are the weights)."""
     out = {}
     for sym in (True, False):
         args = QuantArgs(bits=4, symmetric=sym, strategy="group", group_size=128)
@@ -147,7 +148,10 @@ def main() -> None:
     report: dict[str, object] = {"rounds": a.rounds, "rows": rows}
     if a.layout == "int":
         report["hqq_passes_per_group"] = hqq_passes(raw, importance)
-        print("hqq passes per group (codes of 16, targets of 15):", report["hqq_passes_per_group"])
+        print(
+            f"hqq passes per group (codes of {1 + HQQ_ITERATIONS}, targets of {HQQ_ITERATIONS}):",
+            report["hqq_passes_per_group"],
+        )
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("| case | CPU ms per million weights | × rtn |\n| --- | ---: | ---: |")
     for r in rows:

@@ -77,11 +77,18 @@ def test_fused_search_matches_the_torch_search(dtype, args, mode, weighted):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("args", ARGS[:3], ids=lambda a: a.describe())
 @pytest.mark.parametrize("weighted", [False, True])
-def test_hqq_skips_only_work_that_changes_nothing(dtype, args, weighted):
+@pytest.mark.parametrize(
+    ("schedule", "share"),
+    [((HQQ_ITERATIONS, _HQQ_BETA, _HQQ_KAPPA), 1.0), ((15, 0.3, 1.3), 0.8)],
+    ids=["default", "long"],
+)
+def test_hqq_skips_only_work_that_changes_nothing(dtype, args, weighted, schedule, share):
     """Codes passes left out for an iterate equal to the last one, and targets left out where
     no residual is shrunk either (`_repeats`), change no parameter: every group's scale and
     zero point equal those of the search that runs every pass, while fewer codes passes run
-    (measured here: 34 to 69 % fewer)."""
+    (measured here: 34 to 69 % fewer on the 15-iteration schedule hqq had until 2026-12-05,
+    whose small β repeat often; 3 to 10 % on today's 5)."""
+    iterations, beta, kappa = schedule
     x = _weights(dtype, rows=64, cols=400)
     raw = x.contiguous().view(torch.int16).numpy().view(np.uint16)
     g = torch.Generator().manual_seed(11)
@@ -93,11 +100,11 @@ def test_hqq_skips_only_work_that_changes_nothing(dtype, args, weighted):
         counted[skip] = np.zeros(2, np.int64)
         found[skip] = search_kernels.search_hqq_16(
             raw, KINDS[dtype], args.group_size, args.symmetric, quantized_range(args),
-            HQQ_ITERATIONS, _HQQ_BETA, _HQQ_KAPPA, imp, skip_repeats=skip, passes=counted[skip],
+            iterations, beta, kappa, imp, skip_repeats=skip, passes=counted[skip],
         )  # fmt: skip
     ngroups = x.shape[0] * -(-x.shape[1] // args.group_size)
-    assert int(counted[False][0]) == (1 + HQQ_ITERATIONS) * ngroups  # RTN's pass, the iterations
-    assert int(counted[True][0]) < 0.8 * int(counted[False][0])
+    assert int(counted[False][0]) == (1 + iterations) * ngroups  # RTN's pass, the iterations
+    assert int(counted[True][0]) < share * int(counted[False][0])
     np.testing.assert_array_equal(found[True][0], found[False][0])
     if not args.symmetric:
         np.testing.assert_array_equal(found[True][1], found[False][1])
