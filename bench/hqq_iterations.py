@@ -2,7 +2,8 @@
 
     python -m bench.hqq_iterations
 
-hqq (`rounding._hqq`, torch) runs its 15 iterations on the weights of `bench.search_quality`
+hqq (`rounding._hqq`, torch) runs its `HQQ_ITERATIONS` iterations (15 when the committed JSON was
+made, 5 since 2026-12-05) on the weights of `bench.search_quality`
 (Student-t and three SmolLM2 weights; int4 sym g128, int4 asym g64, int3 asym g64; unweighted and
 weighted by a rand⁴ importance) while every iterate's per-group error is recorded. Reported, as
 a share of the full run's gain (Σ over groups of RTN's error − the best iterate's):
