@@ -28,45 +28,75 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+CALIBRATION_TEXT = Path("/work/shared/data/pride_and_prejudice.txt")
 
-def main() -> None:
+
+@dataclass
+class InProcess:
+    """A cached model run in-process: its directory, its safetensors reader, the float32 model,
+    its original state (to restore between variants) and perplexity on 2048 tokens of
+    *Persuasion* ch. 1-4 in windows of 512."""
+
+    src: Path
+    shards: Any
+    model: Any
+    original: dict[str, torch.Tensor]
+    ppl: Callable[[], float]
+
+    def samples(self, n: int) -> torch.Tensor:
+        """The first n × 512 calibration tokens of Pride and Prejudice."""
+        from compressor.calibration.samples import load_samples
+
+        return torch.from_numpy(load_samples(CALIBRATION_TEXT, self.src, n, 512).tokens)
+
+
+def in_process(name: str) -> InProcess:
+    """`InProcess` for the cached model `name` (`compressor fetch` first)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compressor.calibration.layers import DecoderRunner
-    from compressor.calibration.samples import load_samples
     from compressor.evaluation.models import cache_root
     from compressor.evaluation.perplexity import perplexity, tokenize_text
-    from compressor.math.gptq import activation_order, gptq_rows, inverse_hessian_factor
-    from compressor.math.quant import QuantArgs
-    from compressor.math.rounding import quantize_rows
 
-    name, nsamp, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
-    bits = int(sys.argv[4]) if len(sys.argv) > 4 else 4
     src = cache_root() / "models" / name
     repo = Path(__file__).resolve().parent.parent
     text = repo / "compressor" / "evaluation" / "data" / "persuasion_ch1-4.txt"
-    calibration = Path("/work/shared/data/pride_and_prejudice.txt")
-    f = safe_open(str(src / "model.safetensors"), "pt")
-
-    def read(n: str) -> torch.Tensor:
-        return f.get_tensor(n)
-
     tok = AutoTokenizer.from_pretrained(str(src))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    original = {k: v.clone() for k, v in model.state_dict().items()}
     ids = tokenize_text(tok, text.read_text(), 2048)
 
     def ppl() -> float:
         with torch.no_grad():
             return perplexity(model, ids, window=512, bos_id=tok.bos_token_id)
 
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    shards = safe_open(str(src / "model.safetensors"), "pt")
+    return InProcess(src, shards, model, original, ppl)
+
+
+def main() -> None:
+    from compressor.calibration.layers import DecoderRunner
+    from compressor.math.gptq import activation_order, gptq_rows, inverse_hessian_factor
+    from compressor.math.quant import QuantArgs
+    from compressor.math.rounding import quantize_rows
+
+    name, nsamp, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+    bits = int(sys.argv[4]) if len(sys.argv) > 4 else 4
+    run = in_process(name)
+    src, model, original, ppl = run.src, run.model, run.original, run.ppl
+
+    def read(n: str) -> torch.Tensor:
+        return run.shards.get_tensor(n)
+
     base = ppl()
-    samples = torch.from_numpy(load_samples(calibration, src, nsamp, 512).tokens)
+    samples = run.samples(nsamp)
 
     def qweight(w: torch.Tensor, h: torch.Tensor, variant: str) -> torch.Tensor:
         args = QuantArgs(bits, group_size=128 if w.shape[1] % 128 == 0 else 64)

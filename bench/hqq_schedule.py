@@ -32,13 +32,8 @@ SCHEMES = {
 
 
 def main() -> None:
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from bench.calibration_modes import in_process
     from compressor.calibration.layers import DecoderRunner
-    from compressor.calibration.samples import load_samples
-    from compressor.evaluation.models import cache_root
-    from compressor.evaluation.perplexity import perplexity, tokenize_text
     from compressor.math import rounding
     from compressor.math.quant import QuantArgs
 
@@ -46,26 +41,14 @@ def main() -> None:
     results = Path(__file__).parent / "results" / f"hqq-schedule-{name}.jsonl"
     schedules = [tuple(s.split(":")) for s in sys.argv[3].split(",")]
     schemes = sys.argv[4].split(",")
-    src = cache_root() / "models" / name
-    repo = Path(__file__).resolve().parent.parent
-    text = repo / "compressor" / "evaluation" / "data" / "persuasion_ch1-4.txt"
-    calibration = Path("/work/shared/data/pride_and_prejudice.txt")
-    f = safe_open(str(src / "model.safetensors"), "pt")
-    tok = AutoTokenizer.from_pretrained(str(src))
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = tokenize_text(tok, text.read_text(), 2048)
-
-    def ppl() -> float:
-        with torch.no_grad():
-            return perplexity(model, ids, window=512, bos_id=tok.bos_token_id)
-
+    run = in_process(name)
+    f, model, original, ppl = run.shards, run.model, run.original, run.ppl
     base = ppl()
     # one calibration walk: each decoder linear's diag(XᵀX)
     importance: dict[str, torch.Tensor] = {}
     if any(s.endswith("-cal") for s in schemes):
-        samples = torch.from_numpy(load_samples(calibration, src, nsamp, 512).tokens)
-        runner = DecoderRunner(src, f.get_tensor)
+        samples = run.samples(nsamp)
+        runner = DecoderRunner(run.src, f.get_tensor)
         with torch.no_grad():
             inputs = runner.layer_inputs(samples)
             hidden = inputs[0][0]
