@@ -8,6 +8,7 @@ error here, in the first seconds, not at shard 91 of 94.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -753,13 +754,13 @@ def source_files(
 
 def _run_key(checkpoint: Checkpoint, config: RunConfig, sources: tuple[SourceFile, ...]) -> str:
     """Staging and idempotence key: the input's headers and the stamps of every file the output
-    depends on (a rewritten file never resumes another input's chunks), the tool version (the
-    bytes it writes) and every option that changes the output bytes."""
+    depends on (a rewritten file never resumes another input's chunks), the tool (its version
+    and the digest of its code: the bytes it writes) and every option that changes them."""
     payload = json.dumps(
         {
             "input": checkpoint.fingerprint(),
             "sources": [[f.name, f.size, f.stamp] for f in sources],
-            "tool": __version__,
+            "tool": [__version__, code_digest()],
             "config": config.output_affecting(),
             "calibration": (
                 file_digest(config.calibration.path) if config.calibration is not None else None
@@ -768,6 +769,20 @@ def _run_key(checkpoint: Checkpoint, config: RunConfig, sources: tuple[SourceFil
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@functools.cache
+def code_digest(package: Path = Path(__file__).resolve().parent.parent) -> str:
+    """sha256 over the compressor package's Python sources (relative paths and bytes, in path
+    order). A change to the math changes the bytes written without changing the version or
+    any option (hqq's schedule, mse's walk did), so the run key holds this too: staging left by
+    other code is never resumed into one output, and an output other code published is made
+    again."""
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _check_destination(config: RunConfig) -> None:

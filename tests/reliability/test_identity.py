@@ -162,3 +162,44 @@ def test_manifest_records_every_input_file_and_verify_source_proves_it(
     extra = run_cli([*compress_args(src, dst)[:3], "verify", str(dst), "--source", str(other)])
     assert extra.returncode == 1
     assert "extra.txt" in extra.stderr
+
+
+def test_other_code_neither_reuses_nor_resumes_an_output(src: Path, tmp_path: Path) -> None:
+    """The run key holds a digest of the compressor package's code (a change to the math can
+    change the bytes with no new version or option): the same command that the same code finds
+    up to date, a changed copy of the package refuses without --overwrite (another output) and
+    makes under a key of its own."""
+    import subprocess
+
+    import compressor
+    from tests.reliability._util import cli_env
+
+    dst = tmp_path / "out"
+    args = compress_args(src, dst, "--workers", "0", "--keep-staging")
+    first = run_cli(args)
+    assert first.returncode == 0, first.stderr
+    old_key = json.loads((dst / "compression.json").read_text())["run_key"]
+    same = run_cli(args)  # the same code: up to date, so no --overwrite is needed
+    assert same.returncode == 0, same.stderr
+
+    code = tmp_path / "code"
+    shutil.copytree(
+        Path(compressor.__file__).parent,
+        code / "compressor",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    with (code / "compressor" / "math" / "rounding.py").open("a") as f:
+        f.write("\n# another build of the same version\n")
+    env = cli_env(PYTHONPATH=str(code))
+    where = [args[0], "-c", "import compressor; print(compressor.__file__)"]
+    shown = subprocess.run(where, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert shown.stdout.strip() == str(code / "compressor" / "__init__.py"), shown.stderr
+
+    other = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert other.returncode != 0  # another output: not "up to date", and no --overwrite
+    assert "already exists" in one_line(other.stderr)
+    redone = subprocess.run(
+        [*args, "--overwrite"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert redone.returncode == 0, redone.stderr
+    assert json.loads((dst / "compression.json").read_text())["run_key"] != old_key
