@@ -33,7 +33,9 @@ Speed: each error sum is one straight loop that LLVM vectorises; a per-element b
 early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. The
 search runs without numba's runtime (see `_search`): its reference counts were half the time of
 a search with an empty walk. mse makes its candidates' parameters 8 at a time, vectorised across
-candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time.
+candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time. It
+sums a stage's errors before it chooses among them (`_mse_group`), so no pass waits on the
+comparison of the one before it.
 The loops are bound by the number of instructions per weight, so each is kept short: the sums
 are fused multiply-adds (`kernels._fmuladd`), codes are clamped relative to the zero point, the
 16-bit kind is a constant inside each loop (and in hqq's loops the symmetry: no zero point and
@@ -240,53 +242,93 @@ def _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, 
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, coarse, cs, cz, cb, near):  # fmt: skip
+def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, coarse, cs, cz, cb, ce, near):  # fmt: skip
     """mse's best candidate of one group (RTN's (s0, z0) with error `best` to beat), walking the
     grid as `rounding._mse` does: the coarse points (path_i, path_t; their factor, cut share and
     shift in `coarse`), then ∓ each of `steps` in factor index around the best so far, at its
     shift. The coarse candidates are made first, all at once (`_candidates_at_once`), and so are,
     after them, all the steps can reach (the factors within Σ steps of the coarse best, `near`),
     unless a code could overflow (a group near the 16-bit limit: then one by one, with their
-    code range)."""
+    code range, `_mse_one_by_one`).
+
+    Errors are summed before the choices that read them: every coarse candidate's whose bound
+    is under RTN's error (into ce), then the choice in path order; each step's two candidates'
+    (where their bound is under the best before the step), then its choice. A pass then never
+    waits on the comparison that follows the pass before it, which alternated with them and,
+    mispredicted, cost that pass's latency (the weighted walk took 6-8 % longer;
+    docs/benchmarks.md). Each choice still takes a candidate only when its bound and its error
+    are both under the best so far, in the walk's order (`_mse_take`): the same choice as
+    one pass after the other, tie for tie."""
+    w_hi, w_lo = _extremes(xf, wf, weighted, n, lo, hi)
+    if not _every_code_finite(s0, kind, qmin, qmax):
+        return _mse_one_by_one(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, w_lo, w_hi)  # fmt: skip
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
+    _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb)
+    for k in range(path_i.shape[0]):
+        ce[k] = _gated_error(xf, wf, weighted, n, kind, fmin, fmax, best, cs, cz, cb, k)
+    st = (best, s0, np.int64(z0), np.int64(0), np.int64(0 if symmetric else 1))
+    for k in range(path_i.shape[0]):
+        st = _mse_take(cs, cz, cb, k, ce[k], path_i[k], path_t[k], st)
+    top = factors.shape[0] - 1
+    reach = 0
+    for step in steps:
+        reach += step
+    a0, at_t = st[3], st[4]
+    for o in range(near.shape[1]):  # every factor the steps can reach from a0, at its shift
+        f = factors[min(max(a0 + o - reach, 0), top)]
+        near[0, o] = np.float32(f)
+        near[1, o] = np.float32(1.0 - f)
+        near[2, o] = np.float32(0.5) * np.float32(at_t)
+    _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, near, cs, cz, cb)
+    for step in steps:
+        centre = st[3]
+        below = centre - step - a0 + reach  # near's index of factor centre − step
+        above = below + 2 * step
+        e_below = _gated_error(xf, wf, weighted, n, kind, fmin, fmax, st[0], cs, cz, cb, below)
+        e_above = _gated_error(xf, wf, weighted, n, kind, fmin, fmax, st[0], cs, cz, cb, above)
+        st = _mse_take(cs, cz, cb, below, e_below, max(centre - step, 0), at_t, st)
+        st = _mse_take(cs, cz, cb, above, e_above, min(centre + step, top), at_t, st)
+    return st[0], st[1], st[2]
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _gated_error(xf, wf, weighted, n, kind, fmin, fmax, gate, cs, cz, cb, k):
+    """Made candidate k's error where its clipping bound is under `gate`, ∞ where not."""
+    if cb[k] < gate:
+        return _error32(xf, wf, weighted, n, cs[k], np.float32(cz[k]), fmin, fmax, kind)
+    return np.float32(np.inf)
+
+
+@_jit(inline="always")
+def _mse_take(cs, cz, cb, k, e, i, t, st):
+    """The walk's state st = (best error, scale, zero point, factor index, shift index) with
+    made candidate k (error e, grid point (i, t)) taken where it is a new parameter set whose
+    bound and error are both under the best error."""
+    if (cs[k] != st[1] or cz[k] != st[2]) and cb[k] < st[0] and e < st[0]:
+        return (e, cs[k], cz[k], np.int64(i), np.int64(t))
+    return st
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _mse_one_by_one(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, w_lo, w_hi):  # fmt: skip
+    """`_mse_group`'s walk for a group near the 16-bit limit: each candidate made alone with its
+    own code range (`_one_candidate`), its error summed where its bound is under the best."""
     bs, bz = s0, z0
-    w_hi, w_lo = _extremes(xf, wf, weighted, n, lo, hi)
     at_i = 0
     at_t = 0 if symmetric else 1
-    batched = _every_code_finite(s0, kind, qmin, qmax)
-    if batched:
-        _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb)
     for k in range(path_i.shape[0]):
-        if batched:
-            s, z, bound, glo, ghi = cs[k], cz[k], cb[k], fmin, fmax
-        else:
-            s, z, bound, glo, ghi = _one_candidate(lo, hi, path_i[k], path_t[k], factors, s0, z0, kind, symmetric, qmin, qmax, w_lo, w_hi)  # fmt: skip
+        s, z, bound, glo, ghi = _one_candidate(lo, hi, path_i[k], path_t[k], factors, s0, z0, kind, symmetric, qmin, qmax, w_lo, w_hi)  # fmt: skip
         if (s != bs or z != bz) and bound < best:
             e = _error32(xf, wf, weighted, n, s, np.float32(z), glo, ghi, kind)
             if e < best:
                 best, bs, bz, at_i, at_t = e, s, z, path_i[k], path_t[k]
     top = factors.shape[0] - 1
-    reach = 0
-    for step in steps:
-        reach += step
-    a0 = at_i
-    if batched:  # every factor the steps can reach from a0, at a0's shift, all at once
-        for o in range(near.shape[1]):
-            f = factors[min(max(a0 + o - reach, 0), top)]
-            near[0, o] = np.float32(f)
-            near[1, o] = np.float32(1.0 - f)
-            near[2, o] = np.float32(0.5) * np.float32(at_t)
-        _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, near, cs, cz, cb)
     for step in steps:
         centre = at_i
         for d in (-step, step):
             i = min(max(centre + d, 0), top)
-            if batched:
-                o = centre + d - a0 + reach
-                s, z, bound, glo, ghi = cs[o], cz[o], cb[o], fmin, fmax
-            else:
-                s, z, bound, glo, ghi = _one_candidate(lo, hi, i, at_t, factors, s0, z0, kind, symmetric, qmin, qmax, w_lo, w_hi)  # fmt: skip
+            s, z, bound, glo, ghi = _one_candidate(lo, hi, i, at_t, factors, s0, z0, kind, symmetric, qmin, qmax, w_lo, w_hi)  # fmt: skip
             if (s != bs or z != bz) and bound < best:
                 e = _error32(xf, wf, weighted, n, s, np.float32(z), glo, ghi, kind)
                 if e < best:
@@ -592,11 +634,11 @@ def _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, ka
 # leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
 # the kernel cannot allocate, so the group buffers (xf, qb, rb) come from the caller.
 @_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb, coarse, cs, cz, cb, near):  # fmt: skip
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb, coarse, cs, cz, cb, ce, near):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
     imp and imp32 are the per-column importance in float64 and float32 (ones when unweighted),
     which each group reads in place; xf, qb, rb are the group buffers (`_group_buffers`);
-    coarse, cs, cz, cb, near mse's tables and buffers (`_walk_buffers`). hqq adds the codes
+    coarse, cs, cz, cb, ce, near mse's tables and buffers (`_walk_buffers`). hqq adds the codes
     passes it runs to passes[0], the targets passes to passes[1]. Returns the number of groups
     holding NaN or ±inf (left at RTN's parameters)."""
     if mode == _HQQ:
@@ -623,7 +665,7 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
                 e0 = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind)
                 best, bs, bz = _mse_group(
                     xf, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax,
-                    factors, path_i, path_t, steps, coarse, cs, cz, cb, near,
+                    factors, path_i, path_t, steps, coarse, cs, cz, cb, ce, near,
                 )  # fmt: skip
             _finish(
                 xf, imp[c0 : c0 + n], weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax,
@@ -648,8 +690,8 @@ def _walk_buffers(
     1 − factor, shift ½·t) per candidate as `_candidates_at_once` reads them, each padded to a
     multiple of `_LANES` (a remainder would run one lane at a time): the coarse candidates'
     (3, m), copies of the last as padding; the steps' (3, m') filled per group (every factor
-    within Σ steps of the coarse best); and the buffers for the scales, zero points and
-    clipping bounds of either."""
+    within Σ steps of the coarse best); and the buffers for the scales, zero points,
+    clipping bounds and errors of either."""
     if any(i < 1 or i >= len(factors) for i, _ in coarse):
         raise ValueError(f"coarse candidates index factors 1 to {len(factors) - 1}: {coarse}")
     padded = list(coarse) + coarse[-1:] * (-len(coarse) % _LANES)
@@ -663,7 +705,8 @@ def _walk_buffers(
     ).reshape(3, len(padded))
     near = np.empty((3, -(-(2 * sum(steps) + 1) // _LANES) * _LANES), np.float32)
     m = max(table.shape[1], near.shape[1])
-    return table, np.empty(m, np.float32), np.empty(m, np.int64), np.empty(m, np.float32), near
+    made = (np.empty(m, np.float32), np.empty(m, np.int64), np.empty(m, np.float32))
+    return table, *made, np.empty(m, np.float32), near
 
 
 def _prepare(

@@ -250,7 +250,7 @@ def test_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
     fmin, fmax = np.float32(qmin), np.float32(qmax)
     factors = np.array(_shrink_factors(MSE_GRID))
     coarse, _ = mse_path(MSE_GRID, 1 if symmetric else 3)
-    table, cs, cz, cb, _ = search_kernels._walk_buffers(factors, coarse, (2, 1))
+    table, cs, cz, cb, *_ = search_kernels._walk_buffers(factors, coarse, (2, 1))
     assert table.shape[1] % 8 == 0 and table.shape[1] >= len(coarse)
     x = _weights(dtype, rows=24, cols=64).float().numpy()
     x[3] = np.abs(x[3])  # a group above 0 and one below: the asymmetric range always holds 0
@@ -299,7 +299,7 @@ def test_mse_near_the_16_bit_limit_makes_its_candidates_one_by_one(symmetric):
     x = g.view(16, 128).to(torch.float16)
     factors = np.array(_shrink_factors(MSE_GRID))
     every = [(i, t) for i in range(1, MSE_GRID) for t in range(1 if symmetric else 3)]
-    table, cs, cz, cb, _ = search_kernels._walk_buffers(factors, every, ())
+    table, cs, cz, cb, *_ = search_kernels._walk_buffers(factors, every, ())
     fmin, fmax = np.float32(qmin), np.float32(qmax)
     near = batched_near = 0
     for r, row in enumerate(x.float().view(32, 64)):
