@@ -281,6 +281,48 @@ def test_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
         assert (cs[:8] == s0).all() and (cz[:8] == z0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("args", ARGS[:3], ids=lambda a: a.describe())
+@pytest.mark.parametrize("importance", ["none", "u4", "zeros"])
+def test_mse_errors_first_choose_as_one_pass_after_another(dtype, args, importance):
+    """`_mse_group` sums a stage's errors before choosing (a pass gated by RTN's error, or by the
+    best before a step, so more pass than the walk needs); `_mse_one_by_one` is the walk one
+    candidate at a time, each gated by the best so far. Both choose the same parameters and
+    error, tie for tie, on every group (ties are common: placements sharing a scale and
+    clipping nothing reconstruct alike)."""
+    kind = KINDS[dtype]
+    qmin, qmax = quantized_range(args)
+    sym = args.symmetric
+    factors = np.array(_shrink_factors(MSE_GRID))
+    coarse, steps = mse_path(MSE_GRID, 1 if sym else 3)
+    table, cs, cz, cb, ce, near = search_kernels._walk_buffers(factors, coarse, steps)
+    path_i = np.array([i for i, _ in coarse], np.int64)
+    path_t = np.array([t for _, t in coarse], np.int64)
+    x = _weights(dtype, rows=48, cols=args.group_size * 2).float().numpy()
+    x[3] = np.abs(x[3])  # groups wholly above or below 0
+    x[4] = -np.abs(x[4])
+    rng = np.random.default_rng(11)
+    w = {"none": np.ones(x.shape[1]), "u4": rng.random(x.shape[1]) ** 4}.get(
+        importance, np.where(np.arange(x.shape[1]) % 5 == 0, 0.0, 1.0)
+    ).astype(np.float32)
+    differ = 0
+    for row in x:
+        for c0 in range(0, x.shape[1], args.group_size):
+            xf = np.ascontiguousarray(row[c0 : c0 + args.group_size], np.float32)
+            wf = np.ascontiguousarray(w[c0 : c0 + args.group_size])
+            n = xf.shape[0]
+            lo, hi = np.float32(xf.min()), np.float32(xf.max())
+            s0, z0 = kernels._rtn_params(float(lo), float(hi), kind, sym, qmin, qmax)
+            glo, ghi = kernels._finite_codes(s0, np.float32(z0), kind, np.float32(qmin), np.float32(qmax))  # fmt: skip
+            e0 = search_kernels._error32(xf, wf, True, n, s0, np.float32(z0), glo, ghi, kind)
+            w_hi, w_lo = search_kernels._extremes(xf, wf, True, n, lo, hi)
+            args_ = (xf, wf, True, n, lo, hi, s0, z0, e0, kind, sym, qmin, qmax, factors)
+            batched = search_kernels._mse_group(*args_, path_i, path_t, np.array(steps, np.int64), table, cs, cz, cb, ce, near)  # fmt: skip
+            alone = search_kernels._mse_one_by_one(*args_, path_i, path_t, np.array(steps, np.int64), w_lo, w_hi)  # fmt: skip
+            differ += tuple(map(float, batched)) != tuple(map(float, alone))
+    assert differ == 0
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_mse_near_the_16_bit_limit_makes_its_candidates_one_by_one(symmetric):
     """float16 groups reaching 65504 (the largest float16): RTN's scale is too large for
