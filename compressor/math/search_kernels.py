@@ -7,9 +7,11 @@ there, in cache:
 
     mse   the same walk over the same candidates as `rounding._mse` (each clipped range's
           parameters from `kernels._rtn_params`, the float64 steps of
-          `quant.qparams_from_range`), ranked by Σ w·(x − x̂)² in float32. A candidate is
-          skipped when clipping the group's extremes alone costs the best error so far (it
-          could not win, so nothing chosen changes).
+          `quant.qparams_from_range`), ranked by Σ w·(x − x̂)² in float32. A candidate's
+          error is not summed when clipping the group's extremes alone costs RTN's error
+          (coarse candidates) or the best error before its step, and it is taken only when
+          that clipping cost and its error are both under the best so far (it could not win
+          otherwise, so nothing chosen changes).
     hqq   the iteration of `rounding._hqq` (shrunk residual, weighted least squares fit of scale
           and offset, β annealed) on snapped iterates: each iterate is stored-format parameters,
           so one pass both measures it (the format's codes) and fits the next from those codes.
@@ -251,11 +253,11 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
     unless a code could overflow (a group near the 16-bit limit: then one by one, with their
     code range, `_mse_one_by_one`).
 
-    Errors are summed before the choices that read them: every coarse candidate's whose bound
-    is under RTN's error (into ce), then the choice in path order; each step's two candidates'
-    (where their bound is under the best before the step), then its choice. A pass then never
-    waits on the comparison that follows the pass before it, which alternated with them and,
-    mispredicted, cost that pass's latency (the weighted walk took 6-8 % longer;
+    Errors are summed before the choices that read them: those of the coarse candidates whose
+    bound is under RTN's error (into ce), then the choice in path order; those of each step's
+    two candidates (where their bound is under the best before the step), then its choice. A
+    pass then never waits on the comparison that follows the pass before it, which alternated
+    with them and, mispredicted, cost that pass's latency (the weighted walk took 6-8 % longer;
     docs/benchmarks.md). Each choice still takes a candidate only when its bound and its error
     are both under the best so far, in the walk's order (`_mse_take`): the same choice as
     one pass after the other, tie for tie."""
@@ -705,8 +707,10 @@ def _walk_buffers(
     ).reshape(3, len(padded))
     near = np.empty((3, -(-(2 * sum(steps) + 1) // _LANES) * _LANES), np.float32)
     m = max(table.shape[1], near.shape[1])
-    made = (np.empty(m, np.float32), np.empty(m, np.int64), np.empty(m, np.float32))
-    return table, *made, np.empty(m, np.float32), near
+    scales, zeros, bounds, errors = (
+        np.empty(m, t) for t in (np.float32, np.int64, np.float32, np.float32)
+    )
+    return table, scales, zeros, bounds, errors, near
 
 
 def _prepare(

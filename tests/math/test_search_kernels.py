@@ -302,9 +302,12 @@ def test_mse_errors_first_choose_as_one_pass_after_another(dtype, args, importan
     x[3] = np.abs(x[3])  # groups wholly above or below 0
     x[4] = -np.abs(x[4])
     rng = np.random.default_rng(11)
-    w = {"none": np.ones(x.shape[1]), "u4": rng.random(x.shape[1]) ** 4}.get(
-        importance, np.where(np.arange(x.shape[1]) % 5 == 0, 0.0, 1.0)
-    ).astype(np.float32)
+    if importance == "none":
+        w = np.ones(x.shape[1], np.float32)
+    elif importance == "u4":
+        w = (rng.random(x.shape[1]) ** 4).astype(np.float32)
+    else:  # every 5th column weighs nothing
+        w = np.where(np.arange(x.shape[1]) % 5 == 0, 0.0, 1.0).astype(np.float32)
     differ = 0
     for row in x:
         for c0 in range(0, x.shape[1], args.group_size):

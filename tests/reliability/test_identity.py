@@ -17,16 +17,18 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+import compressor
 from compressor.config import build_config
 from compressor.pipeline import Pipeline
 from compressor.stages.digest import SourceChanged
 from compressor.stages.executor import SerialExecutor
 from compressor.testing.generate import LlamaShape, generate_llama_checkpoint
-from tests.reliability._util import compress_args, leftovers, one_line, run_cli
+from tests.reliability._util import cli_env, compress_args, leftovers, one_line, run_cli
 
 SHAPE = LlamaShape(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=1024)
 
@@ -169,11 +171,6 @@ def test_other_code_neither_reuses_nor_resumes_an_output(src: Path, tmp_path: Pa
     change the bytes with no new version or option): the same command that the same code finds
     up to date, a changed copy of the package refuses without --overwrite (another output) and
     makes under a key of its own."""
-    import subprocess
-
-    import compressor
-    from tests.reliability._util import cli_env
-
     dst = tmp_path / "out"
     args = compress_args(src, dst, "--workers", "0", "--keep-staging")
     first = run_cli(args)
