@@ -136,6 +136,41 @@ def _fmuladd(typingctx, a, b, c):
 
 
 @intrinsic
+def _bf16_of_product(typingctx, m, s, split):
+    """The bfloat16 nearest (ties to even) m·s, as float32, for an integer code m and a bfloat16
+    scale s, given split = s·(2^16 + 1): Veltkamp's splitting, t = m·split, h = t − (t − m·s),
+    a multiply, a multiply-add and a subtract where `_narrow(m * s, BF16)` takes a multiply and
+    five integer steps (the searches' error passes are bound by their operations per weight).
+    m·s and s·(2^16 + 1) are exact in float32 (8 + 8 and 8 + 17 significant bits), so t is the
+    nearest float32 to m·s·(2^16 + 1), and h is then `_narrow`'s bits wherever
+    `_splits_exactly(s)` and |m| ≤ 255: checked on every such pair (tests/math/test_kernels.py;
+    above, t overflows). Emitted without fast-math flags, so no `reassoc` of the kernel around
+    it can fold t − (t − v) to v."""
+
+    def codegen(context, builder, signature, args):
+        code, scale, splitter = args
+        f32 = ir.FloatType()
+        fmuladd = builder.module.declare_intrinsic(
+            "llvm.fmuladd", [f32], ir.FunctionType(f32, [f32] * 3)
+        )
+        t = builder.fmul(code, splitter)
+        low = builder.call(fmuladd, [builder.fneg(code), scale, t])  # t − m·s, m·s exact
+        return builder.fsub(t, low)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+_SPLIT = np.float32(2.0**16 + 1.0)  # Veltkamp's constant for float32's 24 bits → bfloat16's 8
+
+
+@_jit(inline="always")
+def _splits_exactly(s):
+    """Whether `_bf16_of_product` is exact for the bfloat16 scale s (> 0) and every code
+    |m| ≤ 255: s below 2^96 (from 2^104 up, m·s·(2^16 + 1) can overflow)."""
+    return s < np.float32(2.0**96)
+
+
+@intrinsic
 def _f32_to_f16(typingctx, x):
     def codegen(context, builder, signature, args):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))

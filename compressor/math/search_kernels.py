@@ -58,8 +58,10 @@ import numpy as np
 from compressor.math.kernels import (
     _LIMIT_BF16,
     _LIMIT_F16,
+    _SPLIT,
     BF16,
     F16,
+    _bf16_of_product,
     _bits16,
     _check_raw,
     _f32_as_u32,
@@ -70,6 +72,7 @@ from compressor.math.kernels import (
     _range_of,
     _round_to_scalar,
     _rtn_params,
+    _splits_exactly,
     _u32_as_f32,
     _widen,
 )
@@ -101,7 +104,19 @@ def _error32_of(xf, wf, weighted, n, s, mlo, mhi, kind):
     an early exit inside the loop, or the weighting decided per element, kept it scalar and
     4-5× slower than the whole sum."""
     acc = np.float32(0.0)
-    if weighted:
+    if kind == BF16 and _splits_exactly(s):
+        split = s * _SPLIT
+        if weighted:
+            for k in range(n):
+                m = min(max(np.rint(xf[k] / s), mlo), mhi)
+                d = _bf16_of_product(m, s, split) - xf[k]
+                acc = _fmuladd(d * d, wf[k], acc)
+        else:
+            for k in range(n):
+                m = min(max(np.rint(xf[k] / s), mlo), mhi)
+                d = _bf16_of_product(m, s, split) - xf[k]
+                acc = _fmuladd(d, d, acc)
+    elif weighted:
         for k in range(n):
             m = min(max(np.rint(xf[k] / s), mlo), mhi)
             d = _narrow(m * s, kind) - xf[k]
@@ -363,15 +378,26 @@ def _hqq_codes_as(xf, wf, symmetric, n, s, z, mlo, mhi, kind, qb, rb):
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb):
     """`_hqq_codes`' loop, codes relative to the zero point as in `_error32_of` (symmetric: the
-    zero point is 0, so the code is m and the residual t − m)."""
+    zero point is 0, so the code is m and the residual t − m); bfloat16's x̂ by the split where
+    it is exact, as there."""
+    if kind == BF16 and _splits_exactly(s):
+        return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb, True)
+    return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb, False)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb, split_product):
+    """`_hqq_codes_of`'s loop, x̂ by `_bf16_of_product` or by `_narrow` (a constant)."""
     err = np.float32(0.0)
     sqq = np.float32(0.0)
     sq = np.float32(0.0)
     sqx = np.float32(0.0)
+    split = s * _SPLIT
     for k in range(n):
         t = xf[k] / s
         m = min(max(np.rint(t), mlo), mhi)
-        d = _narrow(m * s, kind) - xf[k]
+        xq = _bf16_of_product(m, s, split) if split_product else _narrow(m * s, kind)
+        d = xq - xf[k]
         if symmetric:
             q = m
             res = t - m

@@ -282,3 +282,42 @@ def test_round_to_scalar_rounds_once_as_quant_round_to(dtype):
     nan = np.isnan(want)  # NaN stays NaN (its payload is not a scale's concern)
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def _split_vs_narrow(scales: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """For each bfloat16 scale (float32), the number of codes whose `_bf16_of_product` bits
+    differ from `_narrow(m·s)`'s."""
+    import numba
+
+    from compressor.math.kernels import _SPLIT, _bf16_of_product, _f32_as_u32, _narrow
+
+    @numba.njit(fastmath={"reassoc"})  # the kernels' own flags: they must not fold the split
+    def count(scales, codes):
+        wrong = np.zeros(scales.shape[0], np.int64)
+        for i in range(scales.shape[0]):
+            s = scales[i]
+            split = s * _SPLIT
+            for m in codes:
+                a = _f32_as_u32(_bf16_of_product(m, s, split))
+                b = _f32_as_u32(_narrow(m * s, BF16))
+                wrong[i] += a != b
+        return wrong
+
+    return count(scales, codes)
+
+
+def test_split_product_is_bfloat16_narrowing_wherever_it_is_used():
+    """The searches' error passes take bfloat16's x̂ = bf16(m·s) from Veltkamp's split
+    (`_bf16_of_product`) where `_splits_exactly(s)`: there it is `_narrow`'s nearest-even
+    rounding for every bfloat16 scale (subnormals too) and every code |m| ≤ 255; for the
+    largest scales it is not (m·s·(2^16 + 1) overflows), which is why the guard is there."""
+    from compressor.math.kernels import _splits_exactly
+
+    bits = np.arange(0x0001, 0x7F80, dtype=np.uint32)  # every positive finite bfloat16
+    scales = (bits << np.uint32(16)).view(np.float32)
+    codes = np.arange(-255, 256, dtype=np.float32)
+    used = np.array([_splits_exactly(s) for s in scales])
+    assert used.sum() == (0x7F80 - 0x0001) - (127 - 95) * 128  # all but 2^96 and up
+    wrong = _split_vs_narrow(scales, codes)
+    assert int(wrong[used].sum()) == 0
+    assert int(wrong[~used].sum()) > 0
