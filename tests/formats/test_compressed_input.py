@@ -44,9 +44,10 @@ def test_a_compressed_input_is_compressed_again_from_its_dense_values(
     compress_checkpoint(build_config(str(dense), str(reference), preset=second, workers=0))
     assert_same_tensors(load_dir(twice), load_dir(reference))
     config = json.loads((twice / "config.json").read_text())
-    assert config["quantization_config"] == json.loads(
-        (reference / "config.json").read_text()
-    )["quantization_config"]
+    assert (
+        config["quantization_config"]
+        == json.loads((reference / "config.json").read_text())["quantization_config"]
+    )
 
 
 def test_a_compressed_input_decoded_dense(src: Path, tmp_path: Path) -> None:

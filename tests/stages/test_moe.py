@@ -120,9 +120,7 @@ def test_a_linear_run_that_would_skip_experts_is_refused(tmp_path: Path) -> None
     # the recipe may say so: ignored experts stay dense on purpose
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text('version: 1\nquantization: {group_size: 32}\nignore: ["re:.*experts.*"]\n')
-    compress_checkpoint(
-        build_config(str(src), str(tmp_path / "ok"), recipe_path=recipe, workers=0)
-    )
+    compress_checkpoint(build_config(str(src), str(tmp_path / "ok"), recipe_path=recipe, workers=0))
     table = json.loads((tmp_path / "ok" / "compression.json").read_text())["coverage"]
     assert table["experts"] == {"quantized": 0, "total": 2 * 64 * 64 + 2 * 64 + 2 * 32 * 64}
     assert table["attention"]["quantized"] == 64 * 64
