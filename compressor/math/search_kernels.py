@@ -19,7 +19,8 @@ there, in cache:
           sums come from the codes pass (no targets pass).
 
 x̂ is what the stored format reconstructs: `kernels._quantize_pack`'s codes (one float32
-division, rint, the finite code range) and its product narrowed once to the 16-bit dtype.
+division, rint, the finite code range) and its product narrowed once to the 16-bit dtype
+(bfloat16 by Veltkamp's split, `kernels._bf16_of_product`: the same bits in fewer operations).
 
 Guarantee, as the torch search: RTN's parameters are always a candidate, and the final choice
 between the best candidate and RTN keeps RTN unless the candidate is strictly better in float64,
