@@ -101,33 +101,38 @@ def _error32(xf, wf, weighted, n, s, z, glo, ghi, kind):
 def _error32_of(xf, wf, weighted, n, s, mlo, mhi, kind):
     """The error with the codes taken relative to the zero point: m = q − z =
     clamp(rint(x/s), glo − z, ghi − z), exactly the stored code's (small integers), one add and
-    one subtract fewer per weight. One straight loop per case, so LLVM vectorises it (8 lanes):
-    an early exit inside the loop, or the weighting decided per element, kept it scalar and
-    4-5× slower than the whole sum."""
-    acc = np.float32(0.0)
+    one subtract fewer per weight; x̂ by the split where it is exact (`_x_hat`)."""
     if kind == BF16 and _splits_exactly(s):
-        split = s * _SPLIT
-        if weighted:
-            for k in range(n):
-                m = min(max(np.rint(xf[k] / s), mlo), mhi)
-                d = _bf16_of_product(m, s, split) - xf[k]
-                acc = _fmuladd(d * d, wf[k], acc)
-        else:
-            for k in range(n):
-                m = min(max(np.rint(xf[k] / s), mlo), mhi)
-                d = _bf16_of_product(m, s, split) - xf[k]
-                acc = _fmuladd(d, d, acc)
-    elif weighted:
+        return _error32_loop(xf, wf, weighted, n, s, mlo, mhi, kind, True)
+    return _error32_loop(xf, wf, weighted, n, s, mlo, mhi, kind, False)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _error32_loop(xf, wf, weighted, n, s, mlo, mhi, kind, split_product):
+    """`_error32_of`'s loop. One straight loop per case, so LLVM vectorises it (8 lanes): an
+    early exit inside the loop, or the weighting decided per element, kept it scalar and 4-5×
+    slower than the whole sum."""
+    acc = np.float32(0.0)
+    split = s * _SPLIT
+    if weighted:
         for k in range(n):
             m = min(max(np.rint(xf[k] / s), mlo), mhi)
-            d = _narrow(m * s, kind) - xf[k]
+            d = _x_hat(m, s, split, kind, split_product) - xf[k]
             acc = _fmuladd(d * d, wf[k], acc)
     else:
         for k in range(n):
             m = min(max(np.rint(xf[k] / s), mlo), mhi)
-            d = _narrow(m * s, kind) - xf[k]
+            d = _x_hat(m, s, split, kind, split_product) - xf[k]
             acc = _fmuladd(d, d, acc)
     return acc
+
+
+@_jit(inline="always")
+def _x_hat(m, s, split, kind, split_product):
+    """x̂ of code m (relative to the zero point) at scale s: bfloat16 by Veltkamp's split
+    (`kernels._bf16_of_product`, split = s·(2^16 + 1)) where the caller found it exact
+    (`_splits_exactly`; `split_product` a constant of the loop), else `_narrow`."""
+    return _bf16_of_product(m, s, split) if split_product else _narrow(m * s, kind)
 
 
 @_jit(inline="always", error_model="numpy")
@@ -388,7 +393,7 @@ def _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb):
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb, split_product):
-    """`_hqq_codes_of`'s loop, x̂ by `_bf16_of_product` or by `_narrow` (a constant)."""
+    """`_hqq_codes_of`'s loop, x̂ by `_x_hat`."""
     err = np.float32(0.0)
     sqq = np.float32(0.0)
     sq = np.float32(0.0)
@@ -397,8 +402,7 @@ def _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb, split_pr
     for k in range(n):
         t = xf[k] / s
         m = min(max(np.rint(t), mlo), mhi)
-        xq = _bf16_of_product(m, s, split) if split_product else _narrow(m * s, kind)
-        d = xq - xf[k]
+        d = _x_hat(m, s, split, kind, split_product) - xf[k]
         if symmetric:
             q = m
             res = t - m
