@@ -28,9 +28,10 @@ so for every group E(chosen) ≤ E(rtn) in float64. The float64 sums are taken o
 float32 errors are within n·2^-22 of each other (`_TIE`): a wider gap can't be rounding.
 
 Against the torch search: the walk over the candidates (mse) and the iteration (hqq, whose fit
-sums and solves in float64 in both) are the same, but float32 error sums run in another order,
-so where two candidates' errors agree to rounding the two may keep different ones (tested: at
-most max(2, 1 %) of the groups differ; the total error agrees to 1e-5 relative).
+sums and solves in float64 in both) are the same, but float32 error sums run in another order
+(and hqq's shrink threshold is an estimate, `_over_sqrt`), so where two candidates' errors
+agree to rounding the two may keep different ones (tested: at most max(2, 1 %) of the groups
+differ; the total error agrees to 1e-5 relative).
 
 Speed: each error sum is one straight loop that LLVM vectorises; a per-element branch or an
 early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. The
@@ -43,8 +44,9 @@ The loops are bound by the number of instructions per weight, so each is kept sh
 are fused multiply-adds (`kernels._fmuladd`), codes are clamped relative to the zero point, the
 16-bit kind is a constant inside each loop (and in hqq's loops the symmetry: no zero point and
 no Σ w·q when symmetric), hqq's targets pass sums the shrunk residuals rather than making each
-target, and its bound on the largest residual comes from the group's two extremes
-(`_largest_residual`), not from a max over every weight. Between its passes an hqq iteration is
+target and takes their threshold from the CPU's reciprocal square root estimate (`_over_sqrt`),
+and its bound on the largest residual comes from the group's two extremes (`_largest_residual`),
+not from a max over every weight. Between its passes an hqq iteration is
 a chain of dependent scalar steps (the sums' reductions, the float64 fit, the snap to the
 format): on a fast core that chain is most of its time, so hqq iterates two groups at once
 (`_hqq_pair`), each filling the other's waits.
@@ -55,6 +57,9 @@ from __future__ import annotations
 from collections import namedtuple
 
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from compressor.math.kernels import (
     _LIMIT_BF16,
@@ -453,22 +458,45 @@ def _hqq_targets(wf, symmetric, n, beta, qb, rb):
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _hqq_targets_of(wf, n, beta, qb, rb, symmetric):
-    """`_hqq_targets`' loop. shrink_p(r, β), p = ½: sign(r)·max(|r| − |r|^(−½)/β, 0); r = 0
-    gives 0 − ∞, so 0, as torch's clamp of |r| to 1e-8 does. The sign is set as a bit (an or),
-    not a select."""
+    """`_hqq_targets`' loop. shrink_p(r, β), p = ½: sign(r)·max(|r| − |r|^(−½)/β, 0), the
+    threshold by `_over_sqrt` (14 % less time for hqq sym, 10 % asym: docs/benchmarks.md); |r|
+    clamped to 1e-8 as torch's shrink does (r = 0 shrinks to 0; the estimate of 1/√0 would
+    make a NaN). The sign is set as a bit (an or), not a select."""
     sqe = np.float32(0.0)
     se = np.float32(0.0)
     inv_beta = np.float32(1.0) / beta
     for k in range(n):
         res = rb[k]
-        a = abs(res)
-        shrunk = max(a - inv_beta / np.sqrt(a), np.float32(0.0))
+        a = max(abs(res), np.float32(1e-8))
+        shrunk = max(a - _over_sqrt(inv_beta, a), np.float32(0.0))
         e = _u32_as_f32(_f32_as_u32(shrunk) | (_f32_as_u32(res) & np.uint32(0x80000000)))
         we = wf[k] * e
         sqe = _fmuladd(qb[k], we, sqe)
         if not symmetric:
             se += we
     return sqe, se
+
+
+_ESTIMATE = ("afn", "arcp", "ninf", "nsz", "contract")  # the flags that allow LLVM's estimate
+
+
+@intrinsic
+def _over_sqrt(typingctx, c, a):
+    """float32 c/√a for a > 0 by the CPU's reciprocal square root estimate and a Newton step
+    (LLVM's lowering where the flags allow it: `vrsqrt14ps` or `vrsqrtps` on x86), within ~2
+    ulp where the exact square root and division take the divider twice per weight: hqq's
+    targets pass was bound by it. Only the shrink's threshold |r|^(−½)/β uses it (the heuristic
+    that picks the next iterate, whose every candidate is then measured exactly), never a
+    value the format stores; the torch search's own rsqrt rounds differently again. The flags
+    sit on these two operations alone: the kernel keeps `reassoc`."""
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        sqrt = builder.module.declare_intrinsic("llvm.sqrt", [f32], ir.FunctionType(f32, [f32]))
+        root = builder.call(sqrt, [args[1]], fastmath=_ESTIMATE)
+        return builder.fdiv(args[0], root, flags=_ESTIMATE)
+
+    return types.float32(types.float32, types.float32), codegen
 
 
 @_jit(inline="always")

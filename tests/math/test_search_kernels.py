@@ -4,6 +4,7 @@ error, and (away from float32 ties) the same parameters."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -116,6 +117,37 @@ def test_repeats_only_where_no_residual_is_shrunk():
     assert repeats(np.float32(0.5), np.float32(2.0))  # 0.354 · 2 = 0.71
     assert not repeats(np.float32(0.5), np.float32(2.83))  # 0.354 · 2.83 > 1 − 1e-4
     assert not repeats(np.float32(np.inf), np.float32(1.0))  # before the first pass
+
+
+@numba.njit(fastmath={"reassoc"}, error_model="numpy")
+def _over_sqrt_each(c, a, out):
+    """`_over_sqrt` in a loop LLVM vectorises, as the targets pass calls it."""
+    for k in range(a.shape[0]):
+        out[k] = search_kernels._over_sqrt(c, a[k])
+
+
+@numba.njit(error_model="numpy")
+def _over_sqrt_one(c, a):
+    """`_over_sqrt` on one value (the scalar estimate: on x86 `rsqrtss`, 12 bits before the
+    Newton step)."""
+    return search_kernels._over_sqrt(c, a)
+
+
+@pytest.mark.parametrize("c", [2 / 3, 1 / 6, 1 / 24, 1e-3, 7.0])
+def test_shrink_threshold_estimate_is_within_a_few_ulp(c):
+    """The estimate of c/√a the targets pass takes (vectorised and alone) is within 2^-20 of
+    float64's c/√a relative, for every 97th float32 from 1e-8 (the shrink's clamp) to 1e8."""
+    lo, hi = np.array([1e-8, 1e8], np.float32).view(np.uint32)
+    a = np.arange(lo, hi, 97, dtype=np.uint32).view(np.float32)
+    c32 = np.float32(c)
+    exact = np.float64(c32) / np.sqrt(a.astype(np.float64))
+    out = np.empty_like(a)
+    _over_sqrt_each(c32, a, out)
+    assert np.max(np.abs(out / exact - 1.0)) < 2.0**-20
+    for v in a[:: len(a) // 1000]:
+        assert (
+            abs(_over_sqrt_one(c32, v) / (np.float64(c32) / np.sqrt(np.float64(v))) - 1) < 2.0**-20
+        )
 
 
 @pytest.mark.parametrize("weighted", [False, True])
