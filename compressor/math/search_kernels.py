@@ -46,10 +46,10 @@ are fused multiply-adds (`kernels._fmuladd`), codes are clamped relative to the 
 no Σ w·q when symmetric), hqq's targets pass sums the shrunk residuals rather than making each
 target and takes their threshold from the CPU's reciprocal square root estimate (`_over_sqrt`),
 and its bound on the largest residual comes from the group's two extremes (`_largest_residual`),
-not from a max over every weight. Between its passes an hqq iteration is
-a chain of dependent scalar steps (the sums' reductions, the float64 fit, the snap to the
-format): on a fast core that chain is most of its time, so hqq iterates two groups at once
-(`_hqq_pair`), each filling the other's waits.
+not from a max over every weight. Between its passes an hqq iteration is a chain of dependent
+scalar steps (the sums' reductions, the float64 fit, the snap to the format): on a fast core
+that chain is most of its time, so hqq iterates two groups at once (`_hqq_pair`), each filling
+the other's waits.
 """
 
 from __future__ import annotations
@@ -444,6 +444,30 @@ def _largest_residual(lo, hi, s, z, glo, ghi):
     return a
 
 
+_ESTIMATE = ("afn", "arcp", "ninf", "nsz", "contract")  # the flags that allow LLVM's estimate
+
+
+@intrinsic
+def _over_sqrt(typingctx, c, a):
+    """float32 c/√a for a > 0 by the CPU's reciprocal square root estimate and a Newton step
+    (LLVM's lowering where the flags allow it: `vrsqrt14ps` or `vrsqrtps` on x86), within
+    2^-20 relative (tested; ~2 ulp measured) where the exact square root and division take the
+    divider twice per weight: hqq's targets pass was bound by it. Only the shrink's threshold
+    |r|^(−½)/β uses it (the heuristic that picks the next iterate, whose every candidate is
+    then measured exactly), never a value the format stores; the torch search's own rsqrt
+    rounds differently again. The flags sit on these two operations alone: the kernel keeps
+    `reassoc`. (c·estimate(1/√a) written out instead, LLVM folded the product back into a
+    division in some loops.)"""
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        sqrt = builder.module.declare_intrinsic("llvm.sqrt", [f32], ir.FunctionType(f32, [f32]))
+        root = builder.call(sqrt, [args[1]], fastmath=_ESTIMATE)
+        return builder.fdiv(args[0], root, flags=_ESTIMATE)
+
+    return types.float32(types.float32, types.float32), codegen
+
+
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _hqq_targets(wf, symmetric, n, beta, qb, rb):
     """The targets half: Σ w·q·e and Σ w·e (asymmetric only: 0 otherwise) of the shrunk
@@ -475,28 +499,6 @@ def _hqq_targets_of(wf, n, beta, qb, rb, symmetric):
         if not symmetric:
             se += we
     return sqe, se
-
-
-_ESTIMATE = ("afn", "arcp", "ninf", "nsz", "contract")  # the flags that allow LLVM's estimate
-
-
-@intrinsic
-def _over_sqrt(typingctx, c, a):
-    """float32 c/√a for a > 0 by the CPU's reciprocal square root estimate and a Newton step
-    (LLVM's lowering where the flags allow it: `vrsqrt14ps` or `vrsqrtps` on x86), within ~2
-    ulp where the exact square root and division take the divider twice per weight: hqq's
-    targets pass was bound by it. Only the shrink's threshold |r|^(−½)/β uses it (the heuristic
-    that picks the next iterate, whose every candidate is then measured exactly), never a
-    value the format stores; the torch search's own rsqrt rounds differently again. The flags
-    sit on these two operations alone: the kernel keeps `reassoc`."""
-
-    def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
-        sqrt = builder.module.declare_intrinsic("llvm.sqrt", [f32], ir.FunctionType(f32, [f32]))
-        root = builder.call(sqrt, [args[1]], fastmath=_ESTIMATE)
-        return builder.fdiv(args[0], root, flags=_ESTIMATE)
-
-    return types.float32(types.float32, types.float32), codegen
 
 
 @_jit(inline="always")
@@ -546,8 +548,8 @@ def _hqq_step(xf, wf, lo, hi, n, kind, symmetric, fmin, fmax, iterations, kappa,
     would come out the same) and only its targets are made again at the new β; when β shrinks no
     residual either, nothing is (`_repeats`). Where β shrinks no residual, with or without
     `skip`, the targets are the weights and no targets pass runs. The last iterate, measured
-    and not fitted, takes an error pass (`_error32`), not a codes pass (3-4 % less time asym). Returns the next state; the
-    group is done when its `it` passes `iterations`."""
+    and not fitted, takes an error pass (`_error32`), not a codes pass (3-4 % less time asym).
+    Returns the next state; the group is done when its `it` passes `iterations`."""
     it, s, z, beta = st.it, st.s, st.z, st.beta
     last_s, last_z, amax = st.last_s, st.last_z, st.amax
     e, sqq, sq, sqx = st.e, st.sqq, st.sq, st.sqx
