@@ -561,8 +561,9 @@ def _hqq_step(xf, wf, lo, hi, n, kind, symmetric, fmin, fmax, iterations, kappa,
         zf = np.float32(z)
         if not same:  # the same codes as the last pass otherwise: its error, Σwq², Σwq hold
             glo, ghi = _finite_codes(s, zf, kind, fmin, fmax)
-            if it == iterations:  # measured, not fitted: its error alone (as weighted: wf
-                # is all ones unweighted, and the error the same sum as the codes pass's)
+            # The last iterate is measured, not fitted: its error alone, summed as weighted
+            # (wf is all ones unweighted), the same sum as the codes pass's.
+            if it == iterations:
                 e = _error32(xf, wf, True, n, s, zf, glo, ghi, kind)
             else:
                 e, sqq, sq, sqx = _hqq_codes(xf, wf, symmetric, n, s, zf, glo, ghi, kind, qb, rb)
@@ -850,7 +851,7 @@ def search_hqq_16(
     work that would repeat the last pass exactly (`_hqq_step`: the same parameters either way,
     about half the codes passes on the bench's weights); False runs every pass, the reference
     the skipping is tested against. `passes`, an int64 array of two, gets the codes passes and
-    the targets passes run added."""
+    the targets passes run added (the last iterate's error pass counts as a codes pass)."""
     imp, imp32, weighted, scale, zero = _prepare(raw, kind, group, importance)
     if passes is not None and (passes.dtype != np.int64 or passes.shape != (2,)):
         raise ValueError(
