@@ -259,7 +259,23 @@ def _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, 
     cut share, shift; `_clipped_params`) into cs, cz, cb, for a group whose every candidate
     keeps every code finite (the caller's check): one loop with no branch on the values, which
     LLVM vectorises across candidates (8 lanes; tables are padded to a multiple of 8). Made one
-    by one, each candidate's float64 steps were a third of the asymmetric walk's time."""
+    by one, each candidate's float64 steps were a third of the asymmetric walk's time. The kind
+    and the symmetry are made constants for the loop (`_candidates_of`): tested inside it, both
+    kinds' roundings were made for every candidate (5 % of mse's time; docs/benchmarks.md)."""
+    if kind == BF16:
+        if symmetric:
+            _candidates_of(lo, hi, w_lo, w_hi, BF16, True, qmin, qmax, table, cs, cz, cb)
+        else:
+            _candidates_of(lo, hi, w_lo, w_hi, BF16, False, qmin, qmax, table, cs, cz, cb)
+    elif symmetric:
+        _candidates_of(lo, hi, w_lo, w_hi, F16, True, qmin, qmax, table, cs, cz, cb)
+    else:
+        _candidates_of(lo, hi, w_lo, w_hi, F16, False, qmin, qmax, table, cs, cz, cb)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _candidates_of(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cz, cb):
+    """`_candidates_at_once`' loop, with the 16-bit kind and the symmetry constants in it."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     for k in range(table.shape[1]):
