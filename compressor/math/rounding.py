@@ -541,8 +541,9 @@ def _hqq(blocks: _Blocks, rtn: QParams, best: _Best, iterations: int) -> None:
                 else dot(target, w.expand_as(x))
             )
             det = n * sqq - sq * sq
-            new_s = (n * sqy - sq * sy) / det
-            new_o = (sy - new_s * sq) / n
+            inv = 1.0 / det  # Cramer's rule, as the fused kernel solves it (`_hqq_fit`)
+            new_s = (n * sqy - sq * sy) * inv
+            new_o = (sqq * sy - sq * sqy) * inv
             ok = (det > 0) & (new_s > 0) & torch.isfinite(new_s) & torch.isfinite(new_o)
             fit_s = torch.where(ok, new_s, fit_s)
             o = torch.where(ok, new_o, o)
