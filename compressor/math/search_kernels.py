@@ -612,7 +612,7 @@ def _hqq_fit(s, zf, sqq, sq, sqx, sqe, se, nw, swx, kind, symmetric, fmin, fmax)
     where the fit is not a positive finite scale. Asymmetric, scale and offset both come from
     one reciprocal of the determinant (Cramer's rule, as the torch search solves it): the
     offset by back-substitution waited on the scale, two divisions in a row on the iteration's
-    chain of dependent steps (3 % less time for hqq asym, measured; docs/benchmarks.md)."""
+    chain of dependent steps (7 % less time for hqq asym, measured; docs/benchmarks.md)."""
     new_s = np.float64(s)
     new_o = -np.float64(zf) * np.float64(s)
     a_qq = np.float64(sqq)
