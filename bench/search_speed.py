@@ -13,6 +13,13 @@ rtn's in the same run. Also counts the passes per group the fused hqq runs: code
 1 + `HQQ_ITERATIONS`: it leaves out those that would repeat the last one exactly) and targets
 passes (of `HQQ_ITERATIONS`: none where β shrinks no residual). Writes bench/results/search-speed.json.
 
+`--processes N`: the int cases without their torch rows, timed in N fresh processes one after
+another (`--rounds` each); reports, per case, the median over the processes of each one's ratio
+to its own rtn, and the smallest and largest. On the Zen 4 host one process's figures stay
+within ±1 % from round to round, yet they move by up to ±8 % from one process to the next
+(bimodal: the same kernels, loaded elsewhere), so one process's ratio can sit on either side
+of a target. Writes bench/results/search-speed-processes.json.
+
 `--layout minmax`: our float-offset layout instead, int4 g64, which compress runs in torch
 (`rounding.quantize_rows`: parameters, codes and x̂) for rtn, mse and hqq (the hqq library's
 offset fit), hqq also weighted; ratios to that layout's own rtn. Writes
@@ -24,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,10 +64,10 @@ def student_t_block() -> tuple[torch.Tensor, np.ndarray]:
 
 
 def int_cases(
-    x: torch.Tensor, raw: np.ndarray, importance: torch.Tensor
+    x: torch.Tensor, raw: np.ndarray, importance: torch.Tensor, with_torch: bool = True
 ) -> dict[str, Callable[[], object]]:
     """The int schemes as compress runs them on the CPU: rtn, the fused mse/hqq searches and
-    the torch ones, each followed by the quantize-and-pack kernel."""
+    (`with_torch`) the torch ones, each followed by the quantize-and-pack kernel."""
     kernels.warm_up()
     cases: dict[str, Callable[[], object]] = {}
     for sym in (True, False):
@@ -88,7 +97,8 @@ def int_cases(
 
                 fused()  # compile or load before timing
                 cases[name] = fused
-                cases[f"{name}, torch"] = in_torch
+                if with_torch:
+                    cases[f"{name}, torch"] = in_torch
     return cases
 
 
@@ -124,21 +134,64 @@ def hqq_passes(raw: np.ndarray, importance: torch.Tensor) -> dict[str, dict[str,
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--layout", choices=["int", "minmax"], default="int")
-    a = p.parse_args()
-    x, raw = student_t_block()
-    importance = torch.rand(1024, dtype=torch.float64) ** 4
-    cases = minmax_cases(x, importance) if a.layout == "minmax" else int_cases(x, raw, importance)
+def timed(cases: dict[str, Callable[[], object]], rounds: int, weights: int) -> dict[str, float]:
+    """Median CPU ms per million weights of each case, the rounds alternating the cases."""
     times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(a.rounds):
+    for _ in range(rounds):
         for name, fn in cases.items():
             start = time.process_time()
             fn()
             times[name].append(time.process_time() - start)
-    per_m = {k: statistics.median(v) / x.numel() * 1e9 for k, v in times.items()}  # ms per M
+    return {k: statistics.median(v) / weights * 1e9 for k, v in times.items()}
+
+
+def across_processes(processes: int, rounds: int) -> None:
+    """`--processes`: each process's ratios to its own rtn, then per case their median, smallest
+    and largest."""
+    ratios: dict[str, list[float]] = {}
+    for _ in range(processes):
+        child = [sys.executable, "-m", "bench.search_speed", "--rounds", str(rounds), "--child"]
+        per_m = json.loads(subprocess.run(child, check=True, capture_output=True).stdout)
+        for name, ms in per_m.items():
+            ratios.setdefault(name, []).append(ms / per_m[f"rtn {name.split()[-1]}"])
+    rows = [
+        {
+            "case": name,
+            "x_rtn_median": round(statistics.median(r), 2),
+            "x_rtn_min": round(min(r), 2),
+            "x_rtn_max": round(max(r), 2),
+            "x_rtn_per_process": [round(v, 2) for v in r],
+        }
+        for name, r in ratios.items()
+    ]
+    report = {"processes": processes, "rounds": rounds, "rows": rows}
+    (RESULTS / "search-speed-processes.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(
+        f"× rtn over {processes} processes\n| case | median | min | max |\n| --- | ---: | ---: | ---: |"
+    )
+    for row in rows:
+        print(
+            f"| {row['case']} | {row['x_rtn_median']} | {row['x_rtn_min']} | {row['x_rtn_max']} |"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layout", choices=["int", "minmax"], default="int")
+    p.add_argument("--processes", type=int, default=0)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.processes:
+        across_processes(a.processes, a.rounds)
+        return
+    x, raw = student_t_block()
+    importance = torch.rand(1024, dtype=torch.float64) ** 4
+    if a.child:  # one process of `--processes`: its medians as JSON on stdout
+        print(json.dumps(timed(int_cases(x, raw, importance, False), a.rounds, x.numel())))
+        return
+    cases = minmax_cases(x, importance) if a.layout == "minmax" else int_cases(x, raw, importance)
+    per_m = timed(cases, a.rounds, x.numel())  # ms per M
     rows = []
     for name, ms in per_m.items():
         scheme = name.split(",")[0].split()[-1]  # sym | asym | minmax
