@@ -151,7 +151,10 @@ def across_processes(processes: int, rounds: int) -> None:
     ratios: dict[str, list[float]] = {}
     for _ in range(processes):
         child = [sys.executable, "-m", "bench.search_speed", "--rounds", str(rounds), "--child"]
-        per_m = json.loads(subprocess.run(child, check=True, capture_output=True).stdout)
+        done = subprocess.run(child, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"a timing process failed (exit {done.returncode}):\n{done.stderr}")
+        per_m = json.loads(done.stdout)
         for name, ms in per_m.items():
             ratios.setdefault(name, []).append(ms / per_m[f"rtn {name.split()[-1]}"])
     rows = [
@@ -183,6 +186,8 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.processes:
+        if a.layout != "int":
+            p.error("--processes times the int layout's fused searches; leave out --layout")
         across_processes(a.processes, a.rounds)
         return
     x, raw = student_t_block()
