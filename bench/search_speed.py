@@ -193,7 +193,9 @@ def main() -> None:
     x, raw = student_t_block()
     importance = torch.rand(1024, dtype=torch.float64) ** 4
     if a.child:  # one process of `--processes`: its medians as JSON on stdout
-        print(json.dumps(timed(int_cases(x, raw, importance, False), a.rounds, x.numel())))
+        print(
+            json.dumps(timed(int_cases(x, raw, importance, with_torch=False), a.rounds, x.numel()))
+        )
         return
     cases = minmax_cases(x, importance) if a.layout == "minmax" else int_cases(x, raw, importance)
     per_m = timed(cases, a.rounds, x.numel())  # ms per M

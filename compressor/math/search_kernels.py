@@ -261,7 +261,8 @@ def _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, 
     LLVM vectorises across candidates (8 lanes; tables are padded to a multiple of 8). Made one
     by one, each candidate's float64 steps were a third of the asymmetric walk's time. The kind
     and the symmetry are made constants for the loop (`_candidates_of`): tested inside it, both
-    kinds' roundings were made for every candidate (5 % of mse's time; docs/benchmarks.md)."""
+    kinds' roundings were made for every candidate (fewer operations by construction; −5 % in a
+    one-process A/B, within the spread between processes: docs/benchmarks.md)."""
     if kind == BF16:
         if symmetric:
             _candidates_of(lo, hi, w_lo, w_hi, BF16, True, qmin, qmax, table, cs, cz, cb)
@@ -612,7 +613,8 @@ def _hqq_fit(s, zf, sqq, sq, sqx, sqe, se, nw, swx, kind, symmetric, fmin, fmax)
     where the fit is not a positive finite scale. Asymmetric, scale and offset both come from
     one reciprocal of the determinant (Cramer's rule, as the torch search solves it): the
     offset by back-substitution waited on the scale, two divisions in a row on the iteration's
-    chain of dependent steps (7 % less time for hqq asym, measured; docs/benchmarks.md)."""
+    chain of dependent steps (−7 % for hqq asym in one-process A/Bs, within the spread between
+    processes: docs/benchmarks.md)."""
     new_s = np.float64(s)
     new_o = -np.float64(zf) * np.float64(s)
     a_qq = np.float64(sqq)
