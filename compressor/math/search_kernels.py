@@ -38,8 +38,9 @@ early exit inside it (tried) kept it scalar and 4-5× slower than summing the wh
 search runs without numba's runtime (see `_search`): its reference counts were half the time of
 a search with an empty walk. mse makes its candidates' parameters 8 at a time, vectorised across
 candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time. It
-sums a stage's errors before it chooses among them (`_mse_group`), so no pass waits on the
-comparison of the one before it.
+sums a stage's errors before it chooses among them (`_search_mse`), so no pass waits on the
+comparison of the one before it, and it prepares the next group (its weights, RTN's error, its
+coarse candidates) between a group's coarse stage and its steps, whose chain that work fills.
 The loops are bound by the number of instructions per weight, so each is kept short: the sums
 are fused multiply-adds (`kernels._fmuladd`), codes are clamped relative to the zero point, the
 16-bit kind is a constant inside each loop (and in hqq's loops the symmetry: no zero point and
@@ -287,34 +288,53 @@ def _candidates_of(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, c
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, coarse, cs, cz, cb, ce, near):  # fmt: skip
-    """mse's best candidate of one group (RTN's (s0, z0) with error `best` to beat), walking the
-    grid as `rounding._mse` does: the coarse points (path_i, path_t; their factor, cut share and
-    shift in `coarse`), then ∓ each of `steps` in factor index around the best so far, at its
-    shift. The coarse candidates are made first, all at once (`_candidates_at_once`), and so are,
-    after them, all the steps can reach (the factors within Σ steps of the coarse best, `near`),
-    unless a code could overflow (a group near the 16-bit limit: then one by one, with their
-    code range, `_mse_one_by_one`).
+def _mse_prepare(raw, keys, j, ngroups, g, kind, symmetric, qmin, qmax, imp32, weighted, xf, coarse, cs, cz, cb):  # fmt: skip
+    """Group j of the block (row-major) made ready for mse's walk: its weights widened into xf,
+    RTN's parameters and float32 error (the walk's first best), the summed weights at its
+    extremes (`_extremes`) and, unless a code could overflow (`_every_code_finite`), its coarse
+    candidates (`_candidates_at_once` of the `coarse` table into cs, cz, cb). None of it reads
+    another group's walk, so `_search_mse` runs it for the next group in the middle of this
+    one's. Returns (row, index, first column, size, min, max, RTN's scale and zero point, RTN's
+    error, finite, batched, w_lo, w_hi); a non-finite group (NaN or ±inf) gets no more."""
+    r, gi = j // ngroups, j % ngroups
+    c0 = gi * g
+    n = min(g, raw.shape[1] - c0)
+    lo, hi = _load_group(raw[r], keys[r], c0, n, kind, xf)
+    wf = imp32[c0 : c0 + n]
+    s0, z0 = _rtn_params(np.float64(lo), np.float64(hi), kind, symmetric, qmin, qmax)
+    e0 = np.float32(np.inf)
+    finite = np.isfinite(lo) and np.isfinite(hi)
+    batched = False
+    w_hi = w_lo = np.float32(1.0)
+    if finite:
+        glo, ghi = _finite_codes(s0, np.float32(z0), kind, np.float32(qmin), np.float32(qmax))
+        e0 = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind)
+        w_hi, w_lo = _extremes(xf, wf, weighted, n, lo, hi)
+        batched = _every_code_finite(s0, kind, qmin, qmax)
+        if batched:
+            _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb)  # fmt: skip
+    return r, gi, c0, n, lo, hi, s0, z0, e0, finite, batched, w_lo, w_hi
 
-    Errors are summed before the choices that read them: those of the coarse candidates whose
-    bound is under RTN's error (into ce), then the choice in path order; those of each step's
-    two candidates (where their bound is under the best before the step), then its choice. A
-    pass then never waits on the comparison that follows the pass before it, which alternated
-    with them and, mispredicted, cost that pass's latency (the weighted walk took 6-8 % longer;
-    docs/benchmarks.md). Each choice still takes a candidate only when its bound and its error
-    are both under the best so far, in the walk's order (`_mse_take`): the same choice as
-    one pass after the other, tie for tie."""
-    w_hi, w_lo = _extremes(xf, wf, weighted, n, lo, hi)
-    if not _every_code_finite(s0, kind, qmin, qmax):
-        return _mse_one_by_one(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, w_lo, w_hi)  # fmt: skip
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _mse_coarse(xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax, path_i, path_t, cs, cz, cb, ce):  # fmt: skip
+    """The walk's coarse stage over the made candidates (path_i, path_t; cs, cz, cb): the errors
+    of those whose bound is under RTN's error `best` (into ce), then the choice in path order.
+    Returns the walk's state (`_mse_take`)."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
-    _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb)
     for k in range(path_i.shape[0]):
         ce[k] = _gated_error(xf, wf, weighted, n, kind, fmin, fmax, best, cs, cz, cb, k)
     st = (best, s0, np.int64(z0), np.int64(0), np.int64(0 if symmetric else 1))
     for k in range(path_i.shape[0]):
         st = _mse_take(cs, cz, cb, k, ce[k], path_i[k], path_t[k], st)
+    return st
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _mse_near(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, factors, steps, st, cs, cz, cb, near):  # fmt: skip
+    """The steps' candidates, made at once into cs, cz, cb (over the coarse ones): every factor
+    within Σ steps (`reach`) of the coarse best a0, at its shift. Returns (a0, reach)."""
     top = factors.shape[0] - 1
     reach = 0
     for step in steps:
@@ -326,15 +346,85 @@ def _mse_group(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin,
         near[1, o] = np.float32(1.0 - f)
         near[2, o] = np.float32(0.5) * np.float32(at_t)
     _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, near, cs, cz, cb)
+    return a0, reach
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _mse_steps(xf, wf, weighted, n, kind, qmin, qmax, factors, steps, st, a0, reach, cs, cz, cb):  # fmt: skip
+    """The refinement: for each step, the errors of the best's factor ∓ step at its shift (where
+    their bound is under the best before the step), then the choice. Returns the walk's state."""
+    fmin = np.float32(qmin)
+    fmax = np.float32(qmax)
+    top = factors.shape[0] - 1
+    at_t = st[4]
     for step in steps:
         centre = st[3]
         below = centre - step - a0 + reach  # near's index of factor centre − step
         above = below + 2 * step
-        e_below = _gated_error(xf, wf, weighted, n, kind, fmin, fmax, st[0], cs, cz, cb, below)
-        e_above = _gated_error(xf, wf, weighted, n, kind, fmin, fmax, st[0], cs, cz, cb, above)
+        e_below = _step_error(xf, wf, weighted, n, kind, fmin, fmax, st, cs, cz, cb, below)
+        e_above = _step_error(xf, wf, weighted, n, kind, fmin, fmax, st, cs, cz, cb, above)
         st = _mse_take(cs, cz, cb, below, e_below, max(centre - step, 0), at_t, st)
         st = _mse_take(cs, cz, cb, above, e_above, min(centre + step, top), at_t, st)
-    return st[0], st[1], st[2]
+    return st
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cz, cb, ce, near):  # fmt: skip
+    """`_search` for mse: each group's walk as `rounding._mse` walks it, the coarse points
+    (path_i, path_t; their factor, cut share and shift in `coarse`), then ∓ each of `steps` in
+    factor index around the best so far, at its shift (`_mse_coarse`, `_mse_near`,
+    `_mse_steps`); a group where a code could overflow walks one candidate at a time
+    (`_mse_one_by_one`).
+
+    Errors are summed before the choices that read them: those of the coarse candidates whose
+    bound is under RTN's error, then the choice in path order; those of each step's two
+    candidates (where their bound is under the best before the step), then its choice. A pass
+    then never waits on the comparison that follows the pass before it, which alternated with
+    them and, mispredicted, cost that pass's latency (the weighted walk took 6-8 % longer;
+    docs/benchmarks.md). Each choice still takes a candidate only when its bound and its error
+    are both under the best so far, in the walk's order (`_mse_take`): the same choice as one
+    pass after the other, tie for tie.
+
+    The next group is prepared (`_mse_prepare`: loaded, RTN's parameters and error, its coarse
+    candidates) between this group's coarse stage and its steps, into the other half of xf and
+    of cs, cz, cb (`_group_buffers`, `_walk_buffers`): its work is independent of this group's
+    steps, whose chain (the steps' candidates made from the coarse best, each step's choice
+    before the next) it fills, and its RTN error is known before its own coarse gates read it
+    (with `_step_error`: 2-3 % less time asymmetric, weighted or not, 12 % weighted symmetric,
+    over 12 fresh processes each: docs/benchmarks.md)."""
+    ngroups = scale.shape[1]
+    total = raw.shape[0] * ngroups
+    fmin = np.float32(qmin)
+    fmax = np.float32(qmax)
+    m = cs.shape[0] // 2
+    nonfinite = 0
+    if total == 0:
+        return nonfinite
+    nxt = _mse_prepare(raw, keys, 0, ngroups, g, kind, symmetric, qmin, qmax, imp32, weighted, xf[:g], coarse, cs[:m], cz[:m], cb[:m])  # fmt: skip
+    for j in range(total):
+        h = j % 2  # this group's half of the buffers; the next group's is the other
+        xj = xf[h * g : h * g + g]
+        csj, czj, cbj = cs[h * m : h * m + m], cz[h * m : h * m + m], cb[h * m : h * m + m]
+        r, gi, c0, n, lo, hi, s0, z0, e0, finite, batched, w_lo, w_hi = nxt
+        wf = imp32[c0 : c0 + n]
+        st = (e0, s0, np.int64(z0), np.int64(0), np.int64(0))
+        a0 = reach = 0
+        if batched:
+            st = _mse_coarse(xj, wf, weighted, n, s0, z0, e0, kind, symmetric, qmin, qmax, path_i, path_t, csj, czj, cbj, ce)  # fmt: skip
+            a0, reach = _mse_near(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, factors, steps, st, csj, czj, cbj, near)  # fmt: skip
+        if j + 1 < total:
+            o = 1 - h
+            nxt = _mse_prepare(raw, keys, j + 1, ngroups, g, kind, symmetric, qmin, qmax, imp32, weighted, xf[o * g : o * g + g], coarse, cs[o * m : o * m + m], cz[o * m : o * m + m], cb[o * m : o * m + m])  # fmt: skip
+        best, bs, bz = e0, s0, z0
+        if batched:
+            st = _mse_steps(xj, wf, weighted, n, kind, qmin, qmax, factors, steps, st, a0, reach, csj, czj, cbj)  # fmt: skip
+            best, bs, bz = st[0], st[1], st[2]
+        elif finite:
+            best, bs, bz = _mse_one_by_one(xj, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, w_lo, w_hi)  # fmt: skip
+        else:
+            nonfinite += 1
+        _finish(xj, imp[c0 : c0 + n], weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax, scale, zero, r, gi)  # fmt: skip
+    return nonfinite
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
@@ -343,6 +433,17 @@ def _gated_error(xf, wf, weighted, n, kind, fmin, fmax, gate, cs, cz, cb, k):
     if cb[k] < gate:
         return _error32(xf, wf, weighted, n, cs[k], np.float32(cz[k]), fmin, fmax, kind)
     return np.float32(np.inf)
+
+
+@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _step_error(xf, wf, weighted, n, kind, fmin, fmax, st, cs, cz, cb, k):
+    """A step's candidate k's error (`_gated_error`, gated by the best before the step), ∞ where
+    it is the best's own parameters (0.33 of weighted asymmetric's 4 step passes per group on
+    the bench's block, 0.62 of weighted symmetric's: a neighbouring factor rounds to the same
+    scale and zero point): `_mse_take` would not take it."""
+    if cs[k] == st[1] and cz[k] == st[2]:
+        return np.float32(np.inf)
+    return _gated_error(xf, wf, weighted, n, kind, fmin, fmax, st[0], cs, cz, cb, k)
 
 
 @_jit(inline="always")
@@ -357,7 +458,7 @@ def _mse_take(cs, cz, cb, k, e, i, t, st):
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _mse_one_by_one(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, w_lo, w_hi):  # fmt: skip
-    """`_mse_group`'s walk for a group near the 16-bit limit: each candidate made alone with its
+    """`_search_mse`'s walk for a group near the 16-bit limit: each candidate made alone with its
     own code range (`_one_candidate`), its error summed where its bound is under the best."""
     bs, bz = s0, z0
     at_i = 0
@@ -734,40 +835,12 @@ def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, pa
     holding NaN or ±inf (left at RTN's parameters)."""
     if mode == _HQQ:
         return _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb)  # fmt: skip
-    rows, cols = raw.shape
-    ngroups = scale.shape[1]
-    fmin = np.float32(qmin)
-    fmax = np.float32(qmax)
-    nonfinite = 0
-    for r in range(rows):
-        for gi in range(ngroups):
-            c0 = gi * g
-            n = min(g, cols - c0)
-            lo, hi = _load_group(raw[r], keys[r], c0, n, kind, xf)
-            wf = imp32[c0 : c0 + n]
-            s0, z0 = _rtn_params(np.float64(lo), np.float64(hi), kind, symmetric, qmin, qmax)
-            bs, bz = s0, z0
-            e0 = np.float32(np.inf)
-            best = e0
-            if not (np.isfinite(lo) and np.isfinite(hi)):
-                nonfinite += 1
-            else:
-                glo, ghi = _finite_codes(s0, np.float32(z0), kind, fmin, fmax)
-                e0 = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind)
-                best, bs, bz = _mse_group(
-                    xf, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax,
-                    factors, path_i, path_t, steps, coarse, cs, cz, cb, ce, near,
-                )  # fmt: skip
-            _finish(
-                xf, imp[c0 : c0 + n], weighted, n, kind, s0, z0, e0, bs, bz, best, fmin, fmax,
-                scale, zero, r, gi,
-            )  # fmt: skip
-    return nonfinite
+    return _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cz, cb, ce, near)  # fmt: skip
 
 
 def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
     """`_search`'s group buffers: the widened weights, hqq's codes and residuals, each room for
-    two groups (hqq runs two at a time; mse uses the first)."""
+    two groups (hqq runs two at a time; mse prepares the next group while it walks one)."""
     return tuple(np.empty(2 * group, np.float32) for _ in range(3))
 
 
@@ -777,12 +850,13 @@ _LANES = 8  # `_candidates_at_once` runs 8 candidates per vector
 def _walk_buffers(
     factors: np.ndarray, coarse: list[tuple[int, int]], steps: tuple[int, ...]
 ) -> tuple[np.ndarray, ...]:
-    """mse's tables and buffers for `_mse_group`, float32 tables of (factor, cut share
+    """mse's tables and buffers for `_search_mse`, float32 tables of (factor, cut share
     1 − factor, shift ½·t) per candidate as `_candidates_at_once` reads them, each padded to a
     multiple of `_LANES` (a remainder would run one lane at a time): the coarse candidates'
     (3, m), copies of the last as padding; the steps' (3, m') filled per group (every factor
-    within Σ steps of the coarse best); and the buffers for the scales, zero points,
-    clipping bounds and errors of either."""
+    within Σ steps of the coarse best); the buffers for the scales, zero points and clipping
+    bounds of either, room for two groups (one walked, the next prepared), and for the errors
+    of one."""
     if any(i < 1 or i >= len(factors) for i, _ in coarse):
         raise ValueError(f"coarse candidates index factors 1 to {len(factors) - 1}: {coarse}")
     padded = list(coarse) + coarse[-1:] * (-len(coarse) % _LANES)
@@ -796,9 +870,8 @@ def _walk_buffers(
     ).reshape(3, len(padded))
     near = np.empty((3, -(-(2 * sum(steps) + 1) // _LANES) * _LANES), np.float32)
     m = max(table.shape[1], near.shape[1])
-    scales, zeros, bounds, errors = (
-        np.empty(m, t) for t in (np.float32, np.int64, np.float32, np.float32)
-    )
+    scales, zeros, bounds = (np.empty(2 * m, t) for t in (np.float32, np.int64, np.float32))
+    errors = np.empty(m, np.float32)
     return table, scales, zeros, bounds, errors, near
 
 

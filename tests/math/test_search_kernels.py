@@ -317,45 +317,89 @@ def test_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
 @pytest.mark.parametrize("args", ARGS[:3], ids=lambda a: a.describe())
 @pytest.mark.parametrize("importance", ["none", "u4", "zeros"])
 def test_mse_errors_first_choose_as_one_pass_after_another(dtype, args, importance):
-    """`_mse_group` sums a stage's errors before choosing (a pass gated by RTN's error, or by the
-    best before a step, so more pass than the walk needs); `_mse_one_by_one` is the walk one
-    candidate at a time, each gated by the best so far. Both choose the same parameters and
-    error, tie for tie, on every group (ties are common: placements sharing a scale and
+    """The search sums a stage's errors before choosing (a pass gated by RTN's error, or by the
+    best before a step, so more pass than the walk needs; `_search_mse`); `_mse_one_by_one` is
+    the walk one candidate at a time, each gated by the best so far. Both choose the same
+    parameters, tie for tie, on every group (ties are common: placements sharing a scale and
     clipping nothing reconstruct alike)."""
     kind = KINDS[dtype]
     qmin, qmax = quantized_range(args)
     sym = args.symmetric
     factors = np.array(_shrink_factors(MSE_GRID))
     coarse, steps = mse_path(MSE_GRID, 1 if sym else 3)
-    table, cs, cz, cb, ce, near = search_kernels._walk_buffers(factors, coarse, steps)
     path_i = np.array([i for i, _ in coarse], np.int64)
     path_t = np.array([t for _, t in coarse], np.int64)
-    x = _weights(dtype, rows=48, cols=args.group_size * 2).float().numpy()
-    x[3] = np.abs(x[3])  # groups wholly above or below 0
-    x[4] = -np.abs(x[4])
+    x = _weights(dtype, rows=48, cols=args.group_size * 2)
+    x[3] = x[3].abs()  # groups wholly above or below 0
+    x[4] = -x[4].abs()
     rng = np.random.default_rng(11)
     if importance == "none":
-        w = np.ones(x.shape[1], np.float32)
+        w = np.ones(x.shape[1])
     elif importance == "u4":
-        w = (rng.random(x.shape[1]) ** 4).astype(np.float32)
+        w = rng.random(x.shape[1]) ** 4
     else:  # every 5th column weighs nothing
-        w = np.where(np.arange(x.shape[1]) % 5 == 0, 0.0, 1.0).astype(np.float32)
+        w = np.where(np.arange(x.shape[1]) % 5 == 0, 0.0, 1.0)
+    raw = x.contiguous().view(torch.int16).numpy().view(np.uint16)
+    scale, zero, _ = search_kernels.search_mse_16(
+        raw, kind, args.group_size, sym, (qmin, qmax), factors, (coarse, steps), w
+    )
+    fmin, fmax = np.float32(qmin), np.float32(qmax)
+    one_s, one_z = np.empty((1, 1), np.uint16), np.zeros((1, 1), np.int8)
     differ = 0
-    for row in x:
-        for c0 in range(0, x.shape[1], args.group_size):
+    for r, row in enumerate(x.float().numpy()):
+        for gi, c0 in enumerate(range(0, x.shape[1], args.group_size)):
             xf = np.ascontiguousarray(row[c0 : c0 + args.group_size], np.float32)
-            wf = np.ascontiguousarray(w[c0 : c0 + args.group_size])
+            wd = np.ascontiguousarray(w[c0 : c0 + args.group_size])
+            wf = wd.astype(np.float32)
             n = xf.shape[0]
             lo, hi = np.float32(xf.min()), np.float32(xf.max())
             s0, z0 = kernels._rtn_params(float(lo), float(hi), kind, sym, qmin, qmax)
-            glo, ghi = kernels._finite_codes(s0, np.float32(z0), kind, np.float32(qmin), np.float32(qmax))  # fmt: skip
+            glo, ghi = kernels._finite_codes(s0, np.float32(z0), kind, fmin, fmax)
             e0 = search_kernels._error32(xf, wf, True, n, s0, np.float32(z0), glo, ghi, kind)
             w_hi, w_lo = search_kernels._extremes(xf, wf, True, n, lo, hi)
             args_ = (xf, wf, True, n, lo, hi, s0, z0, e0, kind, sym, qmin, qmax, factors)
-            batched = search_kernels._mse_group(*args_, path_i, path_t, np.array(steps, np.int64), table, cs, cz, cb, ce, near)  # fmt: skip
-            alone = search_kernels._mse_one_by_one(*args_, path_i, path_t, np.array(steps, np.int64), w_lo, w_hi)  # fmt: skip
-            differ += tuple(map(float, batched)) != tuple(map(float, alone))
+            e1, bs, bz = search_kernels._mse_one_by_one(*args_, path_i, path_t, np.array(steps, np.int64), w_lo, w_hi)  # fmt: skip
+            search_kernels._finish(xf, wd, True, n, kind, s0, z0, e0, bs, bz, e1, fmin, fmax, one_s, one_z, 0, 0)  # fmt: skip
+            got = (scale[r, gi], 0 if zero is None else zero[r, gi])
+            differ += got != (one_s[0, 0], 0 if sym else one_z[0, 0])
     assert differ == 0
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mse_prepares_the_next_group_and_searches_each_as_alone(symmetric, weighted):
+    """mse prepares the next group (row-major, across rows) while it walks one, in the other
+    half of its buffers (`_search_mse`): every group gets the parameters it gets searched
+    alone, whichever way its neighbours are walked (batched, one by one near the 16-bit limit,
+    or not at all: non-finite)."""
+    args = QuantArgs(bits=4, symmetric=symmetric, strategy="group", group_size=64)
+    qrange = quantized_range(args)
+    g = _weights(torch.float32, rows=5, cols=192).view(15, 64)
+    g = g / g.abs().amax(dim=1, keepdim=True)
+    g[[2, 3, 7, 12]] *= 65504  # walked one by one (`_every_code_finite` false)
+    g[[0, 1, 4, 5, 6, 8, 9, 10, 11, 13, 14]] *= 64
+    x = g.view(5, 192).to(torch.float16)
+    x[1, 70] = float("nan")  # group 4, after a group walked one by one
+    x[3, 0] = float("inf")  # group 9, the first of a row
+    raw = x.contiguous().view(torch.int16).numpy().view(np.uint16)
+    imp = np.random.default_rng(6).random(192) ** 4 if weighted else None
+    factors = np.array(_shrink_factors(MSE_GRID))
+    path = mse_path(MSE_GRID, 1 if symmetric else 3)
+    scale, zero, bad = search_kernels.search_mse_16(
+        raw, kernels.F16, 64, symmetric, qrange, factors, path, imp
+    )
+    assert bad == 2
+    for r in range(5):
+        for gi in range(3):
+            one = np.ascontiguousarray(raw[r : r + 1, 64 * gi : 64 * (gi + 1)])
+            part = None if imp is None else imp[64 * gi : 64 * (gi + 1)]
+            s1, z1, _ = search_kernels.search_mse_16(
+                one, kernels.F16, 64, symmetric, qrange, factors, path, part
+            )
+            assert scale[r, gi] == s1[0, 0], (r, gi)
+            if not symmetric:
+                assert zero is not None and z1 is not None
+                assert zero[r, gi] == z1[0, 0], (r, gi)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
