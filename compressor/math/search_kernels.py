@@ -407,8 +407,8 @@ def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path
         csj, czj, cbj = cs[h * m : h * m + m], cz[h * m : h * m + m], cb[h * m : h * m + m]
         r, gi, c0, n, lo, hi, s0, z0, e0, finite, batched, w_lo, w_hi = nxt
         wf = imp32[c0 : c0 + n]
-        st = (e0, s0, np.int64(z0), np.int64(0), np.int64(0))
-        a0 = reach = 0
+        st = (e0, s0, np.int64(z0), np.int64(0), np.int64(0))  # typed on every path; only a
+        a0 = reach = 0  # batched group's walk reads st, a0 and reach
         if batched:
             st = _mse_coarse(xj, wf, weighted, n, s0, z0, e0, kind, symmetric, qmin, qmax, path_i, path_t, csj, czj, cbj, ce)  # fmt: skip
             a0, reach = _mse_near(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, factors, steps, st, csj, czj, cbj, near)  # fmt: skip

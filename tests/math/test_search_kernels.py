@@ -463,6 +463,22 @@ def test_degenerate_groups():
             assert zero is None if rz is None else torch.equal(zero, tz)
 
 
+@pytest.mark.parametrize("shape", [(0, 64), (3, 0)])
+def test_an_empty_block_has_no_groups(shape):
+    """No group to search (mse prepares its first group before its loop: not here)."""
+    raw = np.zeros(shape, np.uint16)
+    factors = np.array(_shrink_factors(MSE_GRID))
+    scale, zero, bad = search_kernels.search_mse_16(
+        raw, kernels.BF16, 32, False, (0, 15), factors, mse_path(MSE_GRID, 3)
+    )
+    assert zero is not None and scale.shape == zero.shape == (shape[0], 2 if shape[1] else 0)
+    assert bad == 0
+    scale, _, bad = search_kernels.search_hqq_16(
+        raw, kernels.BF16, 32, True, (-8, 7), HQQ_ITERATIONS, _HQQ_BETA, _HQQ_KAPPA
+    )
+    assert scale.shape == (shape[0], 2 if shape[1] else 0) and bad == 0
+
+
 def test_a_non_finite_group_is_counted_and_the_others_are_searched():
     x = _weights(torch.bfloat16, rows=2, cols=256)
     x[0, 5] = float("nan")
