@@ -95,26 +95,30 @@ _TIE = np.float32(2.0**-22)  # per weight summed: the gap must exceed n·2^-22 (
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _error32(xf, wf, weighted, n, s, z, glo, ghi, kind):
-    """Σ w·(x − x̂)² of one group in float32 for parameters (s, z): `_error32_of` with the
-    16-bit kind a constant, so the loop holds no test of it."""
+def _error32(xf, wf, weighted, n, s, r, z, glo, ghi, kind):
+    """Σ w·(x − x̂)² of one group in float32 for parameters (s, z), r = 1/s in float32
+    (`_reciprocal`): `_error32_of` with the 16-bit kind a constant, so the loop holds no test of
+    it."""
     if kind == BF16:
-        return _error32_of(xf, wf, weighted, n, s, glo - z, ghi - z, BF16)
-    return _error32_of(xf, wf, weighted, n, s, glo - z, ghi - z, F16)
+        return _error32_of(xf, wf, weighted, n, s, r, glo - z, ghi - z, BF16)
+    return _error32_of(xf, wf, weighted, n, s, r, glo - z, ghi - z, F16)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _error32_of(xf, wf, weighted, n, s, mlo, mhi, kind):
+def _error32_of(xf, wf, weighted, n, s, r, mlo, mhi, kind):
     """The error with the codes taken relative to the zero point: m = q − z =
     clamp(rint(x/s), glo − z, ghi − z), exactly the stored code's (small integers), one add and
-    one subtract fewer per weight; x̂ by the split where it is exact (`_x_hat`)."""
-    if kind == BF16 and _splits_exactly(s):
-        return _error32_loop(xf, wf, weighted, n, s, mlo, mhi, kind, True)
-    return _error32_loop(xf, wf, weighted, n, s, mlo, mhi, kind, False)
+    one subtract fewer per weight; x̂ by the split where it is exact (`_x_hat`), x/s rounded as
+    x·r where that gives the same error term (`_by_reciprocal`)."""
+    if kind == BF16:
+        if _splits_exactly(s) and _by_reciprocal(s, kind):
+            return _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, kind, True, True)
+        return _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, kind, False, False)
+    return _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, kind, False, True)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _error32_loop(xf, wf, weighted, n, s, mlo, mhi, kind, split_product):
+def _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, kind, split_product, reciprocal):
     """`_error32_of`'s loop. One straight loop per case, so LLVM vectorises it (8 lanes): an
     early exit inside the loop, or the weighting decided per element, kept it scalar and 4-5×
     slower than the whole sum."""
@@ -122,15 +126,58 @@ def _error32_loop(xf, wf, weighted, n, s, mlo, mhi, kind, split_product):
     split = s * _SPLIT
     if weighted:
         for k in range(n):
-            m = min(max(np.rint(xf[k] / s), mlo), mhi)
+            m = min(max(np.rint(_quotient(xf[k], s, r, reciprocal)), mlo), mhi)
             d = _x_hat(m, s, split, kind, split_product) - xf[k]
             acc = _fmuladd(d * d, wf[k], acc)
     else:
         for k in range(n):
-            m = min(max(np.rint(xf[k] / s), mlo), mhi)
+            m = min(max(np.rint(_quotient(xf[k], s, r, reciprocal)), mlo), mhi)
             d = _x_hat(m, s, split, kind, split_product) - xf[k]
             acc = _fmuladd(d, d, acc)
     return acc
+
+
+@_jit(inline="always")
+def _quotient(x, s, r, reciprocal):
+    """x/s as the error passes round it to a code: x·r (r = 1/s in float32) where the caller
+    found that exact for the code's error term (`_by_reciprocal`; `reciprocal` a constant of
+    the loop), else the division. A multiply where the division held the pass: Zen 4's divider
+    takes ~6 cycles per 16 lanes, the whole weighted pass without it ~5.6."""
+    return x * r if reciprocal else x / s
+
+
+# bfloat16 scales from here up take the error passes' x·(1/s) (`_by_reciprocal`): 1/s and x·r
+# then stay normal floats, each within half an ulp.
+_RECIPROCAL_MIN = np.float32(2.0**-100)
+
+
+@_jit(inline="always")
+def _by_reciprocal(s, kind):
+    """Whether an error pass may take the code of x as rint(x·r), r = fl(1/s), for the 16-bit
+    scale s: it then has the same error term (x − x̂)² as rint(x/s), for every 16-bit x and every
+    code range within ±255 (checked exhaustively for every such s and x: tests/math/
+    test_search_kernels.py). Where the two round apart x/s is an exact tie k + ½ (away from a
+    tie, |x/s − (k + ½)| ≥ 1/(2·2^p) for p-bit significands, far above x·r's error), and then
+    both k·s and (k + 1)·s are 16-bit values, so both codes lie s/2 from x. float16 scales
+    always qualify (2^-24 ≤ s ≤ 65504); bfloat16 from `_RECIPROCAL_MIN` up."""
+    return kind == F16 or s >= _RECIPROCAL_MIN
+
+
+@intrinsic
+def _reciprocal(typingctx, s):
+    """float32 1/s, correctly rounded, behind `llvm.arithmetic.fence`: without the fence LLVM
+    folds x·(1/s) back into x/s in the error loop (seen in the emitted code), which is exact
+    but keeps the divider. The coarse and step candidates' reciprocals come from memory
+    (`_candidates_of`) and need none."""
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fence = builder.module.declare_intrinsic(
+            "llvm.arithmetic.fence", [f32], ir.FunctionType(f32, [f32])
+        )
+        return builder.call(fence, [builder.fdiv(ir.Constant(f32, 1.0), args[0])])
+
+    return types.float32(types.float32), codegen
 
 
 @_jit(inline="always")
@@ -255,44 +302,46 @@ def _every_code_finite(s0, kind, qmin, qmax):
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cz, cb):
-    """The scale, zero point and clipping bound of every candidate in `table` (rows: factor,
-    cut share, shift; `_clipped_params`) into cs, cz, cb, for a group whose every candidate
-    keeps every code finite (the caller's check): one loop with no branch on the values, which
-    LLVM vectorises across candidates (8 lanes; tables are padded to a multiple of 8). Made one
-    by one, each candidate's float64 steps were a third of the asymmetric walk's time. The kind
-    and the symmetry are made constants for the loop (`_candidates_of`): tested inside it, both
-    kinds' roundings were made for every candidate (fewer operations by construction; −5 % in a
-    one-process A/B, within the spread between processes: docs/benchmarks.md)."""
+def _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cr, cz, cb):
+    """The scale, its reciprocal (for `_quotient`), zero point and clipping bound of every
+    candidate in `table` (rows: factor, cut share, shift; `_clipped_params`) into cs, cr, cz, cb,
+    for a group whose every candidate keeps every code finite (the caller's check): one loop
+    with no branch on the values, which LLVM vectorises across candidates (8 lanes; tables are
+    padded to a multiple of 8). Made one by one, each candidate's float64 steps were a third of
+    the asymmetric walk's time. The kind and the symmetry are made constants for the loop
+    (`_candidates_of`): tested inside it, both kinds' roundings were made for every candidate
+    (fewer operations by construction; −5 % in a one-process A/B, within the spread between
+    processes: docs/benchmarks.md)."""
     if kind == BF16:
         if symmetric:
-            _candidates_of(lo, hi, w_lo, w_hi, BF16, True, qmin, qmax, table, cs, cz, cb)
+            _candidates_of(lo, hi, w_lo, w_hi, BF16, True, qmin, qmax, table, cs, cr, cz, cb)
         else:
-            _candidates_of(lo, hi, w_lo, w_hi, BF16, False, qmin, qmax, table, cs, cz, cb)
+            _candidates_of(lo, hi, w_lo, w_hi, BF16, False, qmin, qmax, table, cs, cr, cz, cb)
     elif symmetric:
-        _candidates_of(lo, hi, w_lo, w_hi, F16, True, qmin, qmax, table, cs, cz, cb)
+        _candidates_of(lo, hi, w_lo, w_hi, F16, True, qmin, qmax, table, cs, cr, cz, cb)
     else:
-        _candidates_of(lo, hi, w_lo, w_hi, F16, False, qmin, qmax, table, cs, cz, cb)
+        _candidates_of(lo, hi, w_lo, w_hi, F16, False, qmin, qmax, table, cs, cr, cz, cb)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _candidates_of(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cz, cb):
+def _candidates_of(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cr, cz, cb):
     """`_candidates_at_once`' loop, with the 16-bit kind and the symmetry constants in it."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     for k in range(table.shape[1]):
         s, z = _clipped_params(lo, hi, table[0, k], table[1, k], table[2, k], kind, symmetric, qmin, qmax)  # fmt: skip
         cs[k] = s
+        cr[k] = np.float32(1.0) / s
         cz[k] = z
         cb[k] = _clip_bound(lo, hi, w_lo, w_hi, s, np.float32(z), fmin, fmax, kind)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_prepare(raw, keys, j, ngroups, g, kind, symmetric, qmin, qmax, imp32, weighted, xf, coarse, cs, cz, cb):  # fmt: skip
+def _mse_prepare(raw, keys, j, ngroups, g, kind, symmetric, qmin, qmax, imp32, weighted, xf, coarse, cs, cr, cz, cb):  # fmt: skip
     """Group j of the block (row-major) made ready for mse's walk: its weights widened into xf,
     RTN's parameters and float32 error (the walk's first best), the summed weights at its
     extremes (`_extremes`) and, unless a code could overflow (`_every_code_finite`), its coarse
-    candidates (`_candidates_at_once` of the `coarse` table into cs, cz, cb). None of it reads
+    candidates (`_candidates_at_once` of the `coarse` table into cs, cr, cz, cb). None of it reads
     another group's walk, so `_search_mse` runs it for the next group in the middle of this
     one's. Returns (row, index, first column, size, min, max, RTN's scale and zero point, RTN's
     error, finite, batched, w_lo, w_hi); a non-finite group (NaN or ±inf) gets no more."""
@@ -308,23 +357,23 @@ def _mse_prepare(raw, keys, j, ngroups, g, kind, symmetric, qmin, qmax, imp32, w
     w_hi = w_lo = np.float32(1.0)
     if finite:
         glo, ghi = _finite_codes(s0, np.float32(z0), kind, np.float32(qmin), np.float32(qmax))
-        e0 = _error32(xf, wf, weighted, n, s0, np.float32(z0), glo, ghi, kind)
+        e0 = _error32(xf, wf, weighted, n, s0, _reciprocal(s0), np.float32(z0), glo, ghi, kind)
         w_hi, w_lo = _extremes(xf, wf, weighted, n, lo, hi)
         batched = _every_code_finite(s0, kind, qmin, qmax)
         if batched:
-            _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cz, cb)  # fmt: skip
+            _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, coarse, cs, cr, cz, cb)  # fmt: skip
     return r, gi, c0, n, lo, hi, s0, z0, e0, finite, batched, w_lo, w_hi
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_coarse(xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax, path_i, path_t, cs, cz, cb, ce):  # fmt: skip
-    """The walk's coarse stage over the made candidates (path_i, path_t; cs, cz, cb): the errors
-    of those whose bound is under RTN's error `best` (into ce), then the choice in path order.
-    Returns the walk's state (`_mse_take`)."""
+def _mse_coarse(xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax, path_i, path_t, cs, cr, cz, cb, ce):  # fmt: skip
+    """The walk's coarse stage over the made candidates (path_i, path_t; cs, cr, cz, cb): the
+    errors of those whose bound is under RTN's error `best` (into ce), then the choice in path
+    order. Returns the walk's state (`_mse_take`)."""
     fmin = np.float32(qmin)
     fmax = np.float32(qmax)
     for k in range(path_i.shape[0]):
-        ce[k] = _gated_error(xf, wf, weighted, n, kind, fmin, fmax, best, cs, cz, cb, k)
+        ce[k] = _gated_error(xf, wf, weighted, n, kind, fmin, fmax, best, cs, cr, cz, cb, k)
     st = (best, s0, np.int64(z0), np.int64(0), np.int64(0 if symmetric else 1))
     for k in range(path_i.shape[0]):
         st = _mse_take(cs, cz, cb, k, ce[k], path_i[k], path_t[k], st)
@@ -332,8 +381,8 @@ def _mse_coarse(xf, wf, weighted, n, s0, z0, best, kind, symmetric, qmin, qmax, 
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_near(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, factors, steps, st, cs, cz, cb, near):  # fmt: skip
-    """The steps' candidates, made at once into cs, cz, cb (over the coarse ones): every factor
+def _mse_near(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, factors, steps, st, cs, cr, cz, cb, near):  # fmt: skip
+    """The steps' candidates, made at once into cs, cr, cz, cb (over the coarse ones): every factor
     within Σ steps (`reach`) of the coarse best a0, at its shift. Returns (a0, reach)."""
     top = factors.shape[0] - 1
     reach = 0
@@ -345,12 +394,12 @@ def _mse_near(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, factors, steps, s
         near[0, o] = np.float32(f)
         near[1, o] = np.float32(1.0 - f)
         near[2, o] = np.float32(0.5) * np.float32(at_t)
-    _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, near, cs, cz, cb)
+    _candidates_at_once(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, near, cs, cr, cz, cb)
     return a0, reach
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _mse_steps(xf, wf, weighted, n, kind, qmin, qmax, factors, steps, st, a0, reach, cs, cz, cb):  # fmt: skip
+def _mse_steps(xf, wf, weighted, n, kind, qmin, qmax, factors, steps, st, a0, reach, cs, cr, cz, cb):  # fmt: skip
     """The refinement: for each step, the errors of the best's factor ∓ step at its shift (where
     their bound is under the best before the step), then the choice. Returns the walk's state."""
     fmin = np.float32(qmin)
@@ -361,15 +410,15 @@ def _mse_steps(xf, wf, weighted, n, kind, qmin, qmax, factors, steps, st, a0, re
         centre = st[3]
         below = centre - step - a0 + reach  # near's index of factor centre − step
         above = below + 2 * step
-        e_below = _step_error(xf, wf, weighted, n, kind, fmin, fmax, st, cs, cz, cb, below)
-        e_above = _step_error(xf, wf, weighted, n, kind, fmin, fmax, st, cs, cz, cb, above)
+        e_below = _step_error(xf, wf, weighted, n, kind, fmin, fmax, st, cs, cr, cz, cb, below)
+        e_above = _step_error(xf, wf, weighted, n, kind, fmin, fmax, st, cs, cr, cz, cb, above)
         st = _mse_take(cs, cz, cb, below, e_below, max(centre - step, 0), at_t, st)
         st = _mse_take(cs, cz, cb, above, e_above, min(centre + step, top), at_t, st)
     return st
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cz, cb, ce, near):  # fmt: skip
+def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cr, cz, cb, ce, near):  # fmt: skip
     """`_search` for mse: each group's walk as `rounding._mse` walks it, the coarse points
     (path_i, path_t; their factor, cut share and shift in `coarse`), then ∓ each of `steps` in
     factor index around the best so far, at its shift (`_mse_coarse`, `_mse_near`,
@@ -387,7 +436,7 @@ def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path
 
     The next group is prepared (`_mse_prepare`: loaded, RTN's parameters and error, its coarse
     candidates) between this group's coarse stage and its steps, into the other half of xf and
-    of cs, cz, cb (`_group_buffers`, `_walk_buffers`): its work is independent of this group's
+    of cs, cr, cz, cb (`_group_buffers`, `_walk_buffers`): its work is independent of this group's
     steps, whose chain (the steps' candidates made from the coarse best, each step's choice
     before the next) it fills, and its RTN error is known before its own coarse gates read it
     (with `_step_error`: 2-3 % less time asymmetric, weighted or not, 12 % weighted symmetric,
@@ -400,24 +449,25 @@ def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path
     nonfinite = 0
     if total == 0:
         return nonfinite
-    nxt = _mse_prepare(raw, keys, 0, ngroups, g, kind, symmetric, qmin, qmax, imp32, weighted, xf[:g], coarse, cs[:m], cz[:m], cb[:m])  # fmt: skip
+    nxt = _mse_prepare(raw, keys, 0, ngroups, g, kind, symmetric, qmin, qmax, imp32, weighted, xf[:g], coarse, cs[:m], cr[:m], cz[:m], cb[:m])  # fmt: skip
     for j in range(total):
         h = j % 2  # this group's half of the buffers; the next group's is the other
         xj = xf[h * g : h * g + g]
-        csj, czj, cbj = cs[h * m : h * m + m], cz[h * m : h * m + m], cb[h * m : h * m + m]
+        csj, crj = cs[h * m : h * m + m], cr[h * m : h * m + m]
+        czj, cbj = cz[h * m : h * m + m], cb[h * m : h * m + m]
         r, gi, c0, n, lo, hi, s0, z0, e0, finite, batched, w_lo, w_hi = nxt
         wf = imp32[c0 : c0 + n]
         st = (e0, s0, np.int64(z0), np.int64(0), np.int64(0))  # typed on every path; only a
         a0 = reach = 0  # batched group's walk reads st, a0 and reach
         if batched:
-            st = _mse_coarse(xj, wf, weighted, n, s0, z0, e0, kind, symmetric, qmin, qmax, path_i, path_t, csj, czj, cbj, ce)  # fmt: skip
-            a0, reach = _mse_near(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, factors, steps, st, csj, czj, cbj, near)  # fmt: skip
+            st = _mse_coarse(xj, wf, weighted, n, s0, z0, e0, kind, symmetric, qmin, qmax, path_i, path_t, csj, crj, czj, cbj, ce)  # fmt: skip
+            a0, reach = _mse_near(lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, factors, steps, st, csj, crj, czj, cbj, near)  # fmt: skip
         if j + 1 < total:
             o = 1 - h
-            nxt = _mse_prepare(raw, keys, j + 1, ngroups, g, kind, symmetric, qmin, qmax, imp32, weighted, xf[o * g : o * g + g], coarse, cs[o * m : o * m + m], cz[o * m : o * m + m], cb[o * m : o * m + m])  # fmt: skip
+            nxt = _mse_prepare(raw, keys, j + 1, ngroups, g, kind, symmetric, qmin, qmax, imp32, weighted, xf[o * g : o * g + g], coarse, cs[o * m : o * m + m], cr[o * m : o * m + m], cz[o * m : o * m + m], cb[o * m : o * m + m])  # fmt: skip
         best, bs, bz = e0, s0, z0
         if batched:
-            st = _mse_steps(xj, wf, weighted, n, kind, qmin, qmax, factors, steps, st, a0, reach, csj, czj, cbj)  # fmt: skip
+            st = _mse_steps(xj, wf, weighted, n, kind, qmin, qmax, factors, steps, st, a0, reach, csj, crj, czj, cbj)  # fmt: skip
             best, bs, bz = st[0], st[1], st[2]
         elif finite:
             best, bs, bz = _mse_one_by_one(xj, wf, weighted, n, lo, hi, s0, z0, e0, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, w_lo, w_hi)  # fmt: skip
@@ -428,22 +478,22 @@ def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _gated_error(xf, wf, weighted, n, kind, fmin, fmax, gate, cs, cz, cb, k):
+def _gated_error(xf, wf, weighted, n, kind, fmin, fmax, gate, cs, cr, cz, cb, k):
     """Made candidate k's error where its clipping bound is under `gate`, ∞ where not."""
     if cb[k] < gate:
-        return _error32(xf, wf, weighted, n, cs[k], np.float32(cz[k]), fmin, fmax, kind)
+        return _error32(xf, wf, weighted, n, cs[k], cr[k], np.float32(cz[k]), fmin, fmax, kind)
     return np.float32(np.inf)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _step_error(xf, wf, weighted, n, kind, fmin, fmax, st, cs, cz, cb, k):
+def _step_error(xf, wf, weighted, n, kind, fmin, fmax, st, cs, cr, cz, cb, k):
     """A step's candidate k's error (`_gated_error`, gated by the best before the step), ∞ where
     it is the best's own parameters (0.33 of weighted asymmetric's 4 step passes per group on
     the bench's block, 0.62 of weighted symmetric's: a neighbouring factor rounds to the same
     scale and zero point): `_mse_take` would not take it."""
     if cs[k] == st[1] and cz[k] == st[2]:
         return np.float32(np.inf)
-    return _gated_error(xf, wf, weighted, n, kind, fmin, fmax, st[0], cs, cz, cb, k)
+    return _gated_error(xf, wf, weighted, n, kind, fmin, fmax, st[0], cs, cr, cz, cb, k)
 
 
 @_jit(inline="always")
@@ -466,7 +516,7 @@ def _mse_one_by_one(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, 
     for k in range(path_i.shape[0]):
         s, z, bound, glo, ghi = _one_candidate(lo, hi, path_i[k], path_t[k], factors, s0, z0, kind, symmetric, qmin, qmax, w_lo, w_hi)  # fmt: skip
         if (s != bs or z != bz) and bound < best:
-            e = _error32(xf, wf, weighted, n, s, np.float32(z), glo, ghi, kind)
+            e = _error32(xf, wf, weighted, n, s, _reciprocal(s), np.float32(z), glo, ghi, kind)
             if e < best:
                 best, bs, bz, at_i, at_t = e, s, z, path_i[k], path_t[k]
     top = factors.shape[0] - 1
@@ -476,7 +526,7 @@ def _mse_one_by_one(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, 
             i = min(max(centre + d, 0), top)
             s, z, bound, glo, ghi = _one_candidate(lo, hi, i, at_t, factors, s0, z0, kind, symmetric, qmin, qmax, w_lo, w_hi)  # fmt: skip
             if (s != bs or z != bz) and bound < best:
-                e = _error32(xf, wf, weighted, n, s, np.float32(z), glo, ghi, kind)
+                e = _error32(xf, wf, weighted, n, s, _reciprocal(s), np.float32(z), glo, ghi, kind)
                 if e < best:
                     best, bs, bz, at_i = e, s, z, i
     return best, bs, bz
@@ -682,7 +732,7 @@ def _hqq_step(xf, wf, lo, hi, n, kind, symmetric, fmin, fmax, iterations, kappa,
             # The last iterate is measured, not fitted: its error alone, summed as weighted
             # (wf is all ones unweighted), the same sum as the codes pass's.
             if it == iterations:
-                e = _error32(xf, wf, True, n, s, zf, glo, ghi, kind)
+                e = _error32(xf, wf, True, n, s, _reciprocal(s), zf, glo, ghi, kind)
             else:
                 e, sqq, sq, sqx = _hqq_codes(xf, wf, symmetric, n, s, zf, glo, ghi, kind, qb, rb)
                 amax = _largest_residual(lo, hi, s, zf, glo, ghi)
@@ -826,16 +876,16 @@ def _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, ka
 # leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
 # the kernel cannot allocate, so the group buffers (xf, qb, rb) come from the caller.
 @_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb, coarse, cs, cz, cb, ce, near):  # fmt: skip
+def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb, coarse, cs, cr, cz, cb, ce, near):  # fmt: skip
     """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
     imp and imp32 are the per-column importance in float64 and float32 (ones when unweighted),
     which each group reads in place; xf, qb, rb are the group buffers (`_group_buffers`);
-    coarse, cs, cz, cb, ce, near mse's tables and buffers (`_walk_buffers`). hqq adds the codes
+    coarse, cs, cr, cz, cb, ce, near mse's tables and buffers (`_walk_buffers`). hqq adds the codes
     passes it runs to passes[0], the targets passes to passes[1]. Returns the number of groups
     holding NaN or ±inf (left at RTN's parameters)."""
     if mode == _HQQ:
         return _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb)  # fmt: skip
-    return _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cz, cb, ce, near)  # fmt: skip
+    return _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cr, cz, cb, ce, near)  # fmt: skip
 
 
 def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
@@ -854,9 +904,9 @@ def _walk_buffers(
     1 − factor, shift ½·t) per candidate as `_candidates_at_once` reads them, each padded to a
     multiple of `_LANES` (a remainder would run one lane at a time): the coarse candidates'
     (3, m), copies of the last as padding; the steps' (3, m') filled per group (every factor
-    within Σ steps of the coarse best); the buffers for the scales, zero points and clipping
-    bounds of either, room for two groups (one walked, the next prepared), and for the errors
-    of one."""
+    within Σ steps of the coarse best); the buffers for the scales, their reciprocals, zero
+    points and clipping bounds of either, room for two groups (one walked, the next prepared),
+    and for the errors of one."""
     if any(i < 1 or i >= len(factors) for i, _ in coarse):
         raise ValueError(f"coarse candidates index factors 1 to {len(factors) - 1}: {coarse}")
     padded = list(coarse) + coarse[-1:] * (-len(coarse) % _LANES)
@@ -870,9 +920,11 @@ def _walk_buffers(
     ).reshape(3, len(padded))
     near = np.empty((3, -(-(2 * sum(steps) + 1) // _LANES) * _LANES), np.float32)
     m = max(table.shape[1], near.shape[1])
-    scales, zeros, bounds = (np.empty(2 * m, t) for t in (np.float32, np.int64, np.float32))
+    scales, recips, zeros, bounds = (
+        np.empty(2 * m, t) for t in (np.float32, np.float32, np.int64, np.float32)
+    )
     errors = np.empty(m, np.float32)
-    return table, scales, zeros, bounds, errors, near
+    return table, scales, recips, zeros, bounds, errors, near
 
 
 def _prepare(

@@ -133,6 +133,53 @@ def _over_sqrt_one(c, a):
     return search_kernels._over_sqrt(c, a)
 
 
+@numba.njit(fastmath={"reassoc"}, error_model="numpy")
+def _codes_apart(kind, scales, xs):
+    """For every scale s that `_by_reciprocal` admits and every x: the pairs whose code
+    clamp(rint(x·r), ±255), r = `_reciprocal(s)`, differs from clamp(rint(x/s), ±255), and of
+    those the pairs whose two codes do not reconstruct at the same distance from x."""
+    scales_checked = apart = unequal = 0
+    lim = np.float32(255.0)
+    for i in range(scales.shape[0]):
+        s = scales[i]
+        if not search_kernels._by_reciprocal(s, kind):
+            continue
+        scales_checked += 1
+        r = search_kernels._reciprocal(s)
+        for j in range(xs.shape[0]):
+            x = xs[j]
+            m1 = min(max(np.rint(search_kernels._quotient(x, s, r, True)), -lim), lim)
+            m0 = min(max(np.rint(search_kernels._quotient(x, s, r, False)), -lim), lim)
+            if m1 != m0:
+                apart += 1
+                d1 = kernels._narrow(m1 * s, kind) - x
+                d0 = kernels._narrow(m0 * s, kind) - x
+                unequal += abs(d1) != abs(d0)
+    return scales_checked, apart, unequal
+
+
+@pytest.mark.parametrize("kind", [kernels.BF16, kernels.F16])
+def test_codes_by_the_reciprocal_have_the_divisions_error_terms(kind):
+    """The error passes round x·(1/s) where `_by_reciprocal` admits s: for every finite 16-bit
+    x and every positive finite 16-bit scale it admits (all of float16's, bfloat16's from
+    2^-100 to 2^96), the code (clamped to ±255, the widest code range) is the division's, or x/s
+    is an exact tie and both codes lie at the same distance from x: the same error term. Ties
+    do occur (the check is not vacuous: the product is not folded back into a division)."""
+    bits = np.arange(65536, dtype=np.uint32)
+    if kind == kernels.BF16:
+        values = (bits << 16).view(np.float32)
+    else:
+        values = bits.astype(np.uint16).view(np.float16).astype(np.float32)
+    values = values[np.isfinite(values)]
+    scales = values[values > 0]
+    if kind == kernels.BF16:
+        scales = scales[scales < 2.0**96]  # `_splits_exactly`: the split's case takes the product
+    checked, apart, unequal = _codes_apart(kind, scales, values)
+    assert checked == (25088 if kind == kernels.BF16 else 31743)
+    assert unequal == 0
+    assert apart > 1000  # the exact ties k + ½, where x·r may round the other way
+
+
 @pytest.mark.parametrize("c", [2 / 3, 1 / 6, 1 / 24, 1e-3, 7.0])
 def test_shrink_threshold_estimate_is_within_a_few_ulp(c):
     """The estimate of c/√a the targets pass takes (vectorised and alone) is within 2^-20 of
@@ -282,7 +329,7 @@ def test_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
     fmin, fmax = np.float32(qmin), np.float32(qmax)
     factors = np.array(_shrink_factors(MSE_GRID))
     coarse, _ = mse_path(MSE_GRID, 1 if symmetric else 3)
-    table, cs, cz, cb, *_ = search_kernels._walk_buffers(factors, coarse, (2, 1))
+    table, cs, cr, cz, cb, *_ = search_kernels._walk_buffers(factors, coarse, (2, 1))
     assert table.shape[1] % 8 == 0 and table.shape[1] >= len(coarse)
     x = _weights(dtype, rows=24, cols=64).float().numpy()
     x[3] = np.abs(x[3])  # a group above 0 and one below: the asymmetric range always holds 0
@@ -294,7 +341,7 @@ def test_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
         s0, z0 = kernels._rtn_params(float(lo), float(hi), kind, symmetric, qmin, qmax)
         assert search_kernels._every_code_finite(s0, kind, qmin, qmax)
         search_kernels._candidates_at_once(
-            lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cz, cb
+            lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, table, cs, cr, cz, cb
         )
         for k, (i, t) in enumerate(coarse):
             s, z = search_kernels._mse_candidate(
@@ -303,12 +350,13 @@ def test_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
             glo, ghi = kernels._finite_codes(s, np.float32(z), kind, fmin, fmax)
             bound = search_kernels._clip_bound(lo, hi, w_lo, w_hi, s, np.float32(z), glo, ghi, kind)
             assert (cs[k], cz[k], cb[k]) == (s, z, bound) and (glo, ghi) == (fmin, fmax)
+            assert cr[k] == np.float32(1.0) / s
         # the steps' table can reach factor index 0 (factor 1, no cut): RTN's own parameters
         # at every shift, as `_mse_candidate` gives them for i = 0
         rtn = np.zeros((3, 8), np.float32)
         rtn[0], rtn[2] = 1.0, np.float32(0.5) * np.arange(8, dtype=np.float32) % 1.5
         search_kernels._candidates_at_once(
-            lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, rtn, cs, cz, cb
+            lo, hi, w_lo, w_hi, kind, symmetric, qmin, qmax, rtn, cs, cr, cz, cb
         )
         assert (cs[:8] == s0).all() and (cz[:8] == z0).all()
 
@@ -355,7 +403,8 @@ def test_mse_errors_first_choose_as_one_pass_after_another(dtype, args, importan
             lo, hi = np.float32(xf.min()), np.float32(xf.max())
             s0, z0 = kernels._rtn_params(float(lo), float(hi), kind, sym, qmin, qmax)
             glo, ghi = kernels._finite_codes(s0, np.float32(z0), kind, fmin, fmax)
-            e0 = search_kernels._error32(xf, wf, True, n, s0, np.float32(z0), glo, ghi, kind)
+            r0 = np.float32(1.0) / s0
+            e0 = search_kernels._error32(xf, wf, True, n, s0, r0, np.float32(z0), glo, ghi, kind)
             w_hi, w_lo = search_kernels._extremes(xf, wf, True, n, lo, hi)
             args_ = (xf, wf, True, n, lo, hi, s0, z0, e0, kind, sym, qmin, qmax, factors)
             e1, bs, bz = search_kernels._mse_one_by_one(*args_, path_i, path_t, np.array(steps, np.int64), w_lo, w_hi)  # fmt: skip
@@ -420,7 +469,7 @@ def test_mse_near_the_16_bit_limit_makes_its_candidates_one_by_one(symmetric):
     x = g.view(16, 128).to(torch.float16)
     factors = np.array(_shrink_factors(MSE_GRID))
     every = [(i, t) for i in range(1, MSE_GRID) for t in range(1 if symmetric else 3)]
-    table, cs, cz, cb, *_ = search_kernels._walk_buffers(factors, every, ())
+    table, cs, cr, cz, cb, *_ = search_kernels._walk_buffers(factors, every, ())
     fmin, fmax = np.float32(qmin), np.float32(qmax)
     near = batched_near = 0
     for r, row in enumerate(x.float().view(32, 64)):
@@ -432,7 +481,7 @@ def test_mse_near_the_16_bit_limit_makes_its_candidates_one_by_one(symmetric):
         batched_near += 16 <= r < 24
         search_kernels._candidates_at_once(
             lo, hi, np.float32(1), np.float32(1), kernels.F16, symmetric, qmin, qmax, table, cs,
-            cz, cb,
+            cr, cz, cb,
         )  # fmt: skip
         for k in range(len(every)):
             codes = kernels._finite_codes(cs[k], np.float32(cz[k]), kernels.F16, fmin, fmax)
