@@ -146,8 +146,8 @@ def _quotient(x, s, r, reciprocal):
     return x * r if reciprocal else x / s
 
 
-# bfloat16 scales from here up take the error passes' x·(1/s) (`_by_reciprocal`): 1/s and x·r
-# then stay normal floats, each within half an ulp.
+# bfloat16 scales from here up to `_splits_exactly`'s 2^96 take the error passes' x·(1/s)
+# (`_by_reciprocal`): 1/s and x·r then stay normal floats, each within half an ulp.
 _RECIPROCAL_MIN = np.float32(2.0**-100)
 
 
@@ -159,7 +159,8 @@ def _by_reciprocal(s, kind):
     test_search_kernels.py). Where the two round apart x/s is an exact tie k + ½ (away from a
     tie, |x/s − (k + ½)| ≥ 1/(2·2^p) for p-bit significands, far above x·r's error), and then
     both k·s and (k + 1)·s are 16-bit values, so both codes lie s/2 from x. float16 scales
-    always qualify (2^-24 ≤ s ≤ 65504); bfloat16 from `_RECIPROCAL_MIN` up."""
+    always qualify (2^-24 ≤ s ≤ 65504); bfloat16 from `_RECIPROCAL_MIN` up, and only below
+    2^96 where `_error32_of` asks, beside `_splits_exactly` (above 2^126, 1/s is subnormal)."""
     return kind == F16 or s >= _RECIPROCAL_MIN
 
 
