@@ -1,6 +1,7 @@
 """CPU time per weight of the data-free searches against round to nearest, as compress runs them.
 
     python -m bench.search_speed [--rounds 5] [--layout minmax]
+    python -m bench.search_speed --processes 15 [--rounds 7] [--against FILE]
 
 One thread; bfloat16 1024 × 1024 Student-t (4 d.o.f.) weights, int4 g128, symmetric and
 asymmetric, unweighted and weighted by a per-column importance. Each row times what the compress
@@ -20,6 +21,13 @@ within ±1 % from round to round, yet they move by up to ±8 % from one process 
 (bimodal: the same kernels, loaded elsewhere), so one process's ratio can sit on either side
 of a target. Writes bench/results/search-speed-processes.json.
 
+`--processes N --against FILE`: an A/B of the search kernels. FILE is another copy of
+compressor/math/search_kernels.py (say `git show REV:compressor/math/search_kernels.py >
+/tmp/before.py`), kept outside the tree; N processes with this tree's kernels and N with FILE's
+run alternately, and each case's median CPU time over each side's processes is reported with
+the ratio of the two (this tree's / FILE's; RTN, unchanged, shows the noise). numba caches
+FILE's kernels beside it, so its first process compiles them (minutes). Writes nothing.
+
 `--layout minmax`: our float-offset layout instead, int4 g64, which compress runs in torch
 (`rounding.quantize_rows`: parameters, codes and x̂) for rtn, mse and hqq (the hqq library's
 offset fit), hqq also weighted; ratios to that layout's own rtn. Writes
@@ -29,6 +37,7 @@ bench/results/search-speed-minmax.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -145,16 +154,55 @@ def timed(cases: dict[str, Callable[[], object]], rounds: int, weights: int) -> 
     return {k: statistics.median(v) / weights * 1e9 for k, v in times.items()}
 
 
+def use_kernels(path: Path) -> None:
+    """Make `rounding.fused_search` run the search kernels of the copy at `path` (`--against`):
+    loaded from its own file, so numba caches them beside it, apart from this tree's."""
+    import compressor.math
+
+    spec = importlib.util.spec_from_file_location("compressor.math.search_kernels", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--kernels {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    compressor.math.search_kernels = module  # type: ignore[attr-defined]
+
+
+def child_times(rounds: int, kernels_file: Path | None) -> dict[str, float]:
+    """One timing process of `--processes`: its CPU ms per million weights per case."""
+    cmd = [sys.executable, "-m", "bench.search_speed", "--rounds", str(rounds), "--child"]
+    if kernels_file is not None:
+        cmd += ["--kernels", str(kernels_file)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"a timing process failed (exit {done.returncode}):\n{done.stderr}")
+    times: dict[str, float] = json.loads(done.stdout)
+    return times
+
+
+def against(processes: int, rounds: int, other: Path) -> None:
+    """`--against`: this tree's kernels and `other`'s, in alternating processes."""
+    ours: dict[str, list[float]] = {}
+    theirs: dict[str, list[float]] = {}
+    for _ in range(processes):
+        for side, path in ((ours, None), (theirs, other)):
+            for name, ms in child_times(rounds, path).items():
+                side.setdefault(name, []).append(ms)
+    print(
+        f"CPU ms per million weights, medians over {processes} processes each\n"
+        f"| case | this tree | {other.name} | ratio |\n| --- | ---: | ---: | ---: |"
+    )
+    for name in ours:
+        a, b = statistics.median(ours[name]), statistics.median(theirs[name])
+        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.3f} |")
+
+
 def across_processes(processes: int, rounds: int) -> None:
     """`--processes`: each process's ratios to its own rtn, then per case their median, smallest
     and largest."""
     ratios: dict[str, list[float]] = {}
     for _ in range(processes):
-        child = [sys.executable, "-m", "bench.search_speed", "--rounds", str(rounds), "--child"]
-        done = subprocess.run(child, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"a timing process failed (exit {done.returncode}):\n{done.stderr}")
-        per_m = json.loads(done.stdout)
+        per_m = child_times(rounds, None)
         for name, ms in per_m.items():
             ratios.setdefault(name, []).append(ms / per_m[f"rtn {name.split()[-1]}"])
     rows = [
@@ -183,13 +231,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--layout", choices=["int", "minmax"], default="int")
     p.add_argument("--processes", type=int, default=0)
+    p.add_argument("--against", type=Path, help="another copy of search_kernels.py to A/B")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--kernels", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.against is not None and not a.processes:
+        p.error("--against times fresh processes: give --processes N too")
+    if a.against is not None and not a.against.is_file():
+        p.error(f"--against {a.against}: no such file")
     if a.processes:
         if a.layout != "int":
             p.error("--processes times the int layout's fused searches; leave out --layout")
-        across_processes(a.processes, a.rounds)
+        if a.against is not None:
+            against(a.processes, a.rounds, a.against.resolve())
+        else:
+            across_processes(a.processes, a.rounds)
         return
+    if a.kernels is not None:
+        use_kernels(a.kernels)
     x, raw = student_t_block()
     importance = torch.rand(1024, dtype=torch.float64) ** 4
     if a.child:  # one process of `--processes`: its medians as JSON on stdout
