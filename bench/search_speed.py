@@ -237,6 +237,8 @@ def main() -> None:
     a = p.parse_args()
     if a.against is not None and not a.processes:
         p.error("--against times fresh processes: give --processes N too")
+    if a.kernels is not None and not a.child:
+        p.error("--kernels is --against's, for its timing processes")
     if a.against is not None and not a.against.is_file():
         p.error(f"--against {a.against}: no such file")
     if a.processes:

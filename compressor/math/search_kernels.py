@@ -19,7 +19,8 @@ there, in cache:
           sums come from the codes pass (no targets pass).
 
 x̂ is what the stored format reconstructs: `kernels._quantize_pack`'s codes (one float32
-division, rint, the finite code range) and its product narrowed once to the 16-bit dtype
+division, rint, the finite code range; mse's error passes multiply by 1/s instead where that
+gives the same error term, `_by_reciprocal`) and its product narrowed once to the 16-bit dtype
 (bfloat16 by Veltkamp's split, `kernels._bf16_of_product`: the same bits in fewer operations).
 
 Guarantee, as the torch search: RTN's parameters are always a candidate, and the final choice
@@ -146,9 +147,10 @@ def _quotient(x, s, r, reciprocal):
     return x * r if reciprocal else x / s
 
 
-# bfloat16 scales from here up to `_splits_exactly`'s 2^96 take the error passes' x·(1/s)
-# (`_by_reciprocal`): 1/s and x·r then stay normal floats, each within half an ulp.
+# The bfloat16 scales whose error passes take x·(1/s) (`_by_reciprocal`): 1/s and x·r then stay
+# normal floats, each within half an ulp (above 2^126, 1/s is subnormal).
 _RECIPROCAL_MIN = np.float32(2.0**-100)
+_RECIPROCAL_MAX = np.float32(2.0**126)
 
 
 @_jit(inline="always")
@@ -159,9 +161,8 @@ def _by_reciprocal(s, kind):
     test_search_kernels.py). Where the two round apart x/s is an exact tie k + ½ (away from a
     tie, |x/s − (k + ½)| ≥ 1/(2·2^p) for p-bit significands, far above x·r's error), and then
     both k·s and (k + 1)·s are 16-bit values, so both codes lie s/2 from x. float16 scales
-    always qualify (2^-24 ≤ s ≤ 65504); bfloat16 from `_RECIPROCAL_MIN` up, and only below
-    2^96 where `_error32_of` asks, beside `_splits_exactly` (above 2^126, 1/s is subnormal)."""
-    return kind == F16 or s >= _RECIPROCAL_MIN
+    always qualify (2^-24 ≤ s ≤ 65504); bfloat16 from `_RECIPROCAL_MIN` to `_RECIPROCAL_MAX`."""
+    return kind == F16 or (s >= _RECIPROCAL_MIN and s <= _RECIPROCAL_MAX)
 
 
 @intrinsic
