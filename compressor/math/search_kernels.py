@@ -36,8 +36,8 @@ differ; the total error agrees to 1e-5 relative).
 
 Speed: each error sum is one straight loop that LLVM vectorises; a per-element branch or an
 early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. The
-search runs without numba's runtime (see `_search`): its reference counts were half the time of
-a search with an empty walk. mse makes its candidates' parameters 8 at a time, vectorised across
+searches run without numba's runtime (see `_mse_block`): its reference counts were half the time
+of a search with an empty walk. mse makes its candidates' parameters 8 at a time, vectorised across
 candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time. It
 sums a stage's errors before it chooses among them (`_search_mse`), so no pass waits on the
 comparison of the one before it, and it prepares the next group (its weights, RTN's error, its
@@ -421,7 +421,7 @@ def _mse_steps(xf, wf, weighted, n, kind, qmin, qmax, factors, steps, st, a0, re
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cr, cz, cb, ce, near):  # fmt: skip
-    """`_search` for mse: each group's walk as `rounding._mse` walks it, the coarse points
+    """`_mse_block`'s loop: each group's walk as `rounding._mse` walks it, the coarse points
     (path_i, path_t; their factor, cut share and shift in `coarse`), then ∓ each of `steps` in
     factor index around the best so far, at its shift (`_mse_coarse`, `_mse_near`,
     `_mse_steps`); a group where a code could overflow walks one candidate at a time
@@ -824,11 +824,6 @@ def _hqq_pair(a, b, kind, symmetric, qmin, qmax, iterations, beta0, kappa, skip)
     return st_a, st_b
 
 
-_MSE = 0
-_HQQ = 1
-_NONE = np.zeros(0, np.int64)
-
-
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _hqq_group_at(raw, keys, j, total, ngroups, g, kind, symmetric, qmin, qmax, imp32, xf, qb, rb):
     """Group j of the block (row-major; j past the end: group total − 1 again, not searched)
@@ -850,7 +845,7 @@ def _hqq_group_at(raw, keys, j, total, ngroups, g, kind, symmetric, qmin, qmax, 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb):  # fmt: skip
-    """`_search` for hqq: the block's groups two at a time (`_hqq_pair`), in row-major order;
+    """`_hqq_block`'s loop: the block's groups two at a time (`_hqq_pair`), in row-major order;
     xf, qb, rb hold two groups (`_group_buffers`)."""
     ngroups = scale.shape[1]
     total = raw.shape[0] * ngroups
@@ -876,22 +871,29 @@ def _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, ka
 # Compiled without numba's runtime (`_nrt=False`): with it, every array view and every array
 # handed to an inlined helper takes and drops an atomic reference count, which numba's pruning
 # leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
-# the kernel cannot allocate, so the group buffers (xf, qb, rb) come from the caller.
+# the kernel cannot allocate, so the group buffers (xf, qb, rb) come from the caller. Each
+# search is its own compiled function, so neither holds the other's code (timed: the same speed,
+# docs/benchmarks.md).
 @_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _search(raw, keys, kind, g, symmetric, qmin, qmax, mode, factors, path_i, path_t, steps, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb, coarse, cs, cr, cz, cb, ce, near):  # fmt: skip
-    """Every group of the block: RTN's parameters, then mode's search, then the float64 choice.
-    imp and imp32 are the per-column importance in float64 and float32 (ones when unweighted),
-    which each group reads in place; xf, qb, rb are the group buffers (`_group_buffers`);
-    coarse, cs, cr, cz, cb, ce, near mse's tables and buffers (`_walk_buffers`). hqq adds the codes
-    passes it runs to passes[0], the targets passes to passes[1]. Returns the number of groups
-    holding NaN or ±inf (left at RTN's parameters)."""
-    if mode == _HQQ:
-        return _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb)  # fmt: skip
+def _mse_block(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cr, cz, cb, ce, near):  # fmt: skip
+    """mse over every group of the block (`_search_mse`): RTN's parameters, the walk, then the
+    float64 choice. imp and imp32 are the per-column importance in float64 and float32 (ones
+    when unweighted), which each group reads in place; xf the group buffer (`_group_buffers`);
+    coarse, cs, cr, cz, cb, ce, near the walk's tables and buffers (`_walk_buffers`). Returns
+    the number of groups holding NaN or ±inf (left at RTN's parameters)."""
     return _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cr, cz, cb, ce, near)  # fmt: skip
 
 
+@_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
+def _hqq_block(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb):  # fmt: skip
+    """hqq over every group of the block (`_search_hqq`), as `_mse_block`; qb and rb are its
+    codes and residuals buffers. It adds the codes passes it runs to passes[0], the targets
+    passes to passes[1]."""
+    return _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb)  # fmt: skip
+
+
 def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
-    """`_search`'s group buffers: the widened weights, hqq's codes and residuals, each room for
+    """The searches' group buffers: the widened weights, hqq's codes and residuals, each room for
     two groups (hqq runs two at a time; mse prepares the next group while it walks one)."""
     return tuple(np.empty(2 * group, np.float32) for _ in range(3))
 
@@ -974,10 +976,10 @@ def search_mse_16(
     coarse, steps = path
     path_i = np.array([i for i, _ in coarse], np.int64)
     path_t = np.array([t for _, t in coarse], np.int64)
-    nonfinite = _search(
-        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _MSE, f, path_i, path_t,
-        np.array(steps, np.int64), 0, 0.0, 1.0, False, np.zeros(2, np.int64), imp, imp32,
-        weighted, scale, zero, *_group_buffers(group), *_walk_buffers(f, coarse, steps),
+    nonfinite = _mse_block(
+        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, f, path_i, path_t,
+        np.array(steps, np.int64), imp, imp32, weighted, scale, zero, _group_buffers(group)[0],
+        *_walk_buffers(f, coarse, steps),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
@@ -1007,11 +1009,10 @@ def search_hqq_16(
             f"passes must be an int64 array of shape (2,), got {passes.dtype} {passes.shape}"
         )
     qmin, qmax = qrange
-    nonfinite = _search(
-        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, _HQQ, np.ones(1), _NONE,
-        _NONE, _NONE, iterations, beta, kappa, skip_repeats,
-        np.zeros(2, np.int64) if passes is None else passes, imp, imp32, weighted, scale,
-        zero, *_group_buffers(group), *_walk_buffers(np.ones(1), [], ()),
+    nonfinite = _hqq_block(
+        raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, iterations, beta, kappa,
+        skip_repeats, np.zeros(2, np.int64) if passes is None else passes, imp, imp32, weighted,
+        scale, zero, *_group_buffers(group),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 
