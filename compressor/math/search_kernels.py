@@ -37,9 +37,9 @@ differ; the total error agrees to 1e-5 relative).
 Speed: each error sum is one straight loop that LLVM vectorises; a per-element branch or an
 early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. The
 searches run without numba's runtime (see `_mse_block`): the runtime's reference counts were half
-the time of a search with an empty walk. mse makes its candidates' parameters 8 at a time, vectorised across
-candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time. It
-sums a stage's errors before it chooses among them (`_search_mse`), so no pass waits on the
+the time of a search with an empty walk. mse makes its candidates' parameters 8 at a time,
+vectorised across candidates (`_candidates_at_once`): one by one, their float64 steps were a
+third of its time. It sums a stage's errors before it chooses among them (`_search_mse`), so no pass waits on the
 comparison of the one before it, and it prepares the next group (its weights, RTN's error, its
 coarse candidates) between a group's coarse stage and its steps, whose chain that work fills.
 The loops are bound by the number of instructions per weight, so each is kept short: the sums
