@@ -34,24 +34,23 @@ sums and solves in float64 in both) are the same, but float32 error sums run in 
 agree to rounding the two may keep different ones (tested: at most max(2, 1 %) of the groups
 differ; the total error agrees to 1e-5 relative).
 
-Speed: each error sum is one straight loop that LLVM vectorises; a per-element branch or an
-early exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. The
-searches run without numba's runtime (see `_mse_block`): the runtime's reference counts were half
-the time of a search with an empty walk. mse makes its candidates' parameters 8 at a time,
-vectorised across candidates (`_candidates_at_once`): one by one, their float64 steps were a
-third of its time. It sums a stage's errors before it chooses among them (`_search_mse`), so no pass waits on the
+Speed: each error sum is one straight loop that LLVM vectorises; a per-element branch or an early
+exit inside it (tried) kept it scalar and 4-5× slower than summing the whole group. The searches run
+without numba's runtime (see `_mse_block`): the runtime's reference counts were half the time of a
+search with an empty walk. mse makes its candidates' parameters 8 at a time, vectorised across
+candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time. It
+sums a stage's errors before it chooses among them (`_search_mse`), so no pass waits on the
 comparison of the one before it, and it prepares the next group (its weights, RTN's error, its
-coarse candidates) between a group's coarse stage and its steps, whose chain that work fills.
-The loops are bound by the number of instructions per weight, so each is kept short: the sums
-are fused multiply-adds (`kernels._fmuladd`), codes are clamped relative to the zero point, the
-16-bit kind is a constant inside each loop (and in hqq's loops the symmetry: no zero point and
-no Σ w·q when symmetric), hqq's targets pass sums the shrunk residuals rather than making each
-target and takes their threshold from the CPU's reciprocal square root estimate (`_over_sqrt`),
-and its bound on the largest residual comes from the group's two extremes (`_largest_residual`),
-not from a max over every weight. Between its passes an hqq iteration is a chain of dependent
-scalar steps (the sums' reductions, the float64 fit, the snap to the format): on a fast core
-that chain is most of its time, so hqq iterates two groups at once (`_hqq_pair`), each filling
-the other's waits.
+coarse candidates) between a group's coarse stage and its steps, whose chain that work fills. The
+loops are bound by the number of instructions per weight, so each is kept short: the sums are fused
+multiply-adds (`kernels._fmuladd`), codes are clamped relative to the zero point, the 16-bit kind is
+a constant inside each loop (and in hqq's loops the symmetry: no zero point and no Σ w·q when
+symmetric), hqq's targets pass sums the shrunk residuals rather than making each target and takes
+their threshold from the CPU's reciprocal square root estimate (`_over_sqrt`), and its bound on the
+largest residual comes from the group's two extremes (`_largest_residual`), not from a max over
+every weight. Between its passes an hqq iteration is a chain of dependent scalar steps (the sums'
+reductions, the float64 fit, the snap to the format): on a fast core that chain is most of its time,
+so hqq iterates two groups at once (`_hqq_pair`), each filling the other's waits.
 """
 
 from __future__ import annotations
