@@ -1,0 +1,136 @@
+"""What a coarser mse walk would save, in time and in error, with the kernel as it is.
+
+    python -m bench.mse_walks [--processes 4] [--rounds 9] [--every 4 5]
+
+Weighted asymmetric int4 g128 on `search_speed`'s block (importance rand⁴, seed 5). For each
+coarse spacing in `--every` (4 is `rounding.mse_path`'s walk: factors 4, 8, …, 20 at the three
+shifts, then steps 2 and 1), `search_mse_16` runs with that path: the same compiled kernel, so
+no code-layout effect. Each of `--processes` fresh processes times every walk, RTN's kernel and
+the apply (`quantize_pack_16`) over `--rounds` alternating rounds and reports medians, so each
+walk's row ratio (search + apply over RTN) comes from one process. Then, once, each walk's
+Σ w·(x − x̂)² (float64, `reconstruction_error`) against RTN's and the whole grid's. Writes
+bench/results/mse-walks.json and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.search_speed import student_t_block
+from compressor.math import kernels, search_kernels
+from compressor.math.quant import QuantArgs, quantized_range
+from compressor.math.rounding import MSE_GRID, _shrink_factors, reconstruction_error, search_qparams
+
+RESULTS = Path(__file__).parent / "results" / "mse-walks.json"
+ARGS = QuantArgs(bits=4, symmetric=False, strategy="group", group_size=128)
+Walk = tuple[list[tuple[int, int]], tuple[int, ...]]
+
+
+def walk(every: int) -> Walk:
+    """The coarse factors every `every`-th (and the last), at the three shifts; steps 2 and 1."""
+    coarse = sorted({*range(every, MSE_GRID, every), MSE_GRID - 1})
+    return [(i, t) for i in coarse for t in range(3)], (2, 1)
+
+
+def block() -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    x, raw = student_t_block()
+    torch.manual_seed(5)
+    return x, raw, torch.rand(1024, dtype=torch.float64) ** 4
+
+
+def search(raw: np.ndarray, imp: torch.Tensor, path: Walk) -> tuple[np.ndarray, np.ndarray]:
+    factors = np.array(_shrink_factors(MSE_GRID))
+    scale, zero, _ = search_kernels.search_mse_16(
+        raw, kernels.BF16, 128, False, quantized_range(ARGS), factors, path, imp.numpy()
+    )
+    assert zero is not None
+    return scale, zero
+
+
+def child(rounds: int, spacings: list[int]) -> dict[str, float]:
+    """One process: ms per million weights of RTN, the apply and each walk (medians)."""
+    _, raw, imp = block()
+    qrange = quantized_range(ARGS)
+    scale, zero = search(raw, imp, walk(spacings[0]))
+    scale32 = scale.astype(np.uint32) << 16  # bfloat16 bits → float32 bits
+    cases = {
+        "rtn": lambda: kernels.quantize_pack_rtn_16(raw, kernels.BF16, 128, False, qrange, 4),
+        "apply": lambda: kernels.quantize_pack_16(
+            raw, kernels.BF16, 128, scale32.view(np.float32), zero.astype(np.int32), qrange, 4
+        ),
+    }
+    for every in spacings:
+        cases[f"every {every}"] = lambda p=walk(every): search(raw, imp, p)
+    for fn in cases.values():
+        fn()  # compile or load
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start = time.process_time()
+            fn()
+            times[name].append(time.process_time() - start)
+    return {k: statistics.median(v) / raw.size * 1e9 for k, v in times.items()}
+
+
+def errors(spacings: list[int]) -> dict[str, float]:
+    """Σ w·(x − x̂)² of RTN, each walk and the whole grid, on the same block."""
+    x, raw, imp = block()
+    rs, rz = search_qparams(x, ARGS, torch.bfloat16, "rtn")
+    out = {"rtn": float(reconstruction_error(x, rs, rz, ARGS, imp).sum())}
+    grid: Walk = ([(i, t) for i in range(1, MSE_GRID) for t in range(3)], ())
+    for name, path in [(f"every {e}", walk(e)) for e in spacings] + [("grid", grid)]:
+        scale, zero = search(raw, imp, path)
+        s = torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16)
+        z = torch.from_numpy(zero)
+        out[name] = float(reconstruction_error(x, s, z, ARGS, imp).sum())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--processes", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--every", type=int, nargs="+", default=[4, 5])
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if any(e < 1 or e >= MSE_GRID for e in a.every):
+        p.error(f"--every takes spacings from 1 to {MSE_GRID - 1}")
+    if a.child:
+        print(json.dumps(child(a.rounds, a.every)))
+        return
+    cmd = [sys.executable, "-m", "bench.mse_walks", "--child", "--rounds", str(a.rounds)]
+    cmd += ["--every", *map(str, a.every)]
+    per_process = []
+    for _ in range(a.processes):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"a timing process failed (exit {done.returncode}):\n{done.stderr}")
+        per_process.append(json.loads(done.stdout))
+    walks = [f"every {e}" for e in a.every]
+    print("| process | rtn ms/M | apply | " + " | ".join(walks) + " | " + " | ".join(f"{w} + apply × rtn" for w in walks) + " |")  # fmt: skip
+    print("| --- " * (3 + 2 * len(walks)) + "|")
+    for i, t in enumerate(per_process, 1):
+        ratios = [(t[w] + t["apply"]) / t["rtn"] for w in walks]
+        cells = [f"{t['rtn']:.3f}", f"{t['apply']:.3f}", *(f"{t[w]:.3f}" for w in walks)]
+        print(f"| {i} | " + " | ".join(cells + [f"{r:.2f}" for r in ratios]) + " |")
+    err = errors(a.every)
+    gain = err["rtn"] - err["grid"]
+    print("\n| search | Σ w·(x − x̂)² | share of the grid's gain over RTN |\n| --- | ---: | ---: |")
+    for name, e in err.items():
+        print(f"| {name} | {e:.4f} | {(err['rtn'] - e) / gain:.4f} |")
+    RESULTS.write_text(
+        json.dumps({"ms_per_million": per_process, "weighted_error": err}, indent=1) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
