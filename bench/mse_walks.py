@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.search_speed import student_t_block
+from bench.search_speed import student_t_block, timed
 from compressor.math import kernels, search_kernels
 from compressor.math.quant import QuantArgs, quantized_range
 from compressor.math.rounding import MSE_GRID, _shrink_factors, reconstruction_error, search_qparams
@@ -72,13 +70,7 @@ def child(rounds: int, spacings: list[int]) -> dict[str, float]:
         cases[f"every {every}"] = lambda p=walk(every): search(raw, imp, p)
     for fn in cases.values():
         fn()  # compile or load
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return {k: statistics.median(v) / raw.size * 1e9 for k, v in times.items()}
+    return timed(cases, rounds, raw.size)
 
 
 def errors(spacings: list[int]) -> dict[str, float]:
