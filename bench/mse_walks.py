@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.search_speed import student_t_block, timed
+from bench.search_speed import child_json, student_t_block, timed
 from compressor.math import kernels, search_kernels
 from compressor.math.quant import QuantArgs, quantized_range
-from compressor.math.rounding import MSE_GRID, _shrink_factors, reconstruction_error, search_qparams
+from compressor.math.rounding import (
+    MSE_GRID,
+    _shrink_factors,
+    mse_path,
+    reconstruction_error,
+    search_qparams,
+)
 
 RESULTS = Path(__file__).parent / "results" / "mse-walks.json"
 ARGS = QuantArgs(bits=4, symmetric=False, strategy="group", group_size=128)
@@ -34,9 +38,8 @@ Walk = tuple[list[tuple[int, int]], tuple[int, ...]]
 
 
 def walk(every: int) -> Walk:
-    """The coarse factors every `every`-th (and the last), at the three shifts; steps 2 and 1."""
-    coarse = sorted({*range(every, MSE_GRID, every), MSE_GRID - 1})
-    return [(i, t) for i in coarse for t in range(3)], (2, 1)
+    """mse's walk with the coarse factors every `every`-th (and the last), at the three shifts."""
+    return mse_path(MSE_GRID, 3, every=every)
 
 
 def block() -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
@@ -48,7 +51,14 @@ def block() -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
 def search(raw: np.ndarray, imp: torch.Tensor, path: Walk) -> tuple[np.ndarray, np.ndarray]:
     factors = np.array(_shrink_factors(MSE_GRID))
     scale, zero, _ = search_kernels.search_mse_16(
-        raw, kernels.BF16, 128, False, quantized_range(ARGS), factors, path, imp.numpy()
+        raw,
+        kernels.BF16,
+        ARGS.group_size,
+        False,
+        quantized_range(ARGS),
+        factors,
+        path,
+        imp.numpy(),
     )
     assert zero is not None
     return scale, zero
@@ -57,13 +67,13 @@ def search(raw: np.ndarray, imp: torch.Tensor, path: Walk) -> tuple[np.ndarray, 
 def child(rounds: int, spacings: list[int]) -> dict[str, float]:
     """One process: ms per million weights of RTN, the apply and each walk (medians)."""
     _, raw, imp = block()
-    qrange = quantized_range(ARGS)
+    g, bits, qrange = ARGS.group_size, ARGS.bits, quantized_range(ARGS)
     scale, zero = search(raw, imp, walk(spacings[0]))
-    scale32 = scale.astype(np.uint32) << 16  # bfloat16 bits → float32 bits
+    scale32 = (scale.astype(np.uint32) << 16).view(np.float32)  # bfloat16 bits → float32
     cases = {
-        "rtn": lambda: kernels.quantize_pack_rtn_16(raw, kernels.BF16, 128, False, qrange, 4),
+        "rtn": lambda: kernels.quantize_pack_rtn_16(raw, kernels.BF16, g, False, qrange, bits),
         "apply": lambda: kernels.quantize_pack_16(
-            raw, kernels.BF16, 128, scale32.view(np.float32), zero.astype(np.int32), qrange, 4
+            raw, kernels.BF16, g, scale32, zero.astype(np.int32), qrange, bits
         ),
     }
     for every in spacings:
@@ -78,7 +88,7 @@ def errors(spacings: list[int]) -> dict[str, float]:
     x, raw, imp = block()
     rs, rz = search_qparams(x, ARGS, torch.bfloat16, "rtn")
     out = {"rtn": float(reconstruction_error(x, rs, rz, ARGS, imp).sum())}
-    grid: Walk = ([(i, t) for i in range(1, MSE_GRID) for t in range(3)], ())
+    grid = mse_path(MSE_GRID, 3, exhaustive=True)
     for name, path in [(f"every {e}", walk(e)) for e in spacings] + [("grid", grid)]:
         scale, zero = search(raw, imp, path)
         s = torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16)
@@ -94,19 +104,15 @@ def main() -> None:
     p.add_argument("--every", type=int, nargs="+", default=[4, 5])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.processes < 1:
+        p.error("--processes takes 1 or more")
     if any(e < 1 or e >= MSE_GRID for e in a.every):
         p.error(f"--every takes spacings from 1 to {MSE_GRID - 1}")
     if a.child:
         print(json.dumps(child(a.rounds, a.every)))
         return
-    cmd = [sys.executable, "-m", "bench.mse_walks", "--child", "--rounds", str(a.rounds)]
-    cmd += ["--every", *map(str, a.every)]
-    per_process = []
-    for _ in range(a.processes):
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"a timing process failed (exit {done.returncode}):\n{done.stderr}")
-        per_process.append(json.loads(done.stdout))
+    args = ["--child", "--rounds", str(a.rounds), "--every", *map(str, a.every)]
+    per_process = [child_json("bench.mse_walks", *args) for _ in range(a.processes)]
     walks = [f"every {e}" for e in a.every]
     print("| process | rtn ms/M | apply | " + " | ".join(walks) + " | " + " | ".join(f"{w} + apply × rtn" for w in walks) + " |")  # fmt: skip
     print("| --- " * (3 + 2 * len(walks)) + "|")

@@ -168,16 +168,19 @@ def use_kernels(path: Path) -> None:
     compressor.math.search_kernels = module  # type: ignore[attr-defined]
 
 
-def child_times(rounds: int, kernels_file: Path | None) -> dict[str, float]:
-    """One timing process of `--processes`: its CPU ms per million weights per case."""
-    cmd = [sys.executable, "-m", "bench.search_speed", "--rounds", str(rounds), "--child"]
-    if kernels_file is not None:
-        cmd += ["--kernels", str(kernels_file)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def child_json(module: str, *args: str) -> dict[str, float]:
+    """Run `python -m module args` as a fresh timing process; the JSON object it prints."""
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"a timing process failed (exit {done.returncode}):\n{done.stderr}")
     times: dict[str, float] = json.loads(done.stdout)
     return times
+
+
+def child_times(rounds: int, kernels_file: Path | None) -> dict[str, float]:
+    """One timing process of `--processes`: its CPU ms per million weights per case."""
+    more = [] if kernels_file is None else ["--kernels", str(kernels_file)]
+    return child_json("bench.search_speed", "--rounds", str(rounds), "--child", *more)
 
 
 def against(processes: int, rounds: int, other: Path) -> None:

@@ -397,15 +397,16 @@ def _shrink_factors(grid: int) -> list[float]:
 
 
 def mse_path(
-    grid: int, shifts: int, exhaustive: bool = False
+    grid: int, shifts: int, exhaustive: bool = False, every: int = MSE_COARSE
 ) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
     """The order in which mse visits its grid (factor index i, 0 = RTN; shift index t):
-    (the coarse candidates, tried in this order, every shift at factors MSE_COARSE, 2·MSE_COARSE,
-    … and the last; the refinement steps, each tried as best ∓ step at the best's shift).
-    `exhaustive`: every candidate, no refinement."""
+    (the coarse candidates, tried in this order, every shift at factors `every`, 2·`every`, …
+    and the last; the refinement steps, each tried as best ∓ step at the best's shift).
+    `exhaustive`: every candidate, no refinement. `every` other than MSE_COARSE is for
+    `bench.mse_walks`."""
     if exhaustive:
         return [(i, t) for i in range(1, grid) for t in range(shifts)], ()
-    coarse = sorted({*range(MSE_COARSE, grid, MSE_COARSE), grid - 1} - {0})
+    coarse = sorted({*range(every, grid, every), grid - 1} - {0})
     steps = tuple(k for k in (2, 1) if k < grid - 1)
     return [(i, t) for i in coarse for t in range(shifts)], steps
 

@@ -891,10 +891,11 @@ def _hqq_block(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kap
     return _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb)  # fmt: skip
 
 
-def _group_buffers(group: int) -> tuple[np.ndarray, ...]:
-    """The searches' group buffers: the widened weights, hqq's codes and residuals, each room for
-    two groups (hqq runs two at a time; mse prepares the next group while it walks one)."""
-    return tuple(np.empty(2 * group, np.float32) for _ in range(3))
+def _group_buffers(group: int, count: int) -> tuple[np.ndarray, ...]:
+    """The searches' group buffers, each room for two groups (hqq runs two at a time; mse
+    prepares the next group while it walks one): the widened weights, then (hqq, count 3) its
+    codes and residuals."""
+    return tuple(np.empty(2 * group, np.float32) for _ in range(count))
 
 
 _LANES = 8  # `_candidates_at_once` runs 8 candidates per vector
@@ -977,7 +978,7 @@ def search_mse_16(
     path_t = np.array([t for _, t in coarse], np.int64)
     nonfinite = _mse_block(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, f, path_i, path_t,
-        np.array(steps, np.int64), imp, imp32, weighted, scale, zero, _group_buffers(group)[0],
+        np.array(steps, np.int64), imp, imp32, weighted, scale, zero, *_group_buffers(group, 1),
         *_walk_buffers(f, coarse, steps),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
@@ -1011,7 +1012,7 @@ def search_hqq_16(
     nonfinite = _hqq_block(
         raw, raw.view(np.int16), kind, group, symmetric, qmin, qmax, iterations, beta, kappa,
         skip_repeats, np.zeros(2, np.int64) if passes is None else passes, imp, imp32, weighted,
-        scale, zero, *_group_buffers(group),
+        scale, zero, *_group_buffers(group, 3),
     )  # fmt: skip
     return scale, None if symmetric else zero, int(nonfinite)
 

@@ -403,6 +403,18 @@ def test_offset_fit_is_per_group_and_keeps_rtn_where_it_cannot_fit():
     torch.testing.assert_close(right[1], m[:, 3:], **exact)
 
 
+def test_mse_path_spaces_its_coarse_factors():
+    """The walk visits every shift at factors `every`, 2·`every`, … and the last (MSE_COARSE by
+    default, the spacing `bench.mse_walks` varies), then steps 2 and 1; exhaustive, the grid."""
+    coarse, steps = rounding.mse_path(21, 3)
+    assert (coarse, steps) == rounding.mse_path(21, 3, every=rounding.MSE_COARSE)
+    assert sorted({i for i, _ in coarse}) == [4, 8, 12, 16, 20] and steps == (2, 1)
+    coarse, _ = rounding.mse_path(21, 3, every=5)
+    assert coarse == [(i, t) for i in (5, 10, 15, 20) for t in range(3)]
+    assert sorted({i for i, _ in rounding.mse_path(21, 1, every=6)[0]}) == [6, 12, 18, 20]
+    assert rounding.mse_path(21, 3, exhaustive=True) == ([(i, t) for i in range(1, 21) for t in range(3)], ())  # fmt: skip
+
+
 @pytest.mark.parametrize(("method", "symmetric"), SCHEMES)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_mse_walk_keeps_the_exhaustive_grids_gain(method, symmetric, weighted):
