@@ -1,12 +1,14 @@
-"""What a coarser mse walk would save, in time and in error, with the kernel as it is.
+"""What mse's asymmetric walk costs and saves, in time and in error, with the kernel as it is.
 
-    python -m bench.mse_walks [--processes 4] [--rounds 9] [--every 4 5]
+    python -m bench.mse_walks [--processes 4] [--rounds 9] [--walks before every5 compress]
 
-Weighted asymmetric int4 g128 on `search_speed`'s block (importance rand⁴, seed 5). For each
-coarse spacing in `--every` (4 is `rounding.mse_path`'s walk: factors 4, 8, …, 20 at the three
-shifts, then steps 2 and 1), `search_mse_16` runs with that path: the same compiled kernel, so
-no code-layout effect. Each of `--processes` fresh processes times every walk, RTN's kernel and
-the apply (`quantize_pack_16`) over `--rounds` alternating rounds and reports medians, so each
+Weighted asymmetric int4 g128 on `search_speed`'s block (importance rand⁴, seed 5). The walks
+(`WALKS`, all with steps 2 and 1 after their coarse stage): `before`, the walk compress used
+until 2026-12-06 (every 4th factor at the three shifts: 15 coarse candidates); `every5`, every
+5th at the three shifts (12); `compress`, `rounding.mse_path`'s walk today (every 5th, the last
+factor centred only: 10). `search_mse_16` runs each path: the same compiled kernel, so no
+code-layout effect. Each of `--processes` fresh processes times every walk, RTN's kernel and the
+apply (`quantize_pack_16`) over `--rounds` alternating rounds and reports medians, so each
 walk's row ratio (search + apply over RTN) comes from one process. Then, once, each walk's
 Σ w·(x − x̂)² (float64, `reconstruction_error`) against RTN's and the whole grid's. Writes
 bench/results/mse-walks.json and prints markdown tables.
@@ -37,9 +39,11 @@ ARGS = QuantArgs(bits=4, symmetric=False, strategy="group", group_size=128)
 Walk = tuple[list[tuple[int, int]], tuple[int, ...]]
 
 
-def walk(every: int) -> Walk:
-    """mse's walk with the coarse factors every `every`-th (and the last), at the three shifts."""
-    return mse_path(MSE_GRID, 3, every=every)
+WALKS: dict[str, Walk] = {
+    "before": mse_path(MSE_GRID, 3, every=4, last_at_every_shift=True),
+    "every5": mse_path(MSE_GRID, 3, every=5, last_at_every_shift=True),
+    "compress": mse_path(MSE_GRID, 3),
+}
 
 
 def block() -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
@@ -64,11 +68,11 @@ def search(raw: np.ndarray, imp: torch.Tensor, path: Walk) -> tuple[np.ndarray, 
     return scale, zero
 
 
-def child(rounds: int, spacings: list[int]) -> dict[str, float]:
+def child(rounds: int, walks: list[str]) -> dict[str, float]:
     """One process: ms per million weights of RTN, the apply and each walk (medians)."""
     _, raw, imp = block()
     g, bits, qrange = ARGS.group_size, ARGS.bits, quantized_range(ARGS)
-    scale, zero = search(raw, imp, walk(spacings[0]))
+    scale, zero = search(raw, imp, WALKS[walks[0]])
     scale32 = (scale.astype(np.uint32) << 16).view(np.float32)  # bfloat16 bits → float32
     cases = {
         "rtn": lambda: kernels.quantize_pack_rtn_16(raw, kernels.BF16, g, False, qrange, bits),
@@ -76,20 +80,20 @@ def child(rounds: int, spacings: list[int]) -> dict[str, float]:
             raw, kernels.BF16, g, scale32, zero.astype(np.int32), qrange, bits
         ),
     }
-    for every in spacings:
-        cases[f"every {every}"] = lambda p=walk(every): search(raw, imp, p)
+    for name in walks:
+        cases[name] = lambda p=WALKS[name]: search(raw, imp, p)
     for fn in cases.values():
         fn()  # compile or load
     return timed(cases, rounds, raw.size)
 
 
-def errors(spacings: list[int]) -> dict[str, float]:
+def errors(walks: list[str]) -> dict[str, float]:
     """Σ w·(x − x̂)² of RTN, each walk and the whole grid, on the same block."""
     x, raw, imp = block()
     rs, rz = search_qparams(x, ARGS, torch.bfloat16, "rtn")
     out = {"rtn": float(reconstruction_error(x, rs, rz, ARGS, imp).sum())}
     grid = mse_path(MSE_GRID, 3, exhaustive=True)
-    for name, path in [(f"every {e}", walk(e)) for e in spacings] + [("grid", grid)]:
+    for name, path in [(w, WALKS[w]) for w in walks] + [("grid", grid)]:
         scale, zero = search(raw, imp, path)
         s = torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16)
         z = torch.from_numpy(zero)
@@ -101,26 +105,24 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--processes", type=int, default=4)
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--every", type=int, nargs="+", default=[4, 5])
+    p.add_argument("--walks", nargs="+", choices=list(WALKS), default=list(WALKS))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.processes < 1:
         p.error("--processes takes 1 or more")
-    if any(e < 1 or e >= MSE_GRID for e in a.every):
-        p.error(f"--every takes spacings from 1 to {MSE_GRID - 1}")
     if a.child:
-        print(json.dumps(child(a.rounds, a.every)))
+        print(json.dumps(child(a.rounds, a.walks)))
         return
-    args = ["--child", "--rounds", str(a.rounds), "--every", *map(str, a.every)]
+    args = ["--child", "--rounds", str(a.rounds), "--walks", *a.walks]
     per_process = [child_json("bench.mse_walks", *args) for _ in range(a.processes)]
-    walks = [f"every {e}" for e in a.every]
+    walks = a.walks
     print("| process | rtn ms/M | apply | " + " | ".join(walks) + " | " + " | ".join(f"{w} + apply × rtn" for w in walks) + " |")  # fmt: skip
     print("| --- " * (3 + 2 * len(walks)) + "|")
     for i, t in enumerate(per_process, 1):
         ratios = [(t[w] + t["apply"]) / t["rtn"] for w in walks]
         cells = [f"{t['rtn']:.3f}", f"{t['apply']:.3f}", *(f"{t[w]:.3f}" for w in walks)]
         print(f"| {i} | " + " | ".join(cells + [f"{r:.2f}" for r in ratios]) + " |")
-    err = errors(a.every)
+    err = errors(a.walks)
     gain = err["rtn"] - err["grid"]
     print("\n| search | Σ w·(x − x̂)² | share of the grid's gain over RTN |\n| --- | ---: | ---: |")
     for name, e in err.items():

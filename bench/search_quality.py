@@ -4,7 +4,7 @@
 
 For each set of weights, scheme and weighting this prints the summed Σ w·(x − x̂)² (float64,
 `reconstruction_error`) of: the best candidate of mse's whole grid per group, mse's choice
-(`rounding._mse` walks 9 of the 20 shrunk candidates, int symmetric, or 19 of 60, asymmetric)
+(`rounding._mse` walks 9 of the 20 shrunk candidates, int symmetric, or 14 of 60, asymmetric)
 and hqq's, each relative to RTN's. Weights: Student-t (4 d.o.f.) 512 × 1024, and three of
 SmolLM2's linear weights (first 512 rows) when `fetch_smollm2` has cached the model. "weighted"
 draws a per-column importance rand⁴ (seeded), as activation statistics skew it. Runs against

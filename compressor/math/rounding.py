@@ -20,10 +20,11 @@ convention), so the result feeds `quantize`/`dequantize` and the writers unchang
           three positions: keeping lo, centred, keeping hi (the two one-sided clips are what
           AWQ's clip search and llama.cpp's `make_qkx` explore; centred is the plain shrink).
           Every candidate goes through `qparams_from_range`, so it is a storable parameter set.
-          int schemes walk the grid coarse to fine (`_mse`): every 4th factor (all shifts), then
-          ∓2 and ∓1 factors around the best, at its shift — 9 of the 20 candidates (symmetric),
-          19 of 60 (asymmetric), for an error within 1 % of the whole grid's (tested:
-          ≥ 98 % of its gain over RTN); minmax tries the whole grid.
+          int schemes walk the grid coarse to fine (`_mse`): every 4th factor (symmetric) or
+          every 5th (asymmetric: at the three shifts, the last factor centred only), then ∓2
+          and ∓1 factors around the best, at its shift — 9 of the 20 candidates (symmetric),
+          14 of 60 (asymmetric), for an error within ~1 % of the whole grid's (tested: ≥ 97 %
+          of its gain over RTN); minmax tries the whole grid.
     hqq   int schemes: HQQ-style half-quadratic alternating optimisation (Badri & Shaji 2023),
           extended from the zero point to scale *and* zero: with codes q = clamp(round((x − o)/s))
           and the affine reconstruction s·q + o (o = −s·z for int, o = 0 symmetric),
@@ -116,7 +117,15 @@ _SHIFTS = (0.0, 0.5, 1.0)  # where the shrunk range sits: keep lo, centred, keep
 _HQQ_BETA = 1.5  # initial penalty
 _HQQ_KAPPA = 2.0  # β growth per iteration (HQQ's annealing: the fit settles as β grows)
 MSE_GRID = 21  # mse's shrink factors, 1.0 down to 0.6
-MSE_COARSE = 4  # mse first tries every 4th factor, then steps of 2 and 1 around the best
+# mse first tries every k-th shrink factor (and the last) at each shift, then steps of 2 and 1
+# around the best; k by the number of shifts: 4 symmetric, 5 asymmetric, whose three shifts make
+# each factor three error passes. Asymmetric tries its last factor (0.6) centred only: the
+# one-sided placements' coarse clips stop at 0.7, 30 % of the range off one end (the steps reach
+# 0.64), the centred one's at a fifth off each end. 10 coarse candidates instead of 15 put
+# weighted asymmetric mse under 5× RTN's time (5.5× before), for 98.2 % of the whole grid's gain
+# over RTN on average instead of 98.8 % (docs/benchmarks.md, "mse's asymmetric walk";
+# `bench.mse_walks`).
+MSE_COARSE = {1: 4, 3: 5}  # shifts → coarse spacing
 HQQ_ITERATIONS = 5
 OFFSET_FIT_ITERATIONS = 20  # minmax's hqq: the hqq library's cap on its passes
 
@@ -397,25 +406,38 @@ def _shrink_factors(grid: int) -> list[float]:
 
 
 def mse_path(
-    grid: int, shifts: int, exhaustive: bool = False, every: int = MSE_COARSE
+    grid: int,
+    shifts: int,
+    exhaustive: bool = False,
+    every: int | None = None,
+    last_at_every_shift: bool = False,
 ) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
     """The order in which mse visits its grid (factor index i, 0 = RTN; shift index t):
-    (the coarse candidates, tried in this order, every shift at factors `every`, 2·`every`, …
-    and the last; the refinement steps, each tried as best ∓ step at the best's shift).
-    `exhaustive`: every candidate, no refinement. `every` other than MSE_COARSE is for
-    `bench.mse_walks`."""
+    (the coarse candidates, tried in this order, every shift at factors `every`, 2·`every`, …,
+    and the last factor at the centred shift only; the refinement steps, each tried as best ∓
+    step at the best's shift). `exhaustive`: every candidate, no refinement. `every`
+    (MSE_COARSE[shifts] unless given) and `last_at_every_shift` (the walk until 2026-12-06:
+    every 4th, the last factor at every shift) are for `bench.mse_walks`."""
     if exhaustive:
         return [(i, t) for i in range(1, grid) for t in range(shifts)], ()
-    coarse = sorted({*range(every, grid, every), grid - 1} - {0})
+    every = MSE_COARSE[shifts] if every is None else every
+    factors = sorted({*range(every, grid, every), grid - 1} - {0})
+    centre = shifts // 2
+    coarse = [
+        (i, t)
+        for i in factors
+        for t in range(shifts)
+        if t == centre or i < grid - 1 or last_at_every_shift
+    ]
     steps = tuple(k for k in (2, 1) if k < grid - 1)
-    return [(i, t) for i in coarse for t in range(shifts)], steps
+    return coarse, steps
 
 
 def _mse(best: _Best, rtn: QParams, cands: list[list[QParams]], grid: int) -> None:
     """mse's coarse-to-fine walk over `cands[i − 1][t]` (factor i ≥ 1, shift t), per group: the
     coarse candidates, then from the best so far, factor ∓ step at its shift for each step,
     each candidate replacing the best only when strictly better: 9 of the 20 candidates (int
-    symmetric) or 19 of 60 (int asymmetric), for an error within 1 % of the whole grid's on
+    symmetric) or 14 of 60 (int asymmetric), for an error within ~1 % of the whole grid's on
     SmolLM2 and Student-t weights (docs/benchmarks.md)."""
     shifts = len(cands[0]) if cands else 1
     # minmax (float offsets, torch only) keeps the whole grid: its best candidates are often

@@ -404,13 +404,17 @@ def test_offset_fit_is_per_group_and_keeps_rtn_where_it_cannot_fit():
 
 
 def test_mse_path_spaces_its_coarse_factors():
-    """The walk visits every shift at factors `every`, 2·`every`, … and the last (MSE_COARSE by
-    default, the spacing `bench.mse_walks` varies), then steps 2 and 1; exhaustive, the grid."""
+    """The walk visits every shift at factors `every`, 2·`every`, … and the last factor at the
+    centred shift (by default MSE_COARSE's spacing for the number of shifts: every 4th
+    symmetric, every 5th asymmetric; `bench.mse_walks` varies it, and puts the last factor at
+    every shift as the walk did until 2026-12-06), then steps 2 and 1; exhaustive, the grid."""
+    coarse, steps = rounding.mse_path(21, 1)
+    assert coarse == [(i, 0) for i in (4, 8, 12, 16, 20)] and steps == (2, 1)
     coarse, steps = rounding.mse_path(21, 3)
-    assert (coarse, steps) == rounding.mse_path(21, 3, every=rounding.MSE_COARSE)
-    assert sorted({i for i, _ in coarse}) == [4, 8, 12, 16, 20] and steps == (2, 1)
-    coarse, _ = rounding.mse_path(21, 3, every=5)
-    assert coarse == [(i, t) for i in (5, 10, 15, 20) for t in range(3)]
+    assert coarse == [(i, t) for i in (5, 10, 15) for t in range(3)] + [(20, 1)]
+    assert steps == (2, 1)
+    coarse, _ = rounding.mse_path(21, 3, every=4, last_at_every_shift=True)
+    assert coarse == [(i, t) for i in (4, 8, 12, 16, 20) for t in range(3)]
     assert sorted({i for i, _ in rounding.mse_path(21, 1, every=6)[0]}) == [6, 12, 18, 20]
     assert rounding.mse_path(21, 3, exhaustive=True) == ([(i, t) for i in range(1, 21) for t in range(3)], ())  # fmt: skip
 
@@ -418,8 +422,10 @@ def test_mse_path_spaces_its_coarse_factors():
 @pytest.mark.parametrize(("method", "symmetric"), SCHEMES)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_mse_walk_keeps_the_exhaustive_grids_gain(method, symmetric, weighted):
-    """mse tries 9 (symmetric) or 19 of the grid's 21 or 61 candidates: its gain over RTN must
-    stay within 2 % of the best candidate's per group, found here by trying every one."""
+    """mse tries 9 (symmetric) or 14 of the grid's 21 or 61 candidates: its gain over RTN must
+    stay within 3 % of the best candidate's per group, found here by trying every one. (The
+    asymmetric walk keeps 97.2 % weighted here, the walk until 2026-12-06 98.5 %; every 6th
+    factor at every shift, 96.4 %, would fail: docs/benchmarks.md, "mse's asymmetric walk".)"""
     rng = np.random.default_rng(2)
     x = heavy_tailed(rng, 64, 1024, 4.0, 8, torch.bfloat16)
     args = QuantArgs(4, method, symmetric, "group", 64)
@@ -433,4 +439,4 @@ def test_mse_walk_keeps_the_exhaustive_grids_gain(method, symmetric, weighted):
     got = reconstruction_error(x, *search_qparams(x, args, torch.bfloat16, "mse", imp), args, imp)
     gain, best_gain = float(base.sum() - got.sum()), float(base.sum() - best)
     assert best_gain > 0.05 * float(base.sum())  # the grid has something to find here
-    assert gain >= 0.98 * best_gain
+    assert gain >= 0.97 * best_gain
