@@ -74,6 +74,10 @@ class SerialExecutor:
         return {key: _tree(combine, values) for key, values in parts.items()}
 
 
+def _call(fn: Callable[[], object]) -> None:
+    fn()
+
+
 def _tree(combine: Callable[..., R], values: list[R]) -> R:
     """The same tree shape the cluster uses, so serial and distributed sums agree bit for bit."""
     level = values
@@ -134,7 +138,26 @@ class DaskExecutor:
             raise
 
     def run_everywhere(self, fn):
-        self.client.run(fn)
+        """One task pinned to each worker, run in its thread pool. Not `client.run`: that calls a
+        plain function on the worker's event loop, and a first-time compile of the search
+        kernels (minutes on 2 cores) would then stall the worker's heartbeats until the
+        scheduler dropped it (`distributed.scheduler.worker-ttl`, 5 minutes), leaving the stage
+        waiting forever for workers that no longer exist. The restriction is loose, so a worker
+        that leaves meanwhile hands its copy to another instead of leaving it unrunnable."""
+        token = uuid.uuid4().hex[:8]
+        workers = list(self.client.nthreads())
+        futures = [
+            self.client.submit(
+                _call,
+                fn,
+                key=f"start-{token}-{k}",
+                workers=[address],
+                allow_other_workers=True,
+                pure=False,
+            )
+            for k, address in enumerate(workers)
+        ]
+        self.client.gather(futures)
 
     def map(self, fn, jobs, stage, progress=None):
         if not jobs:

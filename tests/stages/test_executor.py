@@ -3,8 +3,13 @@ equal the serial executor's exactly, even for a combine that is not associative.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import os
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from distributed import Client, LocalCluster
@@ -72,3 +77,33 @@ def test_a_failing_job_raises_its_own_error(dask_executor):
 
     with pytest.raises(ValueError, match="job 7 is broken"):
         dask_executor.map(fail_on_seven, list(range(40)), "t")
+
+
+def _record_where_it_ran(marks: Path) -> None:
+    """Start-up work that writes down whether it ran on an event loop or in a worker's thread."""
+    try:
+        asyncio.get_running_loop()
+        place = "event loop"
+    except RuntimeError:
+        place = "thread pool"
+    name = f"{os.getpid()}-{threading.get_ident()}"
+    (marks / name).write_text(place)
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_start_up_work_runs_once_per_worker_off_its_event_loop(tmp_path, processes):
+    """On the worker's event loop, minutes of first-time compiling would stall its heartbeats
+    until the scheduler dropped it and the stage waited forever (worker-ttl)."""
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=processes,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        DaskExecutor(client).run_everywhere(functools.partial(_record_where_it_ran, tmp_path))
+    marks = sorted(p.read_text() for p in tmp_path.iterdir())
+    assert marks == ["thread pool", "thread pool"]
