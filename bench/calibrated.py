@@ -104,8 +104,8 @@ METHODS: dict[str, tuple[str, list[str], bool]] = {
     "wanda": ("ours, Wanda, input norms from calibration", ["--importance", "activation"], True),
 }
 DEFAULT = [
-    "w4-rtn", "w4-hqq", "w4-mse-cal", "w4-hqq-cal", "w4-gptq", "w4-gptq-natural", "w4-awq", "w4-llmc", "w4-llmc-awq",
-    "w3-rtn", "w3-hqq", "w3-hqq-cal", "w3-gptq", "w3-gptq-natural", "w3-awq", "w3-llmc", "w3-llmc-awq",
+    "w4-rtn", "w4-hqq", "w4-mse", "w4-mse-cal", "w4-hqq-cal", "w4-gptq", "w4-gptq-natural", "w4-awq", "w4-llmc", "w4-llmc-awq",
+    "w3-rtn", "w3-hqq", "w3-mse", "w3-mse-cal", "w3-hqq-cal", "w3-gptq", "w3-gptq-natural", "w3-awq", "w3-llmc", "w3-llmc-awq",
     "w4asym-rtn", "w4asym-gptq", "w4asym-gptq-natural", "w4asym-awq", "w4asym-llmc", "w4asym-llmc-awq",
     "w8-rtn", "w8-gptq", "w8-gptq-natural", "w8-llmc",
     "w4g64asym-rtn", "w4g64asym-mse", "w4g64asym-hqq", "w4g64asym-hqq-lib",
