@@ -39,7 +39,7 @@ exit inside it (tried) kept it scalar and 4-5× slower than summing the whole gr
 without numba's runtime (see `_mse_block`): the runtime's reference counts were half the time of a
 search with an empty walk. mse makes its candidates' parameters 8 at a time, vectorised across
 candidates (`_candidates_at_once`): one by one, their float64 steps were a third of its time. It
-sums a stage's errors before it chooses among them (`_search_mse`), so no pass waits on the
+sums a stage's errors before it chooses among them (`_mse_block`), so no pass waits on the
 comparison of the one before it, and it prepares the next group (its weights, RTN's error, its
 coarse candidates) between a group's coarse stage and its steps, whose chain that work fills. The
 loops are bound by the number of instructions per weight, so each is kept short: the sums are fused
@@ -97,29 +97,25 @@ _TIE = np.float32(2.0**-22)  # per weight summed: the gap must exceed n·2^-22 (
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _error32(xf, wf, weighted, n, s, r, z, glo, ghi, kind):
     """Σ w·(x − x̂)² of one group in float32 for parameters (s, z), r = 1/s in float32
-    (`_reciprocal`): `_error32_of` with the 16-bit kind a constant, so the loop holds no test of
-    it."""
-    if kind == BF16:
-        return _error32_of(xf, wf, weighted, n, s, r, glo - z, ghi - z, BF16)
-    return _error32_of(xf, wf, weighted, n, s, r, glo - z, ghi - z, F16)
-
-
-@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _error32_of(xf, wf, weighted, n, s, r, mlo, mhi, kind):
-    """The error with the codes taken relative to the zero point: m = q − z =
+    (`_reciprocal`), with the codes taken relative to the zero point: m = q − z =
     clamp(rint(x/s), glo − z, ghi − z), exactly the stored code's (small integers), one add and
     one subtract fewer per weight; x̂ by the split where it is exact (`_x_hat`), x/s rounded as
-    x·r where that gives the same error term (`_by_reciprocal`)."""
+    x·r where that gives the same error term (`_by_reciprocal`). The 16-bit kind and both
+    choices are constants of each loop (`_error32_loop`), so it holds no test of them; one
+    level of dispatch, not one per choice, since numba's inliner copies every inlined level's
+    IR at each call site (docs/benchmarks.md, "A first run's compile")."""
+    mlo = glo - z
+    mhi = ghi - z
     if kind == BF16:
-        if _splits_exactly(s) and _by_reciprocal(s, kind):
-            return _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, kind, True, True)
-        return _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, kind, False, False)
-    return _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, kind, False, True)
+        if _splits_exactly(s) and _by_reciprocal(s, BF16):
+            return _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, BF16, True, True)
+        return _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, BF16, False, False)
+    return _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, F16, False, True)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _error32_loop(xf, wf, weighted, n, s, r, mlo, mhi, kind, split_product, reciprocal):
-    """`_error32_of`'s loop. One straight loop per case, so LLVM vectorises it (8 lanes): an
+    """`_error32`'s loop. One straight loop per case, so LLVM vectorises it (8 lanes): an
     early exit inside the loop, or the weighting decided per element, kept it scalar and 4-5×
     slower than the whole sum."""
     acc = np.float32(0.0)
@@ -343,7 +339,7 @@ def _mse_prepare(raw, keys, j, ngroups, g, kind, symmetric, qmin, qmax, imp32, w
     RTN's parameters and float32 error (the walk's first best), the summed weights at its
     extremes (`_extremes`) and, unless a code could overflow (`_every_code_finite`), its coarse
     candidates (`_candidates_at_once` of the `coarse` table into cs, cr, cz, cb). None of it reads
-    another group's walk, so `_search_mse` runs it for the next group in the middle of this
+    another group's walk, so `_mse_block` runs it for the next group in the middle of this
     one's. Returns (row, index, first column, size, min, max, RTN's scale and zero point, RTN's
     error, finite, batched, w_lo, w_hi); a non-finite group (NaN or ±inf) gets no more."""
     r, gi = j // ngroups, j % ngroups
@@ -418,9 +414,25 @@ def _mse_steps(xf, wf, weighted, n, kind, qmin, qmax, factors, steps, st, a0, re
     return st
 
 
-@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cr, cz, cb, ce, near):  # fmt: skip
-    """`_mse_block`'s loop: each group's walk as `rounding._mse` walks it, the coarse points
+# The searches' entry points are compiled without numba's runtime (`_nrt=False`): with it,
+# every array view and every array handed to an inlined helper takes and drops an atomic
+# reference count, which numba's pruning leaves inside loops: half of the samples of a search
+# with an empty walk. Without the runtime the kernel cannot allocate, so the group buffers (xf,
+# qb, rb) come from the caller. Each search is its own compiled function, so neither holds the
+# other's code (timed: the same speed, docs/benchmarks.md). Each entry point holds its loop
+# itself rather than inlining it from a wrapper: numba's inliner deep-copies an inlined
+# function's whole expanded IR, twice per call site, which made inlining the search into a
+# one-line wrapper most of a first compile (8.6 min and 9 GB for both searches before;
+# docs/benchmarks.md, "A first run's compile").
+@_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
+def _mse_block(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cr, cz, cb, ce, near):  # fmt: skip
+    """mse over every group of the block: RTN's parameters, the walk, then the float64 choice.
+    imp and imp32 are the per-column importance in float64 and float32 (ones when unweighted),
+    which each group reads in place; xf the group buffer (`_group_buffers`); coarse, cs, cr, cz,
+    cb, ce, near the walk's tables and buffers (`_walk_buffers`). Returns the number of groups
+    holding NaN or ±inf (left at RTN's parameters).
+
+    Each group's walk is as `rounding._mse` walks it: the coarse points
     (path_i, path_t; their factor, cut share and shift in `coarse`), then ∓ each of `steps` in
     factor index around the best so far, at its shift (`_mse_coarse`, `_mse_near`,
     `_mse_steps`); a group where a code could overflow walks one candidate at a time
@@ -509,7 +521,7 @@ def _mse_take(cs, cz, cb, k, e, i, t, st):
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _mse_one_by_one(xf, wf, weighted, n, lo, hi, s0, z0, best, kind, symmetric, qmin, qmax, factors, path_i, path_t, steps, w_lo, w_hi):  # fmt: skip
-    """`_search_mse`'s walk for a group near the 16-bit limit: each candidate made alone with its
+    """`_mse_block`'s walk for a group near the 16-bit limit: each candidate made alone with its
     own code range (`_one_candidate`), its error summed where its bound is under the best."""
     bs, bz = s0, z0
     at_i = 0
@@ -538,36 +550,30 @@ def _hqq_codes(xf, wf, symmetric, n, s, z, glo, ghi, kind, qb, rb):
     """The codes half of an hqq pass at the stored parameters (s, z): their error Σ w·(x − x̂)²
     with the format's own codes, Σ w·q² and Σ w·q of the fit (Σ w·q only asymmetric: 0
     otherwise), and Σ w·q·x (the fit's Σ w·q·y when no residual is shrunk); each weight's code
-    and residual kept in qb and rb for `_hqq_targets`. wf is all ones when unweighted. The kind
-    and the symmetry are made constants for the loop (`_hqq_codes_of`), so it holds only what
-    the case needs."""
+    and residual kept in qb and rb for `_hqq_targets`. wf is all ones when unweighted. Codes
+    relative to the zero point as in `_error32`; bfloat16's x̂ by the split where it is exact, as
+    there. The kind, the symmetry and the split are constants of each loop (`_hqq_codes_loop`),
+    so it holds only what the case needs; one level of dispatch, as `_error32`'s. (Making the
+    weighting one too gained 0-5 % more and added ~20 s to the kernels' first compile.)"""
+    mlo = glo - z
+    mhi = ghi - z
     if kind == BF16:
-        return _hqq_codes_as(xf, wf, symmetric, n, s, z, glo - z, ghi - z, BF16, qb, rb)
-    return _hqq_codes_as(xf, wf, symmetric, n, s, z, glo - z, ghi - z, F16, qb, rb)
-
-
-@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_codes_as(xf, wf, symmetric, n, s, z, mlo, mhi, kind, qb, rb):
-    """`_hqq_codes` with the symmetry made a constant. (Making the weighting one too gained 0-5 %
-    more and added ~20 s to the kernels' first compile.)"""
+        split = _splits_exactly(s)
+        if symmetric:
+            if split:
+                return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, BF16, True, qb, rb, True)
+            return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, BF16, True, qb, rb, False)
+        if split:
+            return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, BF16, False, qb, rb, True)
+        return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, BF16, False, qb, rb, False)
     if symmetric:
-        return _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, True, qb, rb)
-    return _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, False, qb, rb)
-
-
-@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _hqq_codes_of(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb):
-    """`_hqq_codes`' loop, codes relative to the zero point as in `_error32_of` (symmetric: the
-    zero point is 0, so the code is m and the residual t − m); bfloat16's x̂ by the split where
-    it is exact, as there."""
-    if kind == BF16 and _splits_exactly(s):
-        return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb, True)
-    return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb, False)
+        return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, F16, True, qb, rb, False)
+    return _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, F16, False, qb, rb, False)
 
 
 @_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _hqq_codes_loop(xf, wf, n, s, z, mlo, mhi, kind, symmetric, qb, rb, split_product):
-    """`_hqq_codes_of`'s loop, x̂ by `_x_hat`."""
+    """`_hqq_codes`' loop, x̂ by `_x_hat`."""
     err = np.float32(0.0)
     sqq = np.float32(0.0)
     sq = np.float32(0.0)
@@ -842,10 +848,12 @@ def _hqq_group_at(raw, keys, j, total, ngroups, g, kind, symmetric, qmin, qmax, 
     return group, present and not finite, r, gi, c0, n, s0, z0
 
 
-@_jit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb):  # fmt: skip
-    """`_hqq_block`'s loop: the block's groups two at a time (`_hqq_pair`), in row-major order;
-    xf, qb, rb hold two groups (`_group_buffers`)."""
+@_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
+def _hqq_block(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb):  # fmt: skip
+    """hqq over every group of the block, as `_mse_block`: the groups two at a time
+    (`_hqq_pair`), in row-major order; xf, qb, rb hold two groups (`_group_buffers`), qb and rb
+    its codes and residuals. It adds the codes passes it runs to passes[0], the targets passes
+    to passes[1]."""
     ngroups = scale.shape[1]
     total = raw.shape[0] * ngroups
     fmin = np.float32(qmin)
@@ -867,30 +875,6 @@ def _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, ka
     return nonfinite
 
 
-# Compiled without numba's runtime (`_nrt=False`): with it, every array view and every array
-# handed to an inlined helper takes and drops an atomic reference count, which numba's pruning
-# leaves inside loops: half of the samples of a search with an empty walk. Without the runtime
-# the kernel cannot allocate, so the group buffers (xf, qb, rb) come from the caller. Each
-# search is its own compiled function, so neither holds the other's code (timed: the same speed,
-# docs/benchmarks.md).
-@_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _mse_block(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cr, cz, cb, ce, near):  # fmt: skip
-    """mse over every group of the block (`_search_mse`): RTN's parameters, the walk, then the
-    float64 choice. imp and imp32 are the per-column importance in float64 and float32 (ones
-    when unweighted), which each group reads in place; xf the group buffer (`_group_buffers`);
-    coarse, cs, cr, cz, cb, ce, near the walk's tables and buffers (`_walk_buffers`). Returns
-    the number of groups holding NaN or ±inf (left at RTN's parameters)."""
-    return _search_mse(raw, keys, kind, g, symmetric, qmin, qmax, factors, path_i, path_t, steps, imp, imp32, weighted, scale, zero, xf, coarse, cs, cr, cz, cb, ce, near)  # fmt: skip
-
-
-@_jit(fastmath=_FASTMATH, error_model="numpy", _nrt=False)
-def _hqq_block(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb):  # fmt: skip
-    """hqq over every group of the block (`_search_hqq`), as `_mse_block`; qb and rb are its
-    codes and residuals buffers. It adds the codes passes it runs to passes[0], the targets
-    passes to passes[1]."""
-    return _search_hqq(raw, keys, kind, g, symmetric, qmin, qmax, iterations, beta0, kappa, skip, passes, imp, imp32, weighted, scale, zero, xf, qb, rb)  # fmt: skip
-
-
 def _group_buffers(group: int, count: int) -> tuple[np.ndarray, ...]:
     """The searches' group buffers, each room for two groups (hqq runs two at a time; mse
     prepares the next group while it walks one): the widened weights, then (hqq, count 3) its
@@ -904,7 +888,7 @@ _LANES = 8  # `_candidates_at_once` runs 8 candidates per vector
 def _walk_buffers(
     factors: np.ndarray, coarse: list[tuple[int, int]], steps: tuple[int, ...]
 ) -> tuple[np.ndarray, ...]:
-    """mse's tables and buffers for `_search_mse`, float32 tables of (factor, cut share
+    """mse's tables and buffers for `_mse_block`, float32 tables of (factor, cut share
     1 − factor, shift ½·t) per candidate as `_candidates_at_once` reads them, each padded to a
     multiple of `_LANES` (a remainder would run one lane at a time): the coarse candidates'
     (3, m), copies of the last as padding; the steps' (3, m') filled per group (every factor

@@ -176,7 +176,8 @@ def fused_kind(x: torch.Tensor, args: QuantArgs, fixed: _Fixed) -> int | None:
 def warm_up(*, searches: bool) -> None:
     """Load (or compile, the first time on a machine) the fused kernels in this process, so the
     cost shows as start-up, not inside the first chunks of the stage; the mse/hqq searches
-    (the larger compile, ~1 min on 2 cores) only with `searches`."""
+    (the larger compile, ~3 min and 1.3 GB on one core: docs/operations.md) only with
+    `searches`."""
     if device().type == "cpu":
         kernels.warm_up()
         if searches:

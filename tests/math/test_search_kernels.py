@@ -364,7 +364,7 @@ def test_candidates_made_at_once_equal_those_made_one_by_one(dtype, symmetric):
 @pytest.mark.parametrize("importance", ["none", "u4", "zeros"])
 def test_mse_errors_first_choose_as_one_pass_after_another(dtype, args, importance):
     """The search sums a stage's errors before choosing (a pass gated by RTN's error, or by the
-    best before a step, so more pass than the walk needs; `_search_mse`); `_mse_one_by_one` is
+    best before a step, so more pass than the walk needs; `_mse_block`); `_mse_one_by_one` is
     the walk one candidate at a time, each gated by the best so far. Both choose the same
     parameters, tie for tie, on every group (ties are common: placements sharing a scale and
     clipping nothing reconstruct alike)."""
@@ -416,7 +416,7 @@ def test_mse_errors_first_choose_as_one_pass_after_another(dtype, args, importan
 @pytest.mark.parametrize("weighted", [False, True])
 def test_mse_prepares_the_next_group_and_searches_each_as_alone(symmetric, weighted):
     """mse prepares the next group (row-major, across rows) while it walks one, in the other
-    half of its buffers (`_search_mse`): every group gets the parameters it gets searched
+    half of its buffers (`_mse_block`): every group gets the parameters it gets searched
     alone, whichever way its neighbours are walked (batched, one by one near the 16-bit limit,
     or not at all: non-finite)."""
     args = QuantArgs(bits=4, symmetric=symmetric, strategy="group", group_size=64)
