@@ -74,10 +74,6 @@ class SerialExecutor:
         return {key: _tree(combine, values) for key, values in parts.items()}
 
 
-def _call(fn: Callable[[], object]) -> None:
-    fn()
-
-
 def _tree(combine: Callable[..., R], values: list[R]) -> R:
     """The same tree shape the cluster uses, so serial and distributed sums agree bit for bit."""
     level = values
@@ -148,7 +144,6 @@ class DaskExecutor:
         workers = list(self.client.nthreads())
         futures = [
             self.client.submit(
-                _call,
                 fn,
                 key=f"start-{token}-{k}",
                 workers=[address],
